@@ -1,0 +1,1 @@
+"""Clusterer stage: the graph of verified matches, communities with stable ids, exports."""

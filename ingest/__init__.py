@@ -1,0 +1,1 @@
+"""Ingest stage: sources, safe fetching, decoding and the batch embedding worker."""

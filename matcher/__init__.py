@@ -1,0 +1,1 @@
+"""Matcher stage: Milvus candidates, verified by SIFT matching (FAISS) and a geometric check."""

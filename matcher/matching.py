@@ -1,0 +1,73 @@
+"""Find the verified copies of images already stored: Milvus candidates -> Verifier -> matches.
+
+Used by ``memetrace index`` for the images a run added, by ``memetrace query`` for outside
+images, and by the streaming matcher service for each new image event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import faiss
+import numpy as np
+
+from matcher.verify import Prepared, Verifier
+from memetrace.catalog import Match
+from memetrace.feature_store import FeatureStore
+from memetrace.keypoints import Keypoints
+from memetrace.milvus_store import Candidate, MilvusStore
+from memetrace.settings import Settings
+
+
+class Matcher:
+    def __init__(self, settings: Settings, store: MilvusStore, features: FeatureStore) -> None:
+        self.s = settings
+        self.store = store
+        self.features = features
+        self.verifier = Verifier(settings)
+        self.prepared = lru_cache(maxsize=4096)(self._load)
+        faiss.omp_set_num_threads(1)  # parallelism comes from our threads, one query each
+
+    def _load(self, image_id: int) -> Prepared | None:
+        kp = self.features.get_keypoints(image_id)
+        return Prepared(kp) if kp is not None else None
+
+    def _keep(self, cands: list[Candidate]) -> list[Candidate]:
+        return [c for c in cands if c.similarity >= self.s.candidate_min_similarity]
+
+    def _verify(self, query: Prepared, cands: Sequence[Candidate]) -> list[tuple[Candidate, object]]:
+        loaded = [(c, self.prepared(c.image_id)) for c in cands]
+        loaded = [(c, p) for c, p in loaded if p is not None]
+        found = self.verifier.verify_many(query, [p for _, p in loaded])
+        return [(loaded[v.candidate][0], v) for v in found]
+
+    def match_stored(self, image_ids: Sequence[int], on_progress: Callable[[int], None] = lambda n: None,
+                     chunk: int = 64) -> list[Match]:
+        """Verified matches of stored images against everything stored (each pair checked once)."""
+        done: set[tuple[int, int]] = set()
+        matches: list[Match] = []
+        with ThreadPoolExecutor(self.s.workers) as pool:
+            for start in range(0, len(image_ids), chunk):
+                ids, glob, regs = self.store.vectors(image_ids[start:start + chunk])
+                cand_lists = self.store.candidates_many(glob, regs, self.s.candidates_k, ids)
+                jobs = []
+                for qid, cands in zip(ids, cand_lists):
+                    todo = [c for c in self._keep(cands) if (min(qid, c.image_id), max(qid, c.image_id)) not in done]
+                    done.update((min(qid, c.image_id), max(qid, c.image_id)) for c in todo)
+                    query = self.prepared(qid)
+                    if query is not None and todo:
+                        jobs.append((qid, pool.submit(self._verify, query, todo)))
+                for qid, fut in jobs:
+                    for cand, v in fut.result():
+                        matches.append(Match(min(qid, cand.image_id), max(qid, cand.image_id),
+                                             float(v.inliers), v.inliers, v.kind))
+                on_progress(len(ids))
+        return matches
+
+    def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints,
+                      exclude: int = -1) -> list[tuple[Candidate, object]]:
+        """Verified copies of an image that need not be stored (``memetrace query``, the API)."""
+        cands = self._keep(self.store.candidates(vector, regions, self.s.candidates_k, exclude))
+        return self._verify(Prepared(keypoints), cands)

@@ -1,0 +1,128 @@
+"""Decide whether two images share content: SIFT ratio test (FAISS) + RANSAC + coverage.
+
+Lifecycle of one query image::
+
+    Keypoints --Prepared()--> Prepared (RootSIFT, plus mirrored copy for flipped reposts)
+    query Prepared + candidate Prepared list --verify_many()--> [Verification]
+
+A pair is a copy when a similarity transform (scale, rotation, shift) explains at least
+``min_inliers`` matches *and* the matched points explain most of the photo content of at least
+one of the two images (``min_coverage``). The second test is what keeps two different photos
+pasted into the same app frame, which share the frame's points at the same place, apart: the frame
+is a small part of each photo's content, while a copy covers the whole of its smaller side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import cv2
+import faiss
+import numpy as np
+
+from memetrace.keypoints import Keypoints
+from memetrace.settings import Settings
+
+
+class Prepared:
+    """Keypoints ready for matching; the mirrored RootSIFT is computed only if asked for."""
+
+    def __init__(self, kp: Keypoints) -> None:
+        self.kp = kp
+        self.xy = kp.xy
+        self.desc = rootsift(kp.desc)
+        self.width, self.height = kp.width, kp.height
+
+    @cached_property
+    def mirror(self) -> tuple[np.ndarray, np.ndarray]:
+        m = self.kp.mirrored()
+        return m.xy, rootsift(m.desc)
+
+    def __len__(self) -> int:
+        return int(self.xy.shape[0])
+
+
+@dataclass(frozen=True)
+class Verification:
+    candidate: int  # index into the candidate list
+    inliers: int
+    coverage_query: float
+    coverage_candidate: float
+    mirrored: bool
+
+    @property
+    def kind(self) -> str:
+        return "full" if min(self.coverage_query, self.coverage_candidate) >= 0.5 else "partial"
+
+
+def rootsift(desc: np.ndarray) -> np.ndarray:
+    d = desc.astype(np.float32)
+    d /= d.sum(axis=1, keepdims=True) + 1e-7
+    return np.sqrt(d)
+
+
+def coverage(xy: np.ndarray, inliers_xy: np.ndarray, radius: float) -> float:
+    """Share of an image's keypoints lying within ``radius`` px of a matched (inlier) point."""
+    if len(xy) == 0 or len(inliers_xy) == 0:
+        return 0.0
+    d2 = ((xy[:, None, :] - inliers_xy[None, :, :]) ** 2).sum(-1)
+    return float((d2.min(axis=1) <= radius * radius).mean())
+
+
+class Verifier:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+
+    def _matches(self, index: faiss.Index, cand: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """Ratio-test matches (query idx, candidate idx), at most one per query keypoint."""
+        dist, idx = index.search(cand.desc, 2)
+        ok = dist[:, 0] < (self.s.ratio_test ** 2) * dist[:, 1]
+        c_idx = np.flatnonzero(ok)
+        q_idx = idx[ok, 0]
+        # one-to-one: a query point matched by several candidate points keeps the closest
+        order = np.argsort(dist[ok, 0], kind="stable")
+        _, first = np.unique(q_idx[order], return_index=True)
+        keep = order[first]
+        return q_idx[keep], c_idx[keep]
+
+    def _geometry(self, q_xy: np.ndarray, c_xy: np.ndarray) -> np.ndarray | None:
+        if len(q_xy) < self.s.min_inliers:
+            return None
+        model, mask = cv2.estimateAffinePartial2D(q_xy, c_xy, method=cv2.RANSAC,
+                                                  ransacReprojThreshold=self.s.ransac_reproj_px,
+                                                  maxIters=2000, confidence=0.995)
+        if model is None or mask is None:
+            return None
+        scale = float(np.hypot(model[0, 0], model[1, 0]))
+        if not 0.05 < scale < 20.0:
+            return None
+        mask = mask.ravel().astype(bool)
+        return mask if mask.sum() >= self.s.min_inliers else None
+
+    def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
+        if len(query) < self.s.min_inliers:
+            return []
+        out = []
+        indexes = {}
+        for mirrored in (False, True):
+            index = faiss.IndexFlatL2(query.desc.shape[1])
+            index.add(query.mirror[1] if mirrored else query.desc)
+            indexes[mirrored] = index
+        for ci, cand in enumerate(candidates):
+            if len(cand) < self.s.min_inliers:
+                continue
+            for mirrored in (False, True):
+                q_xy_all = query.mirror[0] if mirrored else query.xy
+                q_idx, c_idx = self._matches(indexes[mirrored], cand)
+                mask = self._geometry(q_xy_all[q_idx], cand.xy[c_idx])
+                if mask is None:
+                    continue
+                radius = self.s.coverage_radius
+                cov_q = coverage(q_xy_all, q_xy_all[q_idx[mask]], radius * max(query.width, query.height))
+                cov_c = coverage(cand.xy, cand.xy[c_idx[mask]], radius * max(cand.width, cand.height))
+                if max(cov_q, cov_c) >= self.s.min_coverage:
+                    out.append(Verification(ci, int(mask.sum()), cov_q, cov_c, mirrored))
+                    break
+        return out

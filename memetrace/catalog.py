@@ -1,0 +1,140 @@
+"""The catalog: what a run needs beyond vectors, in one SQLite file.
+
+Tables: ``paths`` (every file or post seen, and the image it decoded to: exact duplicates share
+an image), ``images`` (per image: keypoint count, whether it has been matched yet),
+``bad_files`` (what could not be indexed and why), ``matches`` (verified edges, a < b) and
+``clusters`` (the last cluster assignment), ``meta`` (e.g. the folder paths are relative to).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS paths (path TEXT PRIMARY KEY, image_id INTEGER NOT NULL, seen_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS paths_image ON paths(image_id);
+CREATE TABLE IF NOT EXISTS images (image_id INTEGER PRIMARY KEY, nb_points INTEGER NOT NULL,
+    matched INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS bad_files (path TEXT PRIMARY KEY, reason TEXT NOT NULL, detail TEXT NOT NULL,
+    seen_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS matches (a INTEGER NOT NULL, b INTEGER NOT NULL, score REAL NOT NULL,
+    inliers INTEGER NOT NULL, kind TEXT NOT NULL, PRIMARY KEY (a, b));
+CREATE TABLE IF NOT EXISTS clusters (image_id INTEGER PRIMARY KEY, cluster_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Match:
+    """A verified copy relation between two images (stored with a < b)."""
+
+    a: int
+    b: int
+    score: float
+    inliers: int
+    kind: str  # "full" (same content) or "partial" (one holds a part of the other)
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _write(self, sql: str, rows: Iterable[Sequence]) -> None:
+        with self._lock:
+            self.db.execute("BEGIN")
+            self.db.executemany(sql, rows)
+            self.db.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    # paths and images
+    def known_paths(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT path FROM paths UNION SELECT path FROM bad_files")}
+
+    def add_paths(self, pairs: Iterable[tuple[str, int]]) -> None:
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO paths VALUES (?, ?, ?)", [(p, i, now) for p, i in pairs])
+        self._write("DELETE FROM bad_files WHERE path = ?", [(p,) for p, _ in pairs])
+
+    def add_images(self, rows: Iterable[tuple[int, int]]) -> None:
+        """(image_id, nb_points); an image already there keeps its matched flag."""
+        self._write("INSERT OR IGNORE INTO images (image_id, nb_points) VALUES (?, ?)", rows)
+
+    def images(self) -> dict[int, int]:
+        return dict(self._read("SELECT image_id, nb_points FROM images"))
+
+    def unmatched(self) -> list[int]:
+        return [r[0] for r in self._read("SELECT image_id FROM images WHERE matched = 0 ORDER BY image_id")]
+
+    def mark_matched(self, image_ids: Iterable[int]) -> None:
+        self._write("UPDATE images SET matched = 1 WHERE image_id = ?", [(i,) for i in image_ids])
+
+    def paths_by_image(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for path, image_id in self._read("SELECT path, image_id FROM paths ORDER BY path"):
+            out.setdefault(image_id, []).append(path)
+        return out
+
+    def image_of_path(self, path: str) -> int | None:
+        rows = self._read("SELECT image_id FROM paths WHERE path = ?", (path,))
+        return rows[0][0] if rows else None
+
+    # bad files
+    def add_bad(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO bad_files VALUES (?, ?, ?, ?)", [(p, r, d, now) for p, r, d in rows])
+
+    def bad_files(self) -> list[tuple[str, str, str]]:
+        return self._read("SELECT path, reason, detail FROM bad_files ORDER BY path")
+
+    # matches
+    def add_matches(self, matches: Iterable[Match]) -> None:
+        self._write("INSERT OR REPLACE INTO matches VALUES (?, ?, ?, ?, ?)",
+                    [(min(m.a, m.b), max(m.a, m.b), m.score, m.inliers, m.kind) for m in matches])
+
+    def matches(self) -> list[Match]:
+        return [Match(*r) for r in self._read("SELECT a, b, score, inliers, kind FROM matches")]
+
+    def matches_of(self, image_id: int) -> list[Match]:
+        return [Match(*r) for r in self._read(
+            "SELECT a, b, score, inliers, kind FROM matches WHERE a = ? OR b = ?", (image_id, image_id))]
+
+    # clusters
+    def set_clusters(self, assignment: dict[int, int]) -> None:
+        with self._lock:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM clusters")
+            self.db.executemany("INSERT INTO clusters VALUES (?, ?)", assignment.items())
+            self.db.execute("COMMIT")
+
+    def clusters(self) -> dict[int, int]:
+        return dict(self._read("SELECT image_id, cluster_id FROM clusters"))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(key, value)])
+
+    def meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def counts(self) -> dict[str, int]:
+        q = {"images": "SELECT COUNT(*) FROM images", "paths": "SELECT COUNT(*) FROM paths",
+             "bad_files": "SELECT COUNT(*) FROM bad_files", "matches": "SELECT COUNT(*) FROM matches",
+             "clusters": "SELECT COUNT(*) FROM (SELECT cluster_id FROM clusters GROUP BY cluster_id "
+                                 "HAVING COUNT(*) > 1)"}
+        return {k: int(self._read(sql)[0][0]) for k, sql in q.items()}

@@ -1,0 +1,38 @@
+"""Builds the shared components from one Settings object, each only when first needed."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from memetrace.catalog import Catalog
+from memetrace.embedder import Embedder
+from memetrace.feature_store import FeatureStore, LocalFeatureStore
+from memetrace.keypoints import KeypointExtractor
+from memetrace.milvus_store import MilvusStore
+from memetrace.settings import Settings
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        return Embedder(self.settings)
+
+    @cached_property
+    def extractor(self) -> KeypointExtractor:
+        s = self.settings
+        return KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max)
+
+    @cached_property
+    def store(self) -> MilvusStore:
+        return MilvusStore(self.settings, self.embedder.dim)
+
+    @cached_property
+    def features(self) -> FeatureStore:
+        return LocalFeatureStore(self.settings.data_dir / "features")
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return Catalog(self.settings.resolved_catalog_path())

@@ -1,0 +1,97 @@
+"""SIFT keypoints that describe photographic content, not text or interface graphics.
+
+Keypoints on flat-coloured patches (caption fonts, app frames, emoji, borders) are what makes
+different memes look alike to a local matcher, so they are dropped at extraction: a keypoint is
+kept only if less than ``flat_max`` of its patch is flat. Coordinates are stored in the
+resized image's frame together with that frame's size, descriptors as uint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Keypoints:
+    xy: np.ndarray  # N x 2 float32, pixels in a width x height frame
+    desc: np.ndarray  # N x 128 uint8
+    width: int
+    height: int
+
+    def __len__(self) -> int:
+        return int(self.xy.shape[0])
+
+    def mirrored(self) -> "Keypoints":
+        """The keypoints of the horizontally flipped image, without running SIFT again."""
+        xy = self.xy.copy()
+        xy[:, 0] = self.width - 1 - xy[:, 0]
+        return Keypoints(xy=xy, desc=self.desc[:, MIRROR_PERMUTATION], width=self.width, height=self.height)
+
+
+def _mirror_permutation() -> np.ndarray:
+    # OpenCV SIFT layout: 4 x 4 spatial cells x 8 orientation bins, in the keypoint's rotated
+    # frame. A mirror flips that frame's y axis and the sense of rotation: cell row r -> 3 - r,
+    # bin o -> -o mod 8 (checked against SIFT run on flipped photos, tests/test_keypoints.py).
+    perm = np.empty(128, dtype=np.int64)
+    for r in range(4):
+        for c in range(4):
+            for o in range(8):
+                perm[(r * 4 + c) * 8 + o] = ((3 - r) * 4 + c) * 8 + (-o) % 8
+    return perm
+
+
+MIRROR_PERMUTATION = _mirror_permutation()
+
+
+def resize_longest(gray: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = gray.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return gray
+    return cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def flat_fraction(gray: np.ndarray, xy: np.ndarray, sizes: np.ndarray, flat_std: float = 2.0) -> np.ndarray:
+    """Share of each keypoint's square patch whose 3x3 neighbourhood is (nearly) constant."""
+    g = gray.astype(np.float32)
+    mean = cv2.blur(g, (3, 3))
+    var = cv2.blur(g * g, (3, 3)) - mean * mean
+    flat = (var < flat_std * flat_std).astype(np.float64)
+    integral = cv2.integral(flat)  # (h+1) x (w+1)
+    h, w = gray.shape
+    r = np.maximum(3.0, sizes * 0.75)
+    x0 = np.clip(np.floor(xy[:, 0] - r), 0, w).astype(int)
+    x1 = np.clip(np.ceil(xy[:, 0] + r) + 1, 0, w).astype(int)
+    y0 = np.clip(np.floor(xy[:, 1] - r), 0, h).astype(int)
+    y1 = np.clip(np.ceil(xy[:, 1] + r) + 1, 0, h).astype(int)
+    area = np.maximum(1, (x1 - x0) * (y1 - y0))
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return total / area
+
+
+class KeypointExtractor:
+    """OpenCV SIFT on the longest side resized to ``max_side``, capped at ``n_features``."""
+
+    def __init__(self, n_features: int, max_side: int, flat_max: float) -> None:
+        self.n_features = n_features
+        self.max_side = max_side
+        self.flat_max = flat_max
+
+    def extract(self, rgb: np.ndarray) -> Keypoints:
+        gray = resize_longest(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.max_side)
+        # ask for more than we keep: the flat filter removes a share of them
+        sift = cv2.SIFT_create(nfeatures=int(self.n_features * 1.5))
+        kps, desc = sift.detectAndCompute(gray, None)
+        h, w = gray.shape
+        if not kps:
+            return Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), w, h)
+        xy = np.array([k.pt for k in kps], dtype=np.float32)
+        sizes = np.array([k.size for k in kps], dtype=np.float32)
+        response = np.array([k.response for k in kps], dtype=np.float32)
+        keep = flat_fraction(gray, xy, sizes) < self.flat_max
+        order = np.argsort(-response[keep], kind="stable")[: self.n_features]
+        idx = np.flatnonzero(keep)[order]
+        return Keypoints(xy=xy[idx], desc=np.clip(desc[idx], 0, 255).astype(np.uint8), width=w, height=h)

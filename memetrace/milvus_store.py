@@ -1,0 +1,186 @@
+"""The vector store: one Milvus collection of images (global descriptor) and one of regions.
+
+The same code talks to Milvus Lite (a file URI, the embedded default) and to a Milvus server
+(``http://host:19530``). Primary keys derive from the content hash, so writing an image twice
+upserts the same rows (idempotent re-indexing and redelivery).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from memetrace.settings import Settings
+
+STRONG = "Strong"
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    image_id: int
+    path: str
+    width: int
+    height: int
+    nbytes: int
+    nb_points: int
+    vector: np.ndarray  # global descriptor
+    regions: np.ndarray  # R x D regional descriptors (R may be 0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    image_id: int
+    similarity: float
+
+
+def region_key(image_id: int, index: int) -> int:
+    """Region primary keys: the image id with the region index in the low bits, kept positive."""
+    return ((image_id << 5) | index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class MilvusStore:
+    """Writes and searches descriptors. ``client`` is injectable so tests can hand their own."""
+
+    def __init__(self, settings: Settings, dim: int, client: MilvusClient | None = None) -> None:
+        self.settings = settings
+        self.dim = dim
+        if client is None:
+            uri = settings.resolved_milvus_uri()
+            if "://" not in uri:
+                settings.data_dir.mkdir(parents=True, exist_ok=True)
+            client = MilvusClient(uri=uri, token=settings.milvus_token)
+        self.client = client
+        self.images = f"{settings.milvus_collection_prefix}_images"
+        self.regions = f"{settings.milvus_collection_prefix}_regions"
+        self._ensure_collections()
+
+    def _index_params(self):
+        params = self.client.prepare_index_params()
+        extra = {"M": 16, "efConstruction": 200} if self.settings.milvus_index_type == "HNSW" else {}
+        params.add_index(field_name="vector", index_type=self.settings.milvus_index_type,
+                         metric_type=self.settings.milvus_metric, params=extra)
+        return params
+
+    def _ensure_collections(self) -> None:
+        if not self.client.has_collection(self.images):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            schema.add_field("path", DataType.VARCHAR, max_length=4096)
+            schema.add_field("width", DataType.INT32)
+            schema.add_field("height", DataType.INT32)
+            schema.add_field("nbytes", DataType.INT64)
+            schema.add_field("nb_points", DataType.INT32)
+            schema.add_field("indexed_at", DataType.INT64)
+            self.client.create_collection(self.images, schema=schema, index_params=self._index_params(),
+                                          consistency_level=STRONG)
+        if not self.client.has_collection(self.regions):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("image_id", DataType.INT64)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            self.client.create_collection(self.regions, schema=schema, index_params=self._index_params(),
+                                          consistency_level=STRONG)
+        # writers racing on a collection nobody loaded lose rows in Milvus Lite: load it first
+        self.client.load_collection(self.images)
+        self.client.load_collection(self.regions)
+
+    def upsert(self, rows: Sequence[ImageRow]) -> None:
+        if not rows:
+            return
+        now = int(time.time())
+        self.client.upsert(self.images, [
+            {"id": r.image_id, "vector": r.vector.tolist(), "path": r.path[:4096], "width": r.width,
+             "height": r.height, "nbytes": r.nbytes, "nb_points": r.nb_points, "indexed_at": now}
+            for r in rows
+        ])
+        regions = [{"id": region_key(r.image_id, i), "image_id": r.image_id, "vector": v.tolist()}
+                   for r in rows for i, v in enumerate(r.regions)]
+        if regions:
+            self.client.upsert(self.regions, regions)
+
+    def existing(self, image_ids: Sequence[int]) -> set[int]:
+        if not image_ids:
+            return set()
+        rows = self.client.query(self.images, filter=f"id in {list(map(int, image_ids))}",
+                                 output_fields=["id"], consistency_level=STRONG)
+        return {int(r["id"]) for r in rows}
+
+    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
+        if not image_ids:
+            return {}
+        rows = self.client.query(self.images, filter=f"id in {list(map(int, image_ids))}",
+                                 output_fields=["id", "path", "width", "height", "nbytes", "nb_points"],
+                                 consistency_level=STRONG)
+        return {int(r["id"]): dict(r) for r in rows}
+
+    def vectors(self, image_ids: Sequence[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(ids found, global N x D, regional N x R x D) for stored images, in ``image_ids`` order."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return [], np.zeros((0, self.dim), np.float32), np.zeros((0, 0, self.dim), np.float32)
+        rows = self.client.query(self.images, filter=f"id in {ids}", output_fields=["id", "vector"],
+                                 consistency_level=STRONG)
+        glob = {k: v[0] for k, v in _vectors_by_id(rows, "id", self.dim).items()}
+        rows = self.client.query(self.regions, filter=f"image_id in {ids}", output_fields=["id", "image_id", "vector"],
+                                 consistency_level=STRONG)
+        regs = _vectors_by_id(rows, "image_id", self.dim)
+        found = [i for i in ids if i in glob]
+        n_regions = min((len(regs.get(i, [])) for i in found), default=0)
+        g = np.stack([glob[i] for i in found]) if found else np.zeros((0, self.dim), np.float32)
+        r = (np.stack([np.stack(regs[i][:n_regions]) for i in found]) if found and n_regions
+             else np.zeros((len(found), 0, self.dim), np.float32))
+        return found, g, r
+
+    def count(self) -> int:
+        res = self.client.query(self.images, filter="", output_fields=["count(*)"], consistency_level=STRONG)
+        return int(res[0]["count(*)"])
+
+    def _search(self, collection: str, vectors: np.ndarray, limit: int, id_field: str) -> list[list[tuple[int, float]]]:
+        if len(vectors) == 0:
+            return []
+        res = self.client.search(collection, data=[v.tolist() for v in vectors], limit=limit,
+                                 output_fields=[id_field] if id_field != "id" else [],
+                                 search_params={"metric_type": self.settings.milvus_metric},
+                                 consistency_level=STRONG)
+        out = []
+        for hits in res:
+            out.append([(int(h["entity"][id_field]) if id_field != "id" else int(h["id"]), float(h["distance"]))
+                        for h in hits])
+        return out
+
+    def candidates(self, vector: np.ndarray, regions: np.ndarray, k: int, exclude: int) -> list[Candidate]:
+        """Images most similar to a query, by its global and regional descriptors in both directions."""
+        return self.candidates_many(vector[None], regions[None], k, [exclude])[0]
+
+    def candidates_many(self, vectors: np.ndarray, regions: np.ndarray, k: int,
+                        exclude: Sequence[int]) -> list[list[Candidate]]:
+        n, r = len(vectors), regions.shape[1] if regions.ndim == 3 else 0
+        best: list[dict[int, float]] = [{} for _ in range(n)]
+
+        def add(query_of_row: Sequence[int], hits: list[list[tuple[int, float]]]) -> None:
+            for q, row in zip(query_of_row, hits):
+                for image_id, sim in row:
+                    if image_id != exclude[q] and sim > best[q].get(image_id, -1.0):
+                        best[q][image_id] = sim
+
+        limit = k + 1
+        add(range(n), self._search(self.images, vectors, limit, "id"))
+        if r:
+            # the query whole vs stored regions: the query was cropped from, or pasted into, them
+            add(range(n), self._search(self.regions, vectors, limit * 3, "image_id"))
+            # query regions vs stored wholes: a stored image is a tile or a crop of the query
+            flat = regions.reshape(n * r, -1)
+            add([i // r for i in range(n * r)], self._search(self.images, flat, limit, "id"))
+        return [sorted((Candidate(i, s) for i, s in b.items()), key=lambda c: -c.similarity)[:k] for b in best]
+
+
+def _vectors_by_id(rows: Sequence[dict], key: str, dim: int) -> dict[int, list[np.ndarray]]:
+    out: dict[int, list[np.ndarray]] = {}
+    for r in sorted(rows, key=lambda r: int(r["id"])):
+        out.setdefault(int(r[key]), []).append(np.asarray(r["vector"], dtype=np.float32).reshape(dim))
+    return out
