@@ -28,6 +28,7 @@ from memetrace.feature_store import FeatureStore
 from memetrace.imageio import BadImage, DecodedImage, decode
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.milvus_store import ImageRow, MilvusStore
+from memetrace.regions import Box, content_boxes
 from memetrace.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 class Prepared:
     key: str
     image: DecodedImage
+    boxes: list[Box]
     keypoints: Keypoints
     thumbnail: bytes
 
@@ -82,8 +84,9 @@ class Indexer:
             image = decode(data, max_pixels=self.s.max_pixels, min_side=self.s.min_side)
         except BadImage as exc:
             return exc
+        boxes = content_boxes(image.rgb)
         keypoints = self.extractor.extract(image.rgb)
-        return Prepared(item.key, image, keypoints, make_thumbnail(image.rgb, self.s.thumbnail_side))
+        return Prepared(item.key, image, boxes, keypoints, make_thumbnail(image.rgb, self.s.thumbnail_side))
 
     def index(self, items: Iterable[InputItem], on_progress: Callable[[int], None] = lambda n: None) -> IndexReport:
         report = IndexReport()
@@ -122,7 +125,7 @@ class Indexer:
                 fresh[image_id] = result
         if fresh:
             batch = list(fresh.values())
-            glob, regions = self.embedder.embed([p.image.rgb for p in batch])
+            glob, regions = self.embedder.embed([p.image.rgb for p in batch], [p.boxes for p in batch])
             for p in batch:
                 self.features.put_keypoints(p.image.image_id, p.keypoints)
                 self.features.put_thumbnail(p.image.image_id, p.thumbnail)

@@ -6,10 +6,12 @@ Lifecycle of one query image::
     query Prepared + candidate Prepared list --verify_many()--> [Verification]
 
 A pair is a copy when a similarity transform (scale, rotation, shift) explains at least
-``min_inliers`` matches *and* the matched points explain most of the photo content of at least
-one of the two images (``min_coverage``). The second test is what keeps two different photos
-pasted into the same app frame, which share the frame's points at the same place, apart: the frame
-is a small part of each photo's content, while a copy covers the whole of its smaller side.
+``min_inliers`` matches *and* the matched points lie near most keypoints of at least one of the
+two images (``min_coverage``): one image's content is found in the other. When the transform is
+the identity between two canvases of the same size, both images must be covered
+(``same_frame_min_coverage``): two different photos posted through the same app share its
+frame (text, icons, even an ad photo) at exactly the same place, but not their photos, while a
+re-encoded, recoloured or captioned copy matches all over.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Verification:
 
     @property
     def kind(self) -> str:
+        """full: the same picture; partial: one holds only a part of the other."""
         return "full" if min(self.coverage_query, self.coverage_candidate) >= 0.5 else "partial"
 
 
@@ -64,11 +67,29 @@ def rootsift(desc: np.ndarray) -> np.ndarray:
 
 
 def coverage(xy: np.ndarray, inliers_xy: np.ndarray, radius: float) -> float:
-    """Share of an image's keypoints lying within ``radius`` px of a matched (inlier) point."""
+    """Share of an image's keypoints lying near a matched (inlier) point.
+
+    "Near" = in a grid cell of side ``radius`` next to (or holding) a cell with an inlier: a
+    constant-time stand-in for a distance test that is cheap enough for every candidate pair.
+    """
     if len(xy) == 0 or len(inliers_xy) == 0:
         return 0.0
-    d2 = ((xy[:, None, :] - inliers_xy[None, :, :]) ** 2).sum(-1)
-    return float((d2.min(axis=1) <= radius * radius).mean())
+    cells = np.floor(xy / radius).astype(np.int64)
+    hit = np.floor(inliers_xy / radius).astype(np.int64)
+    shape = (int(cells[:, 1].max()) + 3, int(cells[:, 0].max()) + 3)
+    grid = np.zeros(shape, np.uint8)
+    hy, hx = np.clip(hit[:, 1] + 1, 0, shape[0] - 1), np.clip(hit[:, 0] + 1, 0, shape[1] - 1)
+    grid[hy, hx] = 1
+    grid = cv2.dilate(grid, np.ones((3, 3), np.uint8))
+    return float(grid[cells[:, 1] + 1, cells[:, 0] + 1].mean())
+
+
+def same_frame(model: np.ndarray, a: Prepared, b: Prepared, tol: float = 0.03) -> bool:
+    """True when ``model`` maps a onto b unchanged: same canvas size, no scale, turn or shift."""
+    scale = float(np.hypot(model[0, 0], model[1, 0]))
+    return (abs(scale - 1.0) < tol and abs(float(model[1, 0])) < 0.02
+            and abs(float(model[0, 2])) < tol * a.width and abs(float(model[1, 2])) < tol * a.height
+            and abs(a.width - b.width) <= tol * a.width and abs(a.height - b.height) <= tol * a.height)
 
 
 class Verifier:
@@ -87,7 +108,8 @@ class Verifier:
         keep = order[first]
         return q_idx[keep], c_idx[keep]
 
-    def _geometry(self, q_xy: np.ndarray, c_xy: np.ndarray) -> np.ndarray | None:
+    def _geometry(self, q_xy: np.ndarray, c_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(2x3 similarity transform query -> candidate, inlier mask), or None."""
         if len(q_xy) < self.s.min_inliers:
             return None
         model, mask = cv2.estimateAffinePartial2D(q_xy, c_xy, method=cv2.RANSAC,
@@ -99,7 +121,7 @@ class Verifier:
         if not 0.05 < scale < 20.0:
             return None
         mask = mask.ravel().astype(bool)
-        return mask if mask.sum() >= self.s.min_inliers else None
+        return (model, mask) if mask.sum() >= self.s.min_inliers else None
 
     def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
         if len(query) < self.s.min_inliers:
@@ -116,13 +138,18 @@ class Verifier:
             for mirrored in (False, True):
                 q_xy_all = query.mirror[0] if mirrored else query.xy
                 q_idx, c_idx = self._matches(indexes[mirrored], cand)
-                mask = self._geometry(q_xy_all[q_idx], cand.xy[c_idx])
-                if mask is None:
+                found = self._geometry(q_xy_all[q_idx], cand.xy[c_idx])
+                if found is None:
                     continue
+                model, mask = found
                 radius = self.s.coverage_radius
                 cov_q = coverage(q_xy_all, q_xy_all[q_idx[mask]], radius * max(query.width, query.height))
                 cov_c = coverage(cand.xy, cand.xy[c_idx[mask]], radius * max(cand.width, cand.height))
-                if max(cov_q, cov_c) >= self.s.min_coverage:
+                if same_frame(model, query, cand):
+                    accepted = min(cov_q, cov_c) >= self.s.same_frame_min_coverage
+                else:
+                    accepted = max(cov_q, cov_c) >= self.s.min_coverage
+                if accepted:
                     out.append(Verification(ci, int(mask.sum()), cov_q, cov_c, mirrored))
                     break
         return out

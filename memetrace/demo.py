@@ -75,6 +75,8 @@ class Saved:
 
 
 JPEG = Saved("jpg", "JPEG", {"quality": 85})
+ORIGINAL = Saved("jpg", "JPEG", {"quality": 90})  # originals a notch better than their copies
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 Transform = Callable[[Image.Image, random.Random, Sequence[Image.Image]], Image.Image]
 
 
@@ -91,26 +93,28 @@ def photo_dir() -> Path:
 
 
 def _load(path: Path) -> Image.Image:
-    im = Image.open(path).convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
     im.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS)  # shrink only, keeps aspect
     return im
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)  # Pillow's bundled TrueType font, no system fonts needed
     except (ImportError, OSError):  # Pillow built without FreeType: fixed-size bitmap font
         return ImageFont.load_default()
 
 
-def _fitted_font(draw: ImageDraw.ImageDraw, text: str, max_width: int, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _fitted_font(draw: ImageDraw.ImageDraw, text: str, max_width: int, size: int) -> Font:
     """The largest font up to ``size`` in which ``text`` fits ``max_width`` pixels."""
     while size > 10 and draw.textlength(text, font=_font(size)) > max_width:
         size -= 2
     return _font(size)
 
 
-def _text_centered(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, font: Any, fill: Any) -> None:
+def _text_centered(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, font: Font,
+                   fill: str) -> None:
     # textbbox instead of anchor="mm": anchors fail with the bitmap fallback font
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     x = (box[0] + box[2] - (right - left)) // 2 - left
@@ -185,7 +189,8 @@ def _screenshot(im: Image.Image, rng: random.Random, others: Sequence[Image.Imag
     pw = 340
     ph = round(pw * im.height / im.width)
     pad, header, footer, margin, appbar = 14, 70, 40, 18, 44
-    page = Image.new("RGB", (pw + 2 * pad + 2 * margin, appbar + margin + header + ph + footer + margin), (240, 242, 245))
+    size = (pw + 2 * pad + 2 * margin, appbar + margin + header + ph + footer + margin)
+    page = Image.new("RGB", size, (240, 242, 245))
     draw = ImageDraw.Draw(page)
     draw.rectangle((0, 0, page.width, appbar), fill=(59, 89, 152))
     draw.text((margin, 11), "feed", fill="white", font=_font(20))
@@ -194,10 +199,12 @@ def _screenshot(im: Image.Image, rng: random.Random, others: Sequence[Image.Imag
                            fill="white", outline=(218, 221, 225))
     x0 = margin + pad
     draw.ellipse((x0, top + 10, x0 + 30, top + 40), fill=(rng.randrange(80, 220), rng.randrange(80, 220), 200))
-    draw.text((x0 + 40, top + 12), f"@{rng.choice(USERS)}  \u00b7  {rng.randint(1, 23)}h", fill=(40, 40, 40), font=_font(14))
+    handle = f"@{rng.choice(USERS)}  \u00b7  {rng.randint(1, 23)}h"
+    draw.text((x0 + 40, top + 12), handle, fill=(40, 40, 40), font=_font(14))
     draw.text((x0, top + 46), rng.choice(CAPTIONS).capitalize(), fill=(20, 20, 20), font=_font(14))
     page.paste(im.resize((pw, ph), Image.Resampling.LANCZOS), (x0, top + header))
-    likes = f"Like {rng.randint(2, 99)}{rng.choice(('', 'k'))}    Comment {rng.randint(1, 300)}    Share {rng.randint(1, 999)}"
+    likes = (f"Like {rng.randint(2, 99)}{rng.choice(('', 'k'))}    Comment {rng.randint(1, 300)}    "
+             f"Share {rng.randint(1, 999)}")
     draw.text((x0, top + header + ph + 12), likes, fill=(101, 103, 107), font=_font(13))
     return page
 
@@ -265,7 +272,7 @@ def make_demo_corpus(out_dir: Path, seed: int = 0) -> Path:
     # cycle through a seeded order of the transforms so every kind appears about equally often
     order = rng.sample(sorted(TRANSFORMS), k=len(TRANSFORMS))
     for i, (name, photo) in enumerate(groups.items()):
-        write(f"{name}.jpg", _encode(photo, Saved("jpg", "JPEG", {"quality": 90})), name, "original", "none")
+        write(f"{name}.jpg", _encode(photo, ORIGINAL), name, "original", "none")
         others = [p for n, p in groups.items() if n != name]
         for k in range(COPIES_PER_PHOTO):
             kind = order[(i * COPIES_PER_PHOTO + k) % len(order)]
@@ -273,7 +280,7 @@ def make_demo_corpus(out_dir: Path, seed: int = 0) -> Path:
             copy = TRANSFORMS[kind](photo, rng, others)
             write(f"{name}_{kind}.{saved.ext}", _encode(copy, saved), name, "copy", kind)
     for name, f in DISTRACTOR_PHOTOS.items():
-        write(f"{name}.jpg", _encode(_load(source / f), Saved("jpg", "JPEG", {"quality": 90})), "", "distractor", "none")
+        write(f"{name}.jpg", _encode(_load(source / f), ORIGINAL), "", "distractor", "none")
     for name, (data, reason) in BAD_FILES.items():
         write(name, data, "", "bad", reason)
 

@@ -1,9 +1,11 @@
 """Global and regional image descriptors from a timm CNN.
 
-One forward pass per image gives the last feature map (C x 7 x 7 at 224 px); GeM pooling over
-the whole map is the global descriptor, GeM over fixed sub-windows (halves, thirds, quarters,
-centre) gives the regional descriptors that find an image pasted into a collage or a
-screenshot, or cropped out of one. All descriptors are L2-normalised, so inner product = cosine.
+One forward pass per image gives the last stage's feature map (320 x 7 x 7 for EfficientNet-Lite0
+at 224 px, before the classifier head: as good for copies as the 1280-d head, and 4x smaller in
+Milvus). GeM pooling over the whole map is the global descriptor; GeM over the grid windows of
+``memetrace.regions`` and a forward pass per detected content box give the regional descriptors
+that find an image pasted into a collage or a screenshot, or cropped out of one. Descriptors are
+L2-normalised, so inner product = cosine.
 """
 
 from __future__ import annotations
@@ -12,25 +14,16 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from memetrace.regions import Box, content_boxes, crop, grid_cells
 from memetrace.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Sub-windows of the feature map as fractions (x0, y0, x1, y1): layouts that collages, screenshots
-# and crops produce. Fractions, not cells, so that any backbone's map size works.
-REGIONS: tuple[tuple[float, float, float, float], ...] = (
-    (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0),
-    (0.0, 0.0, 1 / 3, 1.0), (1 / 3, 0.0, 2 / 3, 1.0), (2 / 3, 0.0, 1.0, 1.0),
-    (0.0, 0.0, 1.0, 1 / 3), (0.0, 1 / 3, 1.0, 2 / 3), (0.0, 2 / 3, 1.0, 1.0),
-    (0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0),
-    (0.2, 0.2, 0.8, 0.8),
-)
 
 # tf_efficientnet_lite0 stage lengths: lukemelas numbers blocks 0..15, timm nests them per stage
 _LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
@@ -74,7 +67,7 @@ def load_backbone(model_name: str, weights: Path | None) -> torch.nn.Module:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
     model.load_state_dict(state, strict=True)
-    model.reset_classifier(0, global_pool="")
+    model.prune_intermediate_layers(indices=1, prune_head=True)  # keep up to the last stage
     return model.eval()
 
 
@@ -104,18 +97,8 @@ def gem(fmap: torch.Tensor, p: float) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def region_windows(h: int, w: int) -> list[tuple[int, int, int, int]]:
-    """REGIONS in map cells, each at least one cell wide."""
-    out = []
-    for x0, y0, x1, y1 in REGIONS:
-        c0, r0 = int(round(x0 * w)), int(round(y0 * h))
-        c1, r1 = max(c0 + 1, int(round(x1 * w))), max(r0 + 1, int(round(y1 * h)))
-        out.append((r0, r1, c0, c1))
-    return out
-
-
 class Embedder:
-    """Batched descriptors: ``embed(images) -> (global N x D, regional N x R x D)``."""
+    """Batched descriptors: ``embed(images) -> (global N x D, [regional R_i x D per image])``."""
 
     def __init__(self, settings: Settings, model: torch.nn.Module | None = None) -> None:
         self.settings = settings
@@ -126,7 +109,6 @@ class Embedder:
         if self.device.type == "cuda" and self.dtype == torch.float16:
             self.model = self.model.half()
         self.size = settings.image_size
-        self.num_regions = len(REGIONS) if settings.regions else 0
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.size, self.size, device=self.device)
             self.dim = int(self._features(probe).shape[1])
@@ -135,39 +117,58 @@ class Embedder:
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """Whole image to size x size (bicubic), scaled to [-1, 1] (mean = std = 0.5)."""
-        im = Image.fromarray(rgb).resize((self.size, self.size), Image.BICUBIC)
-        arr = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)
-        return arr.div_(127.5).sub_(1.0)
+        im = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_CUBIC)
+        return torch.from_numpy(im).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
     def _features(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            batch = batch.to(self.dtype)
-            return self.model(batch).float()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            return self.model(batch).float()
+            fmap = self.model.forward_intermediates(batch.to(self.dtype), indices=1, intermediates_only=True)[-1]
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                fmap = self.model.forward_intermediates(batch, indices=1, intermediates_only=True)[-1]
+        return F.relu(fmap.float())  # the last stage is linear: GeM needs non-negative inputs
 
-    def embed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        if not images:
-            return np.zeros((0, self.dim), np.float32), np.zeros((0, self.num_regions, self.dim), np.float32)
-        glob, regs = [], []
+    def embed(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Box]] | None = None
+              ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Global descriptors and, per image, its regional ones (grid windows, then content boxes).
+
+        ``boxes``: each image's content boxes when the caller has them already.
+        """
+        if not self.settings.regions:
+            boxes = [[] for _ in images]
+        elif boxes is None:
+            boxes = [content_boxes(im) for im in images]
+        crops = [crop(im, b) for im, bs in zip(images, boxes) for b in bs]
+        glob, grid = self._embed_all(list(images), with_grid=self.settings.regions)
+        box_vecs, _ = self._embed_all(crops, with_grid=False)
+        regions, k = [], 0
+        for i, bs in enumerate(boxes):
+            regions.append(np.concatenate([grid[i], box_vecs[k:k + len(bs)]]) if self.settings.regions
+                           else np.zeros((0, self.dim), np.float32))
+            k += len(bs)
+        return glob, regions
+
+    def _embed_all(self, images: list[np.ndarray], with_grid: bool) -> tuple[np.ndarray, np.ndarray]:
+        n_grid = len(grid_cells(1, 1)) if with_grid else 0
+        glob, grid = [np.zeros((0, self.dim), np.float32)], [np.zeros((0, n_grid, self.dim), np.float32)]
         bs = self.settings.batch_size
         for start in range(0, len(images), bs):
             batch = torch.stack([self.preprocess(im) for im in images[start:start + bs]])
             if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
-            g, r = self.embed_tensor(batch)
+            g, r = self.embed_tensor(batch, with_grid)
             glob.append(g)
-            regs.append(r)
-        return np.concatenate(glob), np.concatenate(regs)
+            grid.append(r)
+        return np.concatenate(glob), np.concatenate(grid)
 
     @torch.inference_mode()
-    def embed_tensor(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def embed_tensor(self, batch: torch.Tensor, with_grid: bool = True) -> tuple[np.ndarray, np.ndarray]:
         fmap = self._features(batch)
         p = self.settings.gem_p
-        g = F.normalize(gem(fmap, p), dim=1)
-        if not self.num_regions:
-            return g.cpu().numpy(), np.zeros((len(batch), 0, self.dim), np.float32)
+        g = F.normalize(gem(fmap, p), dim=1).cpu().numpy()
+        if not with_grid:
+            return g, np.zeros((len(batch), 0, self.dim), np.float32)
         h, w = fmap.shape[-2:]
-        r = torch.stack([gem(fmap[:, :, r0:r1, c0:c1], p) for r0, r1, c0, c1 in region_windows(h, w)], dim=1)
-        return g.cpu().numpy(), F.normalize(r, dim=2).cpu().numpy()
+        r = torch.stack([gem(fmap[:, :, r0:r1, c0:c1], p) for r0, r1, c0, c1 in grid_cells(h, w)], dim=1)
+        return g, F.normalize(r, dim=2).cpu().numpy()

@@ -2,7 +2,7 @@
 
 Keypoints on flat-coloured patches (caption fonts, app frames, emoji, borders) are what makes
 different memes look alike to a local matcher, so they are dropped at extraction: a keypoint is
-kept only if less than ``flat_max`` of its patch is flat. Coordinates are stored in the
+kept only if less than ``flat_max`` of its surroundings is flat. Coordinates are stored in the
 resized image's frame together with that frame's size, descriptors as uint8.
 """
 
@@ -54,15 +54,20 @@ def resize_longest(gray: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
-def flat_fraction(gray: np.ndarray, xy: np.ndarray, sizes: np.ndarray, flat_std: float = 2.0) -> np.ndarray:
-    """Share of each keypoint's square patch whose 3x3 neighbourhood is (nearly) constant."""
+def flat_fraction(gray: np.ndarray, xy: np.ndarray, sizes: np.ndarray, flat_std: float = 2.0,
+                  min_radius: float = 10.0) -> np.ndarray:
+    """Share of each keypoint's surroundings whose 3x3 neighbourhood is (nearly) constant.
+
+    The window reaches past the keypoint's own patch (at least ``min_radius`` px) so that small
+    text, whose glyphs are textured at this scale, still shows the flat background around it.
+    """
     g = gray.astype(np.float32)
     mean = cv2.blur(g, (3, 3))
     var = cv2.blur(g * g, (3, 3)) - mean * mean
     flat = (var < flat_std * flat_std).astype(np.float64)
     integral = cv2.integral(flat)  # (h+1) x (w+1)
     h, w = gray.shape
-    r = np.maximum(3.0, sizes * 0.75)
+    r = np.maximum(min_radius, sizes * 1.5)
     x0 = np.clip(np.floor(xy[:, 0] - r), 0, w).astype(int)
     x1 = np.clip(np.ceil(xy[:, 0] + r) + 1, 0, w).astype(int)
     y0 = np.clip(np.floor(xy[:, 1] - r), 0, h).astype(int)

@@ -118,11 +118,11 @@ class MilvusStore:
                                  consistency_level=STRONG)
         return {int(r["id"]): dict(r) for r in rows}
 
-    def vectors(self, image_ids: Sequence[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """(ids found, global N x D, regional N x R x D) for stored images, in ``image_ids`` order."""
+    def vectors(self, image_ids: Sequence[int]) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
+        """(ids found, global N x D, per image its R_i x D regions) for stored images, in order."""
         ids = [int(i) for i in image_ids]
         if not ids:
-            return [], np.zeros((0, self.dim), np.float32), np.zeros((0, 0, self.dim), np.float32)
+            return [], np.zeros((0, self.dim), np.float32), []
         rows = self.client.query(self.images, filter=f"id in {ids}", output_fields=["id", "vector"],
                                  consistency_level=STRONG)
         glob = {k: v[0] for k, v in _vectors_by_id(rows, "id", self.dim).items()}
@@ -130,10 +130,8 @@ class MilvusStore:
                                  consistency_level=STRONG)
         regs = _vectors_by_id(rows, "image_id", self.dim)
         found = [i for i in ids if i in glob]
-        n_regions = min((len(regs.get(i, [])) for i in found), default=0)
         g = np.stack([glob[i] for i in found]) if found else np.zeros((0, self.dim), np.float32)
-        r = (np.stack([np.stack(regs[i][:n_regions]) for i in found]) if found and n_regions
-             else np.zeros((len(found), 0, self.dim), np.float32))
+        r = [np.stack(regs[i]) if regs.get(i) else np.zeros((0, self.dim), np.float32) for i in found]
         return found, g, r
 
     def count(self) -> int:
@@ -155,11 +153,11 @@ class MilvusStore:
 
     def candidates(self, vector: np.ndarray, regions: np.ndarray, k: int, exclude: int) -> list[Candidate]:
         """Images most similar to a query, by its global and regional descriptors in both directions."""
-        return self.candidates_many(vector[None], regions[None], k, [exclude])[0]
+        return self.candidates_many(vector[None], [regions], k, [exclude])[0]
 
-    def candidates_many(self, vectors: np.ndarray, regions: np.ndarray, k: int,
+    def candidates_many(self, vectors: np.ndarray, regions: Sequence[np.ndarray], k: int,
                         exclude: Sequence[int]) -> list[list[Candidate]]:
-        n, r = len(vectors), regions.shape[1] if regions.ndim == 3 else 0
+        n = len(vectors)
         best: list[dict[int, float]] = [{} for _ in range(n)]
 
         def add(query_of_row: Sequence[int], hits: list[list[tuple[int, float]]]) -> None:
@@ -170,12 +168,12 @@ class MilvusStore:
 
         limit = k + 1
         add(range(n), self._search(self.images, vectors, limit, "id"))
-        if r:
-            # the query whole vs stored regions: the query was cropped from, or pasted into, them
-            add(range(n), self._search(self.regions, vectors, limit * 3, "image_id"))
-            # query regions vs stored wholes: a stored image is a tile or a crop of the query
-            flat = regions.reshape(n * r, -1)
-            add([i // r for i in range(n * r)], self._search(self.images, flat, limit, "id"))
+        # the query whole vs stored regions: the query was cropped from, or pasted into, them
+        add(range(n), self._search(self.regions, vectors, limit * 3, "image_id"))
+        # query regions vs stored wholes: a stored image is a tile or a crop of the query
+        owners = [i for i, r in enumerate(regions) for _ in range(len(r))]
+        if owners:
+            add(owners, self._search(self.images, np.concatenate(list(regions)), limit, "id"))
         return [sorted((Candidate(i, s) for i, s in b.items()), key=lambda c: -c.similarity)[:k] for b in best]
 
 

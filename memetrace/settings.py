@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     # keypoints
     sift_features: int = 600
     sift_max_side: int = 512
-    sift_flat_max: float = Field(0.6, description="drop keypoints whose patch is flatter than this (text, UI)")
+    sift_flat_max: float = Field(0.35, description="drop keypoints whose patch is flatter than this (text, UI)")
     thumbnail_side: int = 160
 
     # decoding guards
@@ -46,13 +46,15 @@ class Settings(BaseSettings):
     max_file_bytes: int = 50_000_000
 
     # matching
-    candidates_k: int = 12
+    candidates_k: int = 10
     candidate_min_similarity: float = 0.45
     ratio_test: float = 0.8
-    min_inliers: int = 12
+    min_inliers: int = 10
     ransac_reproj_px: float = 6.0
-    min_coverage: float = 0.55
-    coverage_radius: float = Field(0.1, description="radius around matched points, share of the longest side")
+    min_coverage: float = Field(0.6, description="share of one image's keypoints the match must explain")
+    same_frame_min_coverage: float = Field(
+        0.7, description="same, for both images, when the match is the identity (shared app frames)")
+    coverage_radius: float = Field(0.05, description="radius around matched points, share of the longest side")
     workers: int = Field(2, description="threads for decoding and SIFT")
 
     # clustering

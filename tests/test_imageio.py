@@ -104,7 +104,7 @@ def test_empty_file_is_empty(tmp_path: Path) -> None:
     [
         ("notes.jpg", b"just some notes, not a picture\n" * 20),
         ("page.png", b"<!DOCTYPE html>\n<html><head><title>404</title></head><body>Not found</body></html>\n"),
-        ("logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'),
+        ("logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="9"/></svg>'),
         ("blob.gif", bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8))),
     ],
     ids=["text", "html", "svg", "random-bytes"],
