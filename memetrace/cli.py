@@ -70,7 +70,7 @@ def run_index(c: Context, source: Path) -> dict:
     recluster(c.catalog, s.cluster_algorithm)
     timings["cluster_s"] = round(time.perf_counter() - t0, 2)
     return {"inputs": report.seen, "new_images": report.new_images, "duplicates": report.duplicates,
-            "bad_files": report.bad, "new_matches": len(matches), **c.catalog.counts(), **timings}
+            "bad_inputs": report.bad, "new_matches": len(matches), **c.catalog.counts(), **timings}
 
 
 def _url_reader(s: Settings):
@@ -131,3 +131,103 @@ def clusters(ctx: click.Context, out: Path | None, html_dir: Path | None, link_d
 
         page = write_gallery(rows, c.features, html_dir)
         click.echo(f"gallery: {page}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
+    """Copies of the given image(s) among the indexed ones, with scores and cluster ids."""
+    from matcher.matching import Matcher
+    from memetrace.imageio import BadImage, decode
+
+    c = _context(ctx)
+    s = c.settings
+    if not c.catalog.images():
+        raise click.ClickException(f"nothing indexed in {s.data_dir}: run `memetrace index FOLDER` first")
+    matcher = Matcher(s, c.store, c.features)
+    paths, clusters = c.catalog.paths_by_image(), c.catalog.clusters()
+    results = []
+    for path in images:
+        try:
+            image = decode(path.read_bytes(), max_pixels=s.max_pixels, min_side=s.min_side)
+        except BadImage as exc:
+            results.append({"query": str(path), "error": exc.reason, "detail": exc.detail, "matches": []})
+            continue
+        glob, regions = c.embedder.embed([image.rgb])
+        found = matcher.match_outside(glob[0], regions[0], c.extractor.extract(image.rgb), exclude=-1)
+        matches = [{"image_id": cand.image_id, "paths": paths.get(cand.image_id, []), "inliers": v.inliers,
+                    "kind": "identical" if cand.image_id == image.image_id else v.kind,
+                    "similarity": round(cand.similarity, 4), "mirrored": v.mirrored,
+                    "cluster_id": clusters.get(cand.image_id)}
+                   for cand, v in sorted(found, key=lambda cv: -cv[1].inliers)]
+        results.append({"query": str(path), "image_id": image.image_id, "matches": matches})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        if "error" in r:
+            click.echo(f"{r['query']}: not an indexable image ({r['error']}: {r['detail']})")
+            continue
+        click.echo(f"{r['query']}: {len(r['matches'])} cop{'y' if len(r['matches']) == 1 else 'ies'}")
+        for m in r["matches"]:
+            click.echo(f"  {m['inliers']:4d} inliers  {m['kind']:9s} cluster {m['cluster_id']}  {', '.join(m['paths'])}")
+
+
+@main.command(name="eval")
+@click.argument("ground_truth", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("clusters_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def eval_(ground_truth: Path, clusters_csv: Path) -> None:
+    """Score a clusters CSV against a ground truth (PIMMI's cluster P/R/F1, query AP, pairwise F1)."""
+    from clusterer.evaluate import evaluate
+
+    try:
+        click.echo(json.dumps(evaluate(ground_truth, clusters_csv), indent=2))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts: images, paths, bad files (by reason), matches, clusters."""
+    c = _context(ctx)
+    counts = c.catalog.counts()
+    reasons: dict[str, int] = {}
+    for _, reason, _ in c.catalog.bad_files():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    out = {**counts, "bad_files_by_reason": reasons, "data_dir": str(c.settings.data_dir)}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            click.echo(f"{k:20s} {v}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="where to build the demo corpus (default: DATA_DIR/demo-corpus)")
+@click.pass_context
+def demo(ctx: click.Context, out: Path | None) -> None:
+    """The whole pipeline on a small corpus made from photos shipped with scikit-image."""
+    from clusterer.evaluate import evaluate
+    from clusterer.export import write_csv
+    from clusterer.gallery import write_gallery
+    from memetrace.demo import make_demo_corpus
+
+    c = _context(ctx)
+    corpus = out or c.settings.data_dir / "demo-corpus"
+    images = make_demo_corpus(corpus)
+    click.echo(f"demo corpus: {images}")
+    summary = run_index(c, images)
+    rows = _cluster_rows(c)
+    csv_path = c.settings.data_dir / "clusters.csv"
+    write_csv(rows, csv_path)
+    page = write_gallery(rows, c.features, c.settings.data_dir / "gallery")
+    scores = evaluate(corpus / "ground_truth.csv", csv_path)
+    click.echo(json.dumps({**summary, "cluster_f1": scores["cluster_f1"],
+                           "cluster_precision": scores["cluster_precision"],
+                           "cluster_recall": scores["cluster_recall"]}, indent=2))
+    click.echo(f"clusters CSV: {csv_path}\ngallery: {page}")

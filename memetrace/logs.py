@@ -25,3 +25,6 @@ def configure(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+    # Milvus Lite's embedded gRPC server logs a traceback for an RPC it does not implement
+    # (AllocTimestamp) on every start; pymilvus falls back by itself, so it is noise
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
