@@ -43,15 +43,25 @@ class Matcher:
         found = self.verifier.verify_many(query, [p for _, p in loaded])
         return [(loaded[v.candidate][0], v) for v in found]
 
+    def _candidates_of(self, image_ids: Sequence[int]) -> tuple[list[int], list[list[Candidate]]]:
+        ids, glob, regs = self.store.vectors(image_ids)
+        return ids, self.store.candidates_many(glob, regs, self.s.candidates_k, ids)
+
     def match_stored(self, image_ids: Sequence[int], on_progress: Callable[[int], None] = lambda n: None,
                      chunk: int = 64) -> list[Match]:
-        """Verified matches of stored images against everything stored (each pair checked once)."""
+        """Verified matches of stored images against everything stored (each pair checked once).
+
+        Milvus answers the next chunk's searches (in its own process) while this one verifies.
+        """
         done: set[tuple[int, int]] = set()
         matches: list[Match] = []
-        with ThreadPoolExecutor(self.s.workers) as pool:
-            for start in range(0, len(image_ids), chunk):
-                ids, glob, regs = self.store.vectors(image_ids[start:start + chunk])
-                cand_lists = self.store.candidates_many(glob, regs, self.s.candidates_k, ids)
+        chunks = [image_ids[i:i + chunk] for i in range(0, len(image_ids), chunk)]
+        with ThreadPoolExecutor(self.s.workers) as pool, ThreadPoolExecutor(1) as search:
+            ahead = search.submit(self._candidates_of, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                ids, cand_lists = ahead.result()
+                if k + 1 < len(chunks):
+                    ahead = search.submit(self._candidates_of, chunks[k + 1])
                 jobs = []
                 for qid, cands in zip(ids, cand_lists):
                     todo = [c for c in self._keep(cands) if (min(qid, c.image_id), max(qid, c.image_id)) not in done]

@@ -96,13 +96,12 @@ class Verifier:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
 
-    def _matches(self, index: faiss.Index, cand: Prepared) -> tuple[np.ndarray, np.ndarray]:
-        """Ratio-test matches (query idx, candidate idx), at most one per query keypoint."""
-        dist, idx = index.search(cand.desc, 2)
+    def _matches(self, dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ratio-test matches (query idx, candidate idx) from each candidate point's 2 nearest
+        query points; at most one per query point (the closest)."""
         ok = dist[:, 0] < (self.s.ratio_test ** 2) * dist[:, 1]
         c_idx = np.flatnonzero(ok)
         q_idx = idx[ok, 0]
-        # one-to-one: a query point matched by several candidate points keeps the closest
         order = np.argsort(dist[ok, 0], kind="stable")
         _, first = np.unique(q_idx[order], return_index=True)
         keep = order[first]
@@ -123,33 +122,45 @@ class Verifier:
         mask = mask.ravel().astype(bool)
         return (model, mask) if mask.sum() >= self.s.min_inliers else None
 
+    def _accept(self, query: Prepared, q_xy: np.ndarray, cand: Prepared, q_idx: np.ndarray,
+                c_idx: np.ndarray) -> tuple[int, float, float] | None:
+        """(inliers, coverage of query, coverage of candidate) when the pair is a copy."""
+        found = self._geometry(q_xy[q_idx], cand.xy[c_idx])
+        if found is None:
+            return None
+        model, mask = found
+        radius = self.s.coverage_radius
+        cov_q = coverage(q_xy, q_xy[q_idx[mask]], radius * max(query.width, query.height))
+        cov_c = coverage(cand.xy, cand.xy[c_idx[mask]], radius * max(cand.width, cand.height))
+        if same_frame(model, query, cand):
+            accepted = min(cov_q, cov_c) >= self.s.same_frame_min_coverage
+        else:
+            accepted = max(cov_q, cov_c) >= self.s.min_coverage
+        return (int(mask.sum()), cov_q, cov_c) if accepted else None
+
     def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
+        """The candidates that are copies of the query (tried as is, then mirrored)."""
         if len(query) < self.s.min_inliers:
             return []
         out = []
-        indexes = {}
+        pending = [i for i, c in enumerate(candidates) if len(c) >= self.s.min_inliers]
         for mirrored in (False, True):
-            index = faiss.IndexFlatL2(query.desc.shape[1])
-            index.add(query.mirror[1] if mirrored else query.desc)
-            indexes[mirrored] = index
-        for ci, cand in enumerate(candidates):
-            if len(cand) < self.s.min_inliers:
-                continue
-            for mirrored in (False, True):
-                q_xy_all = query.mirror[0] if mirrored else query.xy
-                q_idx, c_idx = self._matches(indexes[mirrored], cand)
-                found = self._geometry(q_xy_all[q_idx], cand.xy[c_idx])
-                if found is None:
-                    continue
-                model, mask = found
-                radius = self.s.coverage_radius
-                cov_q = coverage(q_xy_all, q_xy_all[q_idx[mask]], radius * max(query.width, query.height))
-                cov_c = coverage(cand.xy, cand.xy[c_idx[mask]], radius * max(cand.width, cand.height))
-                if same_frame(model, query, cand):
-                    accepted = min(cov_q, cov_c) >= self.s.same_frame_min_coverage
+            if not pending:
+                break
+            q_xy, q_desc = query.mirror if mirrored else (query.xy, query.desc)
+            index = faiss.IndexFlatL2(q_desc.shape[1])
+            index.add(q_desc)
+            # one search for all candidates: a big matrix product is ~2.5x faster than many small
+            dist, idx = index.search(np.concatenate([candidates[i].desc for i in pending]), 2)
+            failed, start = [], 0
+            for i in pending:
+                n = len(candidates[i])
+                q_idx, c_idx = self._matches(dist[start:start + n], idx[start:start + n])
+                start += n
+                result = self._accept(query, q_xy, candidates[i], q_idx, c_idx)
+                if result is None:
+                    failed.append(i)
                 else:
-                    accepted = max(cov_q, cov_c) >= self.s.min_coverage
-                if accepted:
-                    out.append(Verification(ci, int(mask.sum()), cov_q, cov_c, mirrored))
-                    break
-        return out
+                    out.append(Verification(i, *result, mirrored))
+            pending = failed
+        return sorted(out, key=lambda v: v.candidate)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +48,37 @@ def content_id(data: bytes) -> int:
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+# Formats we decode; anything else (EPS would run Ghostscript, say) is not an image to us.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _png_damaged(data: bytes) -> bool:
+    """True when a PNG chunk's CRC is wrong (PIL checks none of the pixel data's)."""
+    pos = 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        body = data[pos + 4:pos + 8 + length]
+        if len(body) != 4 + length or data[pos + 8 + length:pos + 12 + length] != struct.pack(">I", zlib.crc32(body)):
+            return True
+        if body[:4] == b"IEND":
+            return False
+        pos += 12 + length
+    return True  # no IEND: truncated
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: rescale to 8 bits instead of letting PIL clip at 255
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        # 16-bit grayscale: map 0..65535 to 0..255 instead of letting PIL clip at 255
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) // 257).astype(np.uint8), "L")
+    elif im.mode == "I":
         arr = np.asarray(im, dtype=np.float64)
         hi = arr.max() or 1.0
-        im = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
+        im = Image.fromarray((np.clip(arr, 0, None) * (255.0 / max(hi, 255.0))).astype(np.uint8), "L")
     elif im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -69,23 +95,25 @@ def decode(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage:
     """Decode ``data`` or raise :class:`BadImage` naming the reason."""
     if not data:
         raise BadImage("empty", "zero bytes")
+    if data.startswith(b"\x89PNG") and _png_damaged(data):
+        raise BadImage("corrupt", "PNG chunk checksum mismatch or missing end")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise BadImage("too_many_pixels", f"{w}x{h} exceeds MEMETRACE_MAX_PIXELS={max_pixels}")
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)  # animations: the first frame stands for the image
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise BadImage("too_many_pixels", f"{w}x{h} exceeds MEMETRACE_MAX_PIXELS={max_pixels}")
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # animations: the first frame stands for the image
+        im.load()
+        im = ImageOps.exif_transpose(im)
     except BadImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own cap, for max_pixels above it
         raise BadImage("too_many_pixels", str(exc)) from exc
     except UnidentifiedImageError as exc:
-        raise BadImage("not_an_image", "no known image format") from exc
+        if _looks_like_image(data):
+            raise BadImage("corrupt", "image header present but unreadable") from exc
+        raise BadImage("not_an_image", "no supported image format (JPEG, PNG, GIF, WebP, BMP, TIFF)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage("corrupt", str(exc)) from exc
     if min(im.size) < min_side:

@@ -94,11 +94,11 @@ class MilvusStore:
             return
         now = int(time.time())
         self.client.upsert(self.images, [
-            {"id": r.image_id, "vector": r.vector.tolist(), "path": r.path[:4096], "width": r.width,
+            {"id": r.image_id, "vector": np.asarray(r.vector, dtype=np.float32), "path": r.path[:4096], "width": r.width,
              "height": r.height, "nbytes": r.nbytes, "nb_points": r.nb_points, "indexed_at": now}
             for r in rows
         ])
-        regions = [{"id": region_key(r.image_id, i), "image_id": r.image_id, "vector": v.tolist()}
+        regions = [{"id": region_key(r.image_id, i), "image_id": r.image_id, "vector": np.asarray(v, np.float32)}
                    for r in rows for i, v in enumerate(r.regions)]
         if regions:
             self.client.upsert(self.regions, regions)
@@ -141,7 +141,7 @@ class MilvusStore:
     def _search(self, collection: str, vectors: np.ndarray, limit: int, id_field: str) -> list[list[tuple[int, float]]]:
         if len(vectors) == 0:
             return []
-        res = self.client.search(collection, data=[v.tolist() for v in vectors], limit=limit,
+        res = self.client.search(collection, data=list(np.asarray(vectors, dtype=np.float32)), limit=limit,
                                  output_fields=[id_field] if id_field != "id" else [],
                                  search_params={"metric_type": self.settings.milvus_metric},
                                  consistency_level=STRONG)

@@ -139,8 +139,6 @@ def test_png_with_garbage_in_the_middle_is_corrupt(tmp_path: Path) -> None:
     assert _reason(_write(tmp_path, "garbled.png", bytes(data))) == "corrupt"
 
 
-@pytest.mark.xfail(strict=True, reason="PIL never checks IDAT CRCs and decode adds no check: the damaged "
-                   "file decodes (to these very pixels) instead of failing as 'corrupt'")
 def test_png_with_bad_idat_crc_is_corrupt(tmp_path: Path) -> None:
     data = bytearray(_noise_png(tmp_path))
     start, length = _idat_offsets(bytes(data))
@@ -148,8 +146,6 @@ def test_png_with_bad_idat_crc_is_corrupt(tmp_path: Path) -> None:
     assert _reason(_write(tmp_path, "badcrc.png", bytes(data))) == "corrupt"
 
 
-@pytest.mark.xfail(strict=True, reason="a bad IHDR CRC makes PIL's Image.open raise SyntaxError, which it "
-                   "re-raises as UnidentifiedImageError: decode says 'not_an_image' for a damaged PNG")
 def test_png_with_bad_header_crc_is_corrupt(tmp_path: Path) -> None:
     data = bytearray(_noise_png(tmp_path))
     data[8 + 8 + 13] ^= 0xFF  # signature, IHDR length+type, 13-byte IHDR body: its CRC

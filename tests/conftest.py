@@ -1,0 +1,74 @@
+"""Shared fixtures: real photos (scikit-image's bundled samples, never the network), clean
+settings, and one Embedder for the whole test session (loading the model costs ~2 s)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from memetrace.demo import DISTRACTOR_PHOTOS, GROUP_PHOTOS, photo_dir
+from memetrace.settings import Settings
+
+PHOTO_SIDE = 480  # the demo corpus' working size: fast, and far above min_side
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings from defaults only: no MEMETRACE_* variable and no .env file leaks in."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.upper().startswith("MEMETRACE_"):
+                mp.delenv(key)
+        return Settings(_env_file=None, data_dir=data_dir, **overrides)
+
+
+def load_photo(name: str) -> Image.Image:
+    """A bundled sample photo (group or distractor name) as RGB, longest side <= PHOTO_SIDE."""
+    files = {**GROUP_PHOTOS, **DISTRACTOR_PHOTOS}
+    with Image.open(photo_dir() / files[name]) as f:
+        im = f.convert("RGB")
+    im.thumbnail((PHOTO_SIDE, PHOTO_SIDE), Image.Resampling.LANCZOS)
+    return im
+
+
+def rgb(im: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def jpeg_roundtrip(im: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    with Image.open(io.BytesIO(buf.getvalue())) as f:
+        return f.convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    return {name: load_photo(name) for name in (*GROUP_PHOTOS, *DISTRACTOR_PHOTOS)}
+
+
+@pytest.fixture(scope="session")
+def session_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("session-data"))
+
+
+@pytest.fixture(scope="session")
+def embedder(session_settings: Settings):
+    """The CPU embedder with the packaged EfficientNet-Lite0 weights, built once."""
+    from memetrace.embedder import Embedder
+
+    return Embedder(session_settings.model_copy(update={"device": "cpu"}))
+
+
+@pytest.fixture()
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No MEMETRACE_* variable, and a working directory without a .env file."""
+    for key in list(os.environ):
+        if key.upper().startswith("MEMETRACE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
