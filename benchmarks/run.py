@@ -380,12 +380,19 @@ def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT
 # ---------------------------------------------------------------- report
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[("" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else str(v)) for v in r]
-             for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+def _f(v: Any, digits: int = 2) -> str:
+    return "" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _table(headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ("what", "source")) -> str:
+    """Plain-text table: the first column and the ``left`` ones left-aligned, numbers right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 or headers[i] in left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -398,12 +405,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"torch {m['torch']} on {m['torch_device']}" + (f" ({m['cuda_device']})" if m.get("cuda_device") else ""),
         "",
         _table(["stage", "seconds", "images/s", "what"],
-               [[k, v["seconds"], v["images_per_s"], v["what"]] for k, v in r["stages"].items()]
-               + [["end-to-end", r["end_to_end_s"], r["end_to_end_images_per_s"], "setup through clusters CSV"]]),
+               [[k, _f(float(v["seconds"])), _f(v["images_per_s"], 1), v["what"]] for k, v in r["stages"].items()]
+               + [["end-to-end", _f(float(r["end_to_end_s"])), _f(r["end_to_end_images_per_s"], 1),
+                   "setup through clusters CSV"]]),
         "",
         f"peak RSS (whole run, not per stage): python {mem['python_peak_rss_mib']} MiB "
         f"(after setup {mem['python_peak_rss_after_setup_mib']} MiB), "
-        f"child processes {mem['children_peak_rss_mib']} MiB",
+        + (f"child processes {mem['children_peak_rss_mib']} MiB" if mem["children"]
+           else "no child processes (Milvus Lite runs in-process: included above)"),
         f"CPU: this process {cpu['own_cpu_s']} s, children {cpu['children_cpu_s']} s, other processes "
         f"{cpu['other_processes_cpu_s']} s ({100 * (cpu['other_processes_share_of_capacity'] or 0):.0f}% of the "
         f"machine), steal {cpu['steal_s']} s, load {cpu['loadavg_before'][0]} -> {cpu['loadavg_after'][0]}",
@@ -419,19 +428,20 @@ def format_report(r: dict[str, Any]) -> str:
          ["pairwise_f1", s["pairwise_f1"], None],
          ["adjusted_rand_index", s["adjusted_rand_index"], None]]
     parts += ["", _table(["quality (score.py)", "value", "required"],
-                         [[k, v, f] for k, v, f in q]),
+                         [[k, _f(float(v), 4), _f(f)] for k, v, f in q]),
               "", _table(["transform family", "copies with original", "required"],
-                         [[k, v, TRANSFORM_FLOOR] for k, v in s["copy_with_original_rate_per_transform"].items()])]
+                         [[k, _f(float(v), 4), _f(TRANSFORM_FLOOR)]
+                          for k, v in s["copy_with_original_rate_per_transform"].items()])]
     parts += ["", "quality floor: " + ("met" if not r["quality_failures"] else
                                        "NOT met: " + "; ".join(r["quality_failures"]))]
     if not r["evaluate_cross_check"]["agrees"]:
         parts.append(f"WARNING: clusterer.evaluate disagrees with score.py: {r['evaluate_cross_check']['mismatches']}")
     here = f"measured here ({m['cpu_model']}, {m['usable_cpus']} CPUs, {m['torch_device']})"
     parts += ["", _table(["system", "cluster F1", "end-to-end s", "images/s", "source"],
-                         [["memetrace (this run)", round(s["cluster_f1"], 4), r["end_to_end_s"],
-                           r["end_to_end_images_per_s"], here]]
-                         + [[x["system"], x["cluster_f1"], x["end_to_end_s"], x["images_per_s"], x["source"]]
-                            for x in r["reference"]])]
+                         [["memetrace (this run)", _f(float(s["cluster_f1"]), 3), _f(float(r["end_to_end_s"]), 1),
+                           _f(r["end_to_end_images_per_s"], 1), here]]
+                         + [[x["system"], _f(x["cluster_f1"], 3), _f(x["end_to_end_s"], 1), _f(x["images_per_s"], 1),
+                             x["source"]] for x in r["reference"]])]
     return "\n".join(parts)
 
 
