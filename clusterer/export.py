@@ -51,13 +51,14 @@ def write_csv(rows: list[ClusterRow], out: Path) -> None:
 
 
 def write_link_dir(rows: list[ClusterRow], root: Path, out: Path, min_size: int = 2) -> int:
-    """``out/cluster_<id>/`` holds a symlink to each file of that cluster; returns folders made."""
-    sizes: dict[int, int] = {}
+    """``out/cluster_<id>/`` holds a symlink to each file of clusters of ``min_size``+ images;
+    returns the number of folders made."""
+    images: dict[int, set[int]] = {}
     for r in rows:
-        sizes[r.cluster_id] = sizes.get(r.cluster_id, 0) + 1
+        images.setdefault(r.cluster_id, set()).add(r.image_id)
     made = set()
     for r in rows:
-        if sizes[r.cluster_id] < min_size:
+        if len(images[r.cluster_id]) < min_size:
             continue
         folder = out / f"cluster_{r.cluster_id}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,14 @@ def _file_reader(path: Path, max_bytes: int) -> Callable[[], bytes]:
 
 
 def iter_directory(root: Path, max_bytes: int) -> Iterator[InputItem]:
-    """Every regular file below ``root`` (hidden ones skipped), keyed by its path relative to root."""
+    """Every regular file below ``root`` (hidden ones skipped), keyed by its absolute path, so
+    that two folders indexed into one data dir never collide."""
+    root = root.resolve()
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        yield InputItem(rel.as_posix(), _file_reader(path, max_bytes))
+        yield InputItem(path.as_posix(), _file_reader(path, max_bytes))
 
 
 def is_url(text: str) -> bool:
@@ -39,8 +41,9 @@ def is_url(text: str) -> bool:
 
 
 def iter_list_file(list_file: Path, max_bytes: int, fetch_url: Callable[[str], bytes]) -> Iterator[InputItem]:
-    """Lines of a text file: local paths (relative to the file's folder) or http(s) URLs."""
-    base = list_file.parent
+    """Lines of a text file: local paths (relative to the file's folder) or http(s) URLs; paths
+    are keyed absolute, URLs as written."""
+    base = list_file.parent.resolve()
     for line in list_file.read_text(encoding="utf-8").splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
@@ -49,4 +52,4 @@ def iter_list_file(list_file: Path, max_bytes: int, fetch_url: Callable[[str], b
             yield InputItem(entry, lambda url=entry: fetch_url(url))
         else:
             path = Path(entry) if Path(entry).is_absolute() else base / entry
-            yield InputItem(entry, _file_reader(path, max_bytes))
+            yield InputItem(path.as_posix(), _file_reader(path, max_bytes))

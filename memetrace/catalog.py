@@ -63,10 +63,12 @@ class Catalog:
             return self.db.execute(sql, args).fetchall()
 
     # paths and images
-    def known_paths(self) -> set[str]:
-        return {r[0] for r in self._read("SELECT path FROM paths UNION SELECT path FROM bad_files")}
+    def indexed_paths(self) -> set[str]:
+        """Paths already indexed (bad files are not: they are read again, they may be fixed)."""
+        return {r[0] for r in self._read("SELECT path FROM paths")}
 
     def add_paths(self, pairs: Iterable[tuple[str, int]]) -> None:
+        pairs = list(pairs)
         now = time.time()
         self._write("INSERT OR REPLACE INTO paths VALUES (?, ?, ?)", [(p, i, now) for p, i in pairs])
         self._write("DELETE FROM bad_files WHERE path = ?", [(p,) for p, _ in pairs])

@@ -43,7 +43,7 @@ def run_index(c: Context, source: Path) -> dict:
     from matcher.matching import Matcher
 
     s = c.settings
-    known = c.catalog.known_paths()
+    known = c.catalog.indexed_paths()
     if source.is_dir():
         c.catalog.set_meta("root", str(source.resolve()))
         items = [it for it in iter_directory(source, s.max_file_bytes) if it.key not in known]
@@ -74,9 +74,10 @@ def run_index(c: Context, source: Path) -> dict:
 
 
 def _url_reader(s: Settings):
-    from ingest.fetch import Fetcher, FetchPolicy
+    from ingest.fetch import Fetcher
+    from ingest.worker import fetch_policy
 
-    fetcher = Fetcher(FetchPolicy(max_bytes=s.max_file_bytes))
+    fetcher = Fetcher(fetch_policy(s))
 
     def read(url: str) -> bytes:
         res = fetcher.fetch(url)
@@ -97,13 +98,22 @@ def index(ctx: click.Context, source: Path) -> None:
 
 
 def _cluster_rows(c: Context):
+    """Cluster rows with paths shown relative to the last indexed folder (PIMMI's CSV)."""
     from clusterer.export import cluster_rows
     from clusterer.graph import build_graph
 
     cat = c.catalog
     nb_points = cat.images()
     g = build_graph(nb_points, cat.matches())
-    return cluster_rows(g, cat.clusters(), cat.paths_by_image(), nb_points)
+    root = cat.meta("root")
+    paths = {i: [_display_path(p, root) for p in ps] for i, ps in cat.paths_by_image().items()}
+    return cluster_rows(g, cat.clusters(), paths, nb_points)
+
+
+def _display_path(path: str, root: str | None) -> str:
+    if root and path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1:]
+    return path
 
 
 @main.command()
@@ -147,7 +157,8 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
     if not c.catalog.images():
         raise click.ClickException(f"nothing indexed in {s.data_dir}: run `memetrace index FOLDER` first")
     matcher = Matcher(s, c.store, c.features)
-    paths, clusters = c.catalog.paths_by_image(), c.catalog.clusters()
+    root, clusters = c.catalog.meta("root"), c.catalog.clusters()
+    paths = {i: [_display_path(p, root) for p in ps] for i, ps in c.catalog.paths_by_image().items()}
     results = []
     for path in images:
         try:
@@ -198,7 +209,8 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     reasons: dict[str, int] = {}
     for _, reason, _ in c.catalog.bad_files():
         reasons[reason] = reasons.get(reason, 0) + 1
-    out = {**counts, "bad_files_by_reason": reasons, "data_dir": str(c.settings.data_dir)}
+    out = {**counts, "bad_files_by_reason": reasons, **_ingest_counts(c.settings),
+           "data_dir": str(c.settings.data_dir)}
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
@@ -231,3 +243,45 @@ def demo(ctx: click.Context, out: Path | None) -> None:
                            "cluster_precision": scores["cluster_precision"],
                            "cluster_recall": scores["cluster_recall"]}, indent=2))
     click.echo(f"clusters CSV: {csv_path}\ngallery: {page}")
+
+
+def _ingest_counts(s: Settings) -> dict:
+    """Streaming-ingest counts, kept in Milvus (shared by every worker): occurrences, dead letters."""
+    from memetrace.milvus_store import MilvusStore, connect, stored_dim
+
+    empty = {"occurrences": 0, "deadlettered": 0, "deadlettered_by_reason": {}}
+    uri = s.resolved_milvus_uri()
+    if "://" not in uri and not Path(uri).exists():
+        return empty
+    client = connect(s)
+    dim = stored_dim(client, s)
+    if dim is None:
+        return empty
+    store = MilvusStore(s, dim, client)
+    return {"occurrences": store.count_occurrences(), "deadlettered": store.count_deadletters(),
+            "deadlettered_by_reason": store.deadletters_by_reason()}
+
+
+@main.command()
+@click.option("--max-idle", type=float, default=None,
+              help="exit 0 after this many seconds without a new message (default: run until SIGTERM)")
+@click.pass_context
+def ingest(ctx: click.Context, max_idle: float | None) -> None:
+    """Consume posts from Kafka: download, embed, store in Milvus, publish events (prints totals as JSON)."""
+    from ingest.worker import run_worker
+
+    _worker, totals = run_worker(_context(ctx).settings, max_idle=max_idle)
+    click.echo(json.dumps(totals.as_dict()))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--topic", default=None, help="default: MEMETRACE_KAFKA_POSTS_TOPIC")
+@click.pass_context
+def produce(ctx: click.Context, file: Path, topic: str | None) -> None:
+    """Send FILE's lines to Kafka: JSON posts as-is, bare URLs wrapped as {"post_id", "url"}."""
+    from ingest.producer import produce_file
+
+    s = _context(ctx).settings
+    sent = produce_file(s, file, topic)
+    click.echo(f"{sent} messages sent to {topic or s.kafka_posts_topic} on {s.kafka_bootstrap_servers}")

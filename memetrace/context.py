@@ -31,6 +31,10 @@ class Context:
 
     @cached_property
     def features(self) -> FeatureStore:
+        if self.settings.feature_store == "s3":
+            from memetrace.s3_feature_store import S3FeatureStore  # boto3 only when used
+
+            return S3FeatureStore.from_settings(self.settings)
         return LocalFeatureStore(self.settings.data_dir / "features")
 
     @cached_property

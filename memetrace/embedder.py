@@ -106,8 +106,8 @@ class Embedder:
         self.dtype = pick_dtype(settings.precision, self.device)
         model = model if model is not None else load_backbone(settings.model_name, settings.model_weights)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        if self.device.type == "cuda" and self.dtype == torch.float16:
-            self.model = self.model.half()
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            self.model = self.model.to(self.dtype)  # inputs are cast to the same type
         self.size = settings.image_size
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.size, self.size, device=self.device)

@@ -37,9 +37,57 @@ class Candidate:
     similarity: float
 
 
+@dataclass(frozen=True)
+class OccurrenceRow:
+    """One post showing one image; ``id`` = :func:`ingest.messages.occurrence_key` of the post id."""
+
+    id: int
+    image_id: int
+    post_id: str
+    url: str
+    posted_at: int  # unix seconds, -1 = unknown
+    platform: str
+    author: str
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """One message the ingest could not store; ``id`` hashes its topic/partition/offset."""
+
+    id: int
+    reason: str
+    detail: str
+    post_id: str
+    url: str
+    source: str  # "topic/partition/offset"
+
+
+# Milvus refuses a collection without a vector field; the occurrence and dead-letter tables are
+# plain records (looked up by primary key, counted, filtered by image_id), so they carry this
+# constant 2-d vector: the smallest a FLOAT_VECTOR may be, never searched.
+DUMMY_VECTOR = [0.0, 0.0]
+
+
 def region_key(image_id: int, index: int) -> int:
     """Region primary keys: the image id with the region index in the low bits, kept positive."""
     return ((image_id << 5) | index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def connect(settings: Settings) -> MilvusClient:
+    """A client for ``settings.resolved_milvus_uri()`` (a Milvus Lite file is created if missing)."""
+    uri = settings.resolved_milvus_uri()
+    if "://" not in uri:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return MilvusClient(uri=uri, token=settings.milvus_token)
+
+
+def stored_dim(client: MilvusClient, settings: Settings) -> int | None:
+    """Descriptor size of the existing images collection, None if there is none yet."""
+    name = f"{settings.milvus_collection_prefix}_images"
+    if not client.has_collection(name):
+        return None
+    fields = client.describe_collection(name)["fields"]
+    return next(int(f["params"]["dim"]) for f in fields if f["name"] == "vector")
 
 
 class MilvusStore:
@@ -48,15 +96,13 @@ class MilvusStore:
     def __init__(self, settings: Settings, dim: int, client: MilvusClient | None = None) -> None:
         self.settings = settings
         self.dim = dim
-        if client is None:
-            uri = settings.resolved_milvus_uri()
-            if "://" not in uri:
-                settings.data_dir.mkdir(parents=True, exist_ok=True)
-            client = MilvusClient(uri=uri, token=settings.milvus_token)
-        self.client = client
+        self.client = client or connect(settings)
         self.images = f"{settings.milvus_collection_prefix}_images"
         self.regions = f"{settings.milvus_collection_prefix}_regions"
         self._ensure_collections()
+        self.occurrences = f"{settings.milvus_collection_prefix}_occurrences"
+        self.deadletters = f"{settings.milvus_collection_prefix}_deadletters"
+        self._ensure_record_collections()
 
     def _index_params(self):
         params = self.client.prepare_index_params()
@@ -175,6 +221,83 @@ class MilvusStore:
         if owners:
             add(owners, self._search(self.images, np.concatenate(list(regions)), limit, "id"))
         return [sorted((Candidate(i, s) for i, s in b.items()), key=lambda c: -c.similarity)[:k] for b in best]
+
+
+    # ---------------------------------------------------------------- occurrences and dead letters
+    # Shared by every ingest worker (one Milvus), keyed so that a redelivered message upserts
+    # the row it wrote before: the counts are exact under at-least-once delivery.
+
+    def _ensure_record_collections(self) -> None:
+        varchars = {self.occurrences: [("post_id", 1024), ("url", 4096), ("platform", 64), ("author", 256)],
+                    self.deadletters: [("reason", 64), ("detail", 1024), ("post_id", 1024), ("url", 4096),
+                                       ("source", 512)]}
+        ints = {self.occurrences: ["image_id", "posted_at", "seen_at"], self.deadletters: ["dead_at"]}
+        for name in (self.occurrences, self.deadletters):
+            if not self.client.has_collection(name):
+                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                schema.add_field("id", DataType.INT64, is_primary=True)
+                schema.add_field("vector", DataType.FLOAT_VECTOR, dim=len(DUMMY_VECTOR))
+                for field, length in varchars[name]:
+                    schema.add_field(field, DataType.VARCHAR, max_length=length)
+                for field in ints[name]:
+                    schema.add_field(field, DataType.INT64)
+                params = self.client.prepare_index_params()
+                params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+                self.client.create_collection(name, schema=schema, index_params=params, consistency_level=STRONG)
+            self.client.load_collection(name)
+
+    def upsert_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:
+        if rows:
+            now = int(time.time())
+            self.client.upsert(self.occurrences, [
+                {"id": r.id, "vector": DUMMY_VECTOR, "image_id": r.image_id, "post_id": r.post_id[:1024],
+                 "url": r.url[:4096], "posted_at": r.posted_at, "platform": r.platform[:64],
+                 "author": r.author[:256], "seen_at": now} for r in rows])
+
+    def upsert_deadletters(self, rows: Sequence[DeadLetterRow]) -> None:
+        if rows:
+            now = int(time.time())
+            self.client.upsert(self.deadletters, [
+                {"id": r.id, "vector": DUMMY_VECTOR, "reason": r.reason[:64], "detail": r.detail[:1024],
+                 "post_id": r.post_id[:1024], "url": r.url[:4096], "source": r.source[:512], "dead_at": now}
+                for r in rows])
+
+    def _count(self, collection: str, filter: str = "") -> int:
+        res = self.client.query(collection, filter=filter, output_fields=["count(*)"], consistency_level=STRONG)
+        return int(res[0]["count(*)"])
+
+    def count_occurrences(self) -> int:
+        return self._count(self.occurrences)
+
+    def count_deadletters(self) -> int:
+        return self._count(self.deadletters)
+
+    def occurrences_of(self, image_id: int) -> list[dict]:
+        """Every post of one image (post_id, url, posted_at, platform, author, seen_at)."""
+        return [dict(r) for r in self.client.query(
+            self.occurrences, filter=f"image_id == {int(image_id)}", consistency_level=STRONG,
+            output_fields=["post_id", "url", "posted_at", "platform", "author", "seen_at"])]
+
+    def _field_values(self, collection: str, field: str) -> list:
+        it = self.client.query_iterator(collection, batch_size=1000, filter="id >= 0", output_fields=[field],
+                                        consistency_level=STRONG)
+        out: list = []
+        try:
+            while batch := it.next():
+                out.extend(r[field] for r in batch)
+        finally:
+            it.close()
+        return out
+
+    def deadletters_by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reason in self._field_values(self.deadletters, "reason"):
+            counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def image_ids_of_occurrences(self) -> list[int]:
+        """The image id of every occurrence (one entry per post)."""
+        return [int(v) for v in self._field_values(self.occurrences, "image_id")]
 
 
 def _vectors_by_id(rows: Sequence[dict], key: str, dim: int) -> dict[int, list[np.ndarray]]:

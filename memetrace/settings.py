@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,48 @@ class Settings(BaseSettings):
 
     # clustering
     cluster_algorithm: Literal["components", "louvain"] = "components"
+
+    # feature store (keypoints, thumbnails)
+    feature_store: Literal["local", "s3"] = Field(
+        "local", description="local = data_dir/features; s3 = an S3-compatible bucket (MinIO, AWS)")
+    s3_endpoint_url: str = Field("", description="e.g. http://minio:9000; empty = AWS S3")
+    s3_bucket: str = Field("memetrace", description="created on first use when missing")
+    s3_prefix: str = Field("features", description="key prefix inside the bucket; empty = none")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = Field("", description="empty = boto3's default chain (AWS_*, ~/.aws, role)")
+    s3_secret_access_key: SecretStr | None = None
+    s3_connect_timeout: float = Field(5.0, description="seconds to open a connection")
+    s3_read_timeout: float = Field(60.0, description="seconds to wait for a response")
+    s3_max_attempts: int = Field(5, ge=1, description="tries per request, first included (botocore retries)")
+
+    # streaming ingest (Kafka)
+    kafka_bootstrap_servers: str = Field("localhost:9092", description="comma-separated host:port list")
+    kafka_posts_topic: str = "memetrace.posts"
+    kafka_images_topic: str = "memetrace.images"
+    kafka_deadletter_topic: str = "memetrace.deadletter"
+    kafka_group_id: str = "memetrace-ingest"
+    kafka_topic_partitions: int = Field(6, ge=1, description="partitions of topics the ingest creates if missing")
+    kafka_session_timeout_ms: int = Field(10_000, description="a dead worker's partitions move after this")
+    kafka_max_poll_interval_ms: int = Field(
+        300_000, description="a batch must finish within this, or the group hands its partitions away")
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    ingest_batch_size: int = Field(32, ge=1, description="posts per poll (bounded buffer: backpressure)")
+    ingest_retry_max_s: float = Field(30.0, gt=0, description="cap of the backoff while Kafka or Milvus is down")
+
+    # downloading post images (ingest.fetch.FetchPolicy)
+    fetch_allow_private_networks: bool = Field(
+        False, description="1 = allow loopback/private addresses (tests, demos); never in production")
+    fetch_trusted_networks: list[str] = Field(default_factory=list, description='JSON list of CIDRs, e.g. ["10.1.0.0/16"]')
+    fetch_connect_timeout: float = 5.0
+    fetch_read_timeout: float = 15.0
+    fetch_request_timeout: float = 60.0
+    fetch_retries: int = 2
+    fetch_max_in_flight: int = 16
+    fetch_per_host: int = 4
+
+    # Prometheus /metrics
+    metrics_port: int = Field(0, ge=0, description="port of the /metrics endpoint; 0 = off")
+    metrics_host: str = "0.0.0.0"
 
     def resolved_milvus_uri(self) -> str:
         return self.milvus_uri or str(self.data_dir / "milvus.db")

@@ -1,0 +1,72 @@
+"""Prometheus metrics, registered on a :class:`CollectorRegistry` the caller owns.
+
+Nothing here touches prometheus_client's global default registry: a process builds one registry,
+hands it to :class:`IngestMetrics` (and to :func:`serve`), and a test builds a fresh one each time.
+Names follow Prometheus conventions: ``memetrace_*_total`` counters, ``memetrace_*_seconds``
+histograms.
+"""
+
+from __future__ import annotations
+
+import logging
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# per-item stages: milliseconds to tens of seconds; batch stages go higher
+_ITEM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class IngestMetrics:
+    """Everything the ingest worker reports; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.posts_consumed = Counter("memetrace_posts_consumed_total", "posts-topic messages consumed", registry=r)
+        self.images_stored = Counter("memetrace_images_stored_total", "new images written to Milvus", registry=r)
+        self.duplicates = Counter("memetrace_duplicates_total",
+                                  "posts whose image was already stored (same bytes)", registry=r)
+        self.occurrences = Counter("memetrace_occurrences_total", "post occurrences written", registry=r)
+        self.download_failures = Counter("memetrace_download_failures_total", "failed downloads by reason",
+                                         ["reason"], registry=r)
+        self.deadlettered = Counter("memetrace_deadlettered_total", "messages sent to the dead-letter topic",
+                                    ["reason"], registry=r)
+        self.downloaded_bytes = Counter("memetrace_downloaded_bytes_total", "image bytes downloaded", registry=r)
+        self.batches = Counter("memetrace_batches_total", "batches stored in every sink", registry=r)
+        self.retries = Counter("memetrace_retries_total", "retried writes while a dependency was down",
+                               ["target"], registry=r)
+        self.download_seconds = Histogram("memetrace_download_seconds", "one URL, retries included",
+                                          buckets=_ITEM_BUCKETS, registry=r)
+        self.decode_seconds = Histogram("memetrace_decode_seconds", "decode + regions + thumbnail of one image",
+                                        buckets=_ITEM_BUCKETS, registry=r)
+        self.sift_seconds = Histogram("memetrace_sift_seconds", "SIFT keypoints of one image",
+                                      buckets=_ITEM_BUCKETS, registry=r)
+        self.embed_batch_seconds = Histogram("memetrace_embed_batch_seconds", "embedding one batch of images",
+                                             buckets=_BATCH_BUCKETS, registry=r)
+        self.milvus_write_seconds = Histogram("memetrace_milvus_write_seconds", "one Milvus upsert call",
+                                              buckets=_ITEM_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("memetrace_batch_seconds", "poll to commit of one batch",
+                                       buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("memetrace_batch_size", "posts per batch", buckets=_SIZE_BUCKETS, registry=r)
+        self.consumer_lag = Gauge("memetrace_consumer_lag", "high-water mark minus position, per partition",
+                                  ["topic", "partition"], registry=r)
+        self.device = Gauge("memetrace_device_info", "1 for the torch device the embedder runs on",
+                            ["device"], registry=r)
+
+
+def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> WSGIServer | None:
+    """Serve ``/metrics`` of ``registry`` from a daemon thread; ``port`` 0 = off (returns None)."""
+    if port == 0:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port} ({exc}); set MEMETRACE_METRICS_PORT to a free "
+                      "port, or 0 to turn metrics off") from exc
+    log.info("metrics served", extra={"host": host, "port": port})
+    return server

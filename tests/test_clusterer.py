@@ -1,0 +1,196 @@
+"""clusterer: communities, stable cluster ids across runs, CSV and symlink exports, recluster."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from clusterer.export import CSV_COLUMNS, ClusterRow, cluster_rows, write_csv, write_link_dir
+from clusterer.graph import build_graph, communities, density, stable_ids
+from clusterer.service import recluster
+from memetrace.catalog import Catalog, Match
+
+
+def _m(a: int, b: int, inliers: int = 50) -> Match:
+    return Match(a, b, float(inliers), inliers, "full")
+
+
+def _groups_of(assignment: dict[int, int]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for image, cid in assignment.items():
+        out.setdefault(cid, set()).add(image)
+    return out
+
+
+# ----------------------------------------------------------------------------- communities
+
+
+def test_build_graph_keeps_isolated_images() -> None:
+    g = build_graph([1, 2, 3, 4], [_m(1, 2, 30)])
+    assert set(g.nodes) == {1, 2, 3, 4}
+    assert g.number_of_edges() == 1 and g[1][2]["weight"] == 30.0 and g[1][2]["kind"] == "full"
+
+
+def test_components() -> None:
+    g = build_graph(range(1, 9), [_m(1, 2), _m(2, 3), _m(4, 5), _m(7, 8), _m(8, 7)])
+    groups = communities(g, "components")
+    assert groups == [{1, 2, 3}, {4, 5}, {7, 8}, {6}]  # biggest first, ties by smallest id
+    assert sorted(i for grp in groups for i in grp) == list(range(1, 9))  # every node exactly once
+
+
+def test_louvain_cuts_a_weak_bridge() -> None:
+    clique_a = [_m(a, b, 100) for a in range(1, 6) for b in range(a + 1, 6)]
+    clique_b = [_m(a, b, 100) for a in range(6, 11) for b in range(a + 1, 11)]
+    g = build_graph(range(1, 12), [*clique_a, *clique_b, _m(5, 6, 10)])
+    assert communities(g, "components")[0] == set(range(1, 11))  # one component through the bridge
+    louvain = communities(g, "louvain")
+    assert louvain[:2] == [{1, 2, 3, 4, 5}, {6, 7, 8, 9, 10}]
+    assert louvain[2] == {11}
+    assert communities(g, "louvain") == louvain  # seeded: deterministic
+
+
+def test_unknown_algorithm() -> None:
+    with pytest.raises(ValueError, match="unknown cluster algorithm"):
+        communities(build_graph([1], []), "kmeans")
+
+
+def test_density() -> None:
+    g = build_graph(range(1, 5), [_m(1, 2), _m(2, 3), _m(1, 3), _m(3, 4)])
+    assert density(g, {1, 2, 3}) == 1.0
+    assert density(g, {1, 2, 3, 4}) == pytest.approx(4 / 6)
+    assert density(g, {4}) == 1.0
+
+
+# ----------------------------------------------------------------------------- stable ids
+
+
+def test_first_wave_gets_fresh_distinct_ids() -> None:
+    ids = stable_ids([{1, 2, 3}, {4, 5}, {6}], {})
+    assert ids[1] == ids[2] == ids[3] and ids[4] == ids[5]
+    assert len({ids[1], ids[4], ids[6]}) == 3 and min(ids.values()) >= 1
+
+
+def test_clusters_that_only_grew_keep_their_ids() -> None:
+    first = stable_ids([{1, 2, 3}, {4, 5}, {6}], {})
+    second = stable_ids(communities(build_graph(range(1, 10), [_m(1, 2), _m(2, 3), _m(3, 7), _m(4, 5), _m(5, 8),
+                                                              _m(6, 9)])), first)
+    assert second[7] == second[1] == first[1]
+    assert second[8] == second[4] == first[4]
+    assert second[9] == second[6] == first[6]  # a singleton that gained a copy keeps its id
+
+
+def test_a_merge_keeps_the_id_of_the_larger_side() -> None:
+    first = {1: 10, 2: 10, 3: 10, 4: 20, 5: 20, 6: 30}
+    second = stable_ids([{1, 2, 3, 4, 5}, {6}], first)
+    assert {second[i] for i in (1, 2, 3, 4, 5)} == {10}
+    assert second[6] == 30
+    # whatever order the sides are listed in, the larger one wins
+    assert stable_ids([{4, 5, 1, 2, 3}], {1: 20, 2: 20, 3: 20, 4: 10, 5: 10})[4] == 20
+
+
+def test_a_split_keeps_the_id_for_the_larger_part() -> None:
+    first = {1: 7, 2: 7, 3: 7, 4: 7, 5: 7, 6: 8}
+    second = stable_ids([{1, 2, 3}, {4, 5}, {6}], first)
+    assert second[1] == second[2] == second[3] == 7
+    assert second[4] == second[5] not in (7, 8)  # the smaller part gets a fresh id
+    assert second[4] > max(first.values())
+    assert second[6] == 8
+
+
+def test_new_groups_get_fresh_ids() -> None:
+    first = {1: 3, 2: 3, 3: 5}
+    second = stable_ids([{1, 2}, {10, 11}, {3}, {12}], first)
+    assert second[1] == 3 and second[3] == 5
+    fresh = {second[10], second[12]}
+    assert second[10] == second[11] and len(fresh) == 2
+    assert all(c > 5 for c in fresh)  # never an id some earlier cluster had
+
+
+def test_two_waves_through_recluster(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.db")
+    try:
+        catalog.add_images([(i, 100) for i in range(1, 7)])
+        catalog.add_matches([_m(1, 2), _m(2, 3), _m(4, 5)])
+        first = recluster(catalog, "components")
+        assert catalog.clusters() == first and catalog.counts()["clusters"] == 2
+        # wave 2: 7 joins {1,2,3}; {4,5} grows into a bigger group with 8-10; 11-12 are new
+        catalog.add_images([(i, 100) for i in range(7, 13)])
+        catalog.add_matches([_m(3, 7), _m(5, 8), _m(8, 9), _m(9, 10), _m(11, 12)])
+        catalog.add_matches([_m(8, 10)])
+        second = recluster(catalog, "components")
+        assert second[7] == second[1] == first[1]
+        assert second[4] == second[8] == second[10] == first[4]  # only {4,5} had an id: it is kept
+        assert second[11] == second[12] and second[11] not in first.values()
+        assert second[6] == first[6]
+        assert recluster(catalog, "components") == second  # nothing new: nothing changes
+    finally:
+        catalog.close()
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+@pytest.fixture()
+def rows() -> list[ClusterRow]:
+    g = build_graph([1, 2, 3, 4, 5], [_m(1, 2), _m(2, 3), _m(4, 5)])
+    assignment = {1: 10, 2: 10, 3: 10, 4: 20, 5: 20}
+    # image 1 is two files (exact duplicates); image 5 has no path (not shown)
+    paths = {1: ["a/one.jpg", "b/one_again.jpg"], 2: ["two.png"], 3: ["three.jpg"], 4: ["four.jpg"]}
+    nb_points = {1: 300, 2: 250, 3: 120, 4: 90, 5: 80}
+    return cluster_rows(g, assignment, paths, nb_points)
+
+
+def test_cluster_rows(rows: list[ClusterRow]) -> None:
+    assert [r.path for r in rows] == ["a/one.jpg", "b/one_again.jpg", "two.png", "three.jpg", "four.jpg"]
+    by_path = {r.path: r for r in rows}
+    assert by_path["a/one.jpg"] == ClusterRow("a/one.jpg", 1, 300, 1, 10, round(2 / 3, 4))
+    assert by_path["two.png"].degree == 2 and by_path["two.png"].cluster_id == 10
+    assert by_path["four.jpg"] == ClusterRow("four.jpg", 4, 90, 1, 20, 1.0)
+
+
+def test_write_csv(tmp_path: Path, rows: list[ClusterRow]) -> None:
+    out = tmp_path / "sub" / "clusters.csv"
+    write_csv(rows, out)
+    with out.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        body = list(reader)
+    assert header == ["path", "image_id", "nb_points", "degree", "cluster_id", "quality"] == CSV_COLUMNS
+    assert len(body) == len(rows) == 5
+    assert [r[0] for r in body] == [r.path for r in rows]  # one row per path
+    assert body[0] == ["a/one.jpg", "1", "300", "1", "10", "0.6667"]
+
+
+def test_write_link_dir(tmp_path: Path, rows: list[ClusterRow]) -> None:
+    root = tmp_path / "corpus"
+    for r in rows:
+        (root / r.path).parent.mkdir(parents=True, exist_ok=True)
+        (root / r.path).write_bytes(r.path.encode())
+    out = tmp_path / "links"
+    assert write_link_dir(rows, root, out) == 1
+    folder = out / "cluster_10"
+    links = sorted(p.name for p in folder.iterdir())
+    assert links == ["a__one.jpg", "b__one_again.jpg", "three.jpg", "two.png"]
+    for p in folder.iterdir():
+        assert p.is_symlink() and p.resolve().is_file()
+        assert p.read_bytes() == p.resolve().relative_to(root.resolve()).as_posix().encode()
+    # only one file shows image 4's cluster: below min_size, no folder
+    assert not (out / "cluster_20").exists()
+    assert write_link_dir(rows, root, out, min_size=1) == 2  # rerun: links replaced, not an error
+    assert (out / "cluster_20" / "four.jpg").resolve() == (root / "four.jpg").resolve()
+
+
+def test_write_link_dir_keeps_absolute_paths(tmp_path: Path) -> None:
+    target = tmp_path / "abs.jpg"
+    target.write_bytes(b"x")
+    rows = [ClusterRow(str(target), 1, 10, 1, 4, 1.0), ClusterRow("rel.jpg", 2, 10, 1, 4, 1.0)]
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "rel.jpg").write_bytes(b"y")
+    assert write_link_dir(rows, tmp_path / "root", tmp_path / "links") == 1
+    names = {p.name: p for p in (tmp_path / "links" / "cluster_4").iterdir()}
+    link = names[str(target).replace("/", "__")]
+    assert os.readlink(link) == str(target) and link.read_bytes() == b"x"
+    assert names["rel.jpg"].read_bytes() == b"y"

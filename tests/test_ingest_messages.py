@@ -1,0 +1,95 @@
+"""The ingest message contract, producer line parsing, fetch settings and metrics (no services)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ingest.messages import (H_REASON, H_SOURCE, InvalidMessage, deadletter_headers, deadletter_key, occurrence_key,
+                             parse_post, source_of)
+from ingest.producer import lines_to_messages
+from ingest.worker import fetch_policy
+from kafka_broker import free_port
+from memetrace.metrics import IngestMetrics, serve
+from memetrace.settings import Settings
+
+
+def test_valid_post_keeps_every_field() -> None:
+    post = parse_post(json.dumps({"post_id": 42, "url": "https://example.org/a.jpg", "posted_at": "2024-05-01T10:00:00Z",
+                                  "platform": "mastodon", "author": "ana", "text": "lol", "meta": {"likes": 3},
+                                  "unknown": "ignored"}).encode())
+    assert post.post_id == "42" and post.platform == "mastodon" and post.meta == {"likes": 3}
+    assert post.posted_at_unix() == 1714557600
+    assert parse_post(b'{"post_id": "a", "url": "http://h/x"}').posted_at_unix() == -1
+
+
+@pytest.mark.parametrize(("raw", "reason", "hint"), [
+    (b"not json", "invalid_json", "not JSON"),
+    (None, "invalid_json", "tombstone"),
+    (b"\xff\xfe", "invalid_json", "not JSON"),
+    (b"[1, 2]", "invalid_post", "JSON object"),
+    (b'{"post_id": "a"}', "invalid_post", "url"),
+    (b'{"url": "http://h/x"}', "invalid_post", "post_id"),
+    (b'{"post_id": "", "url": "http://h/x"}', "invalid_post", "post_id"),
+    (b'{"post_id": "a", "url": "ftp://h/x"}', "invalid_post", "http(s)"),
+    (b'{"post_id": "a", "url": "file:///etc/passwd"}', "invalid_post", "http(s)"),
+    (b'{"post_id": "a", "url": "http://h/x", "posted_at": "yesterday"}', "invalid_post", "posted_at"),
+])
+def test_invalid_messages_name_the_reason(raw: bytes | None, reason: str, hint: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse_post(raw)
+    assert info.value.reason == reason
+    assert hint in info.value.detail
+
+
+def test_keys_are_stable_positive_int64() -> None:
+    assert occurrence_key("p1") == occurrence_key("p1") != occurrence_key("p2")
+    src = source_of("memetrace.posts", 1, 7)
+    assert src == "memetrace.posts/1/7"
+    for key in (occurrence_key("p1"), deadletter_key(src)):
+        assert 0 <= key < 2**63
+    headers = dict(deadletter_headers("http_404", "gone", src, "p1"))
+    assert headers[H_REASON] == b"http_404" and headers[H_SOURCE] == src.encode()
+
+
+def test_producer_lines(tmp_path: Path) -> None:
+    f = tmp_path / "posts.txt"
+    f.write_text('# comment\n\nhttp://h/a.jpg\n{"post_id": "x", "url": "http://h/b.jpg"}\n{broken\n')
+    msgs = list(lines_to_messages(f))
+    assert msgs[0] == (b"posts.txt:3", json.dumps({"post_id": "posts.txt:3", "url": "http://h/a.jpg"}).encode())
+    assert msgs[1] == (b"x", b'{"post_id": "x", "url": "http://h/b.jpg"}')
+    assert msgs[2] == (b"posts.txt:5", b"{broken")  # sent as-is: the worker dead-letters it
+
+
+def test_fetch_settings_map_to_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS", "1")
+    monkeypatch.setenv("MEMETRACE_FETCH_TRUSTED_NETWORKS", '["10.1.0.0/16"]')
+    monkeypatch.setenv("MEMETRACE_FETCH_RETRIES", "0")
+    policy = fetch_policy(Settings(_env_file=None))
+    assert policy.allow_private_networks and policy.trusted_networks == ("10.1.0.0/16",) and policy.retries == 0
+    assert fetch_policy(Settings(_env_file=None, fetch_allow_private_networks=False)).allow_private_networks is False
+
+
+def test_metrics_on_a_fresh_registry_are_served() -> None:
+    registry = CollectorRegistry()
+    m = IngestMetrics(registry)
+    m.posts_consumed.inc(3)
+    m.download_failures.labels("http_404").inc()
+    m.download_seconds.observe(0.2)
+    m.consumer_lag.labels("memetrace.posts", "0").set(5)
+    IngestMetrics(CollectorRegistry())  # a second registry: no duplicate-name clash
+    assert serve(registry, 0) is None
+    port = free_port()
+    server = serve(registry, port, "127.0.0.1")
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    for line in ("memetrace_posts_consumed_total 3.0", 'memetrace_download_failures_total{reason="http_404"} 1.0',
+                 "memetrace_download_seconds_count 1.0",
+                 'memetrace_consumer_lag{partition="0",topic="memetrace.posts"} 5.0'):
+        assert line in body

@@ -1,0 +1,275 @@
+"""The stores: MilvusStore on Milvus Lite, the feature stores, the SQLite catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_settings, rgb
+from memetrace.catalog import Catalog, Match
+from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
+from memetrace.keypoints import Keypoints
+from memetrace.milvus_store import ImageRow, MilvusStore, region_key
+
+# ----------------------------------------------------------------------------- Milvus Lite
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory, embedder, photos: dict[str, Image.Image]):
+    """A Milvus Lite store holding six real photos: (store, rows by name)."""
+    settings = make_settings(tmp_path_factory.mktemp("milvus") / "data")
+    store = MilvusStore(settings, embedder.dim)
+    names = ["astronaut", "cat", "coffee", "coins", "cameraman", "rocket"]
+    glob, regions = embedder.embed([rgb(photos[n]) for n in names])
+    rows = {n: ImageRow(1000 + i, f"images/{n}.jpg", photos[n].width, photos[n].height, 12345 + i, 100 + i,
+                        glob[i], regions[i]) for i, n in enumerate(names)}
+    store.upsert(list(rows.values()))
+    return store, rows
+
+
+def test_milvus_lite_file_lives_in_the_data_dir(indexed) -> None:
+    store, _ = indexed
+    uri = Path(store.settings.resolved_milvus_uri())
+    assert uri.parent == store.settings.data_dir and uri.exists()
+
+
+def test_upsert_is_idempotent(indexed) -> None:
+    store, rows = indexed
+    assert store.count() == len(rows)
+    store.upsert([rows["cat"]])
+    store.upsert([rows["cat"], rows["coins"]])
+    assert store.count() == len(rows)
+    ids, _, regions = store.vectors([rows["cat"].image_id])
+    assert ids == [rows["cat"].image_id] and len(regions[0]) == len(rows["cat"].regions)  # no doubled regions
+
+
+def test_vectors_round_trip(indexed) -> None:
+    store, rows = indexed
+    order = [rows["coins"].image_id, 42, rows["astronaut"].image_id]  # 42 is not stored
+    ids, glob, regions = store.vectors(order)
+    assert ids == [rows["coins"].image_id, rows["astronaut"].image_id]
+    assert glob.shape == (2, store.dim) and glob.dtype == np.float32
+    np.testing.assert_allclose(glob[0], rows["coins"].vector, atol=1e-6)
+    np.testing.assert_allclose(glob[1], rows["astronaut"].vector, atol=1e-6)
+    np.testing.assert_allclose(regions[0], rows["coins"].regions, atol=1e-6)  # same order too
+    np.testing.assert_allclose(regions[1], rows["astronaut"].regions, atol=1e-6)
+    assert store.vectors([])[0] == [] and store.vectors([])[1].shape == (0, store.dim)
+
+
+def test_candidates_rank_the_source_first(indexed, embedder, photos: dict[str, Image.Image]) -> None:
+    store, rows = indexed
+    for name in ("cat", "coins", "rocket"):
+        im = photos[name]
+        w, h = im.size
+        part = rgb(im.crop((w // 8, h // 8, w * 7 // 8, h * 7 // 8)).resize((w // 2, h // 2)))
+        glob, regions = embedder.embed([part])
+        cands = store.candidates(glob[0], regions[0], k=3, exclude=-1)
+        assert 1 <= len(cands) <= 3
+        assert cands[0].image_id == rows[name].image_id, (name, cands)
+        assert cands[0].similarity > 0.8
+        sims = [c.similarity for c in cands]
+        assert sims == sorted(sims, reverse=True)
+        assert len({c.image_id for c in cands}) == len(cands)
+
+
+def test_candidates_exclude_the_query(indexed) -> None:
+    store, rows = indexed
+    cat = rows["cat"]
+    first = store.candidates(cat.vector, cat.regions, k=4, exclude=-1)[0]
+    assert first.image_id == cat.image_id and first.similarity == pytest.approx(1.0, abs=1e-4)
+    cands = store.candidates(cat.vector, cat.regions, k=4, exclude=cat.image_id)
+    assert cat.image_id not in {c.image_id for c in cands} and len(cands) == 4
+
+
+def test_candidates_many_one_list_per_query(indexed) -> None:
+    store, rows = indexed
+    names = ["cat", "coffee"]
+    lists = store.candidates_many(np.stack([rows[n].vector for n in names]), [rows[n].regions for n in names],
+                                  k=2, exclude=[rows[n].image_id for n in names])
+    assert len(lists) == 2
+    for n, cands in zip(names, lists):
+        assert len(cands) == 2 and rows[n].image_id not in {c.image_id for c in cands}
+
+
+def test_existing_and_get(indexed) -> None:
+    store, rows = indexed
+    cat, coins = rows["cat"], rows["coins"]
+    assert store.existing([cat.image_id, coins.image_id, 7, 8]) == {cat.image_id, coins.image_id}
+    assert store.existing([]) == set()
+    got = store.get([cat.image_id, 7])
+    assert set(got) == {cat.image_id}
+    assert got[cat.image_id]["path"] == cat.path
+    assert (got[cat.image_id]["width"], got[cat.image_id]["height"]) == (cat.width, cat.height)
+    assert got[cat.image_id]["nbytes"] == cat.nbytes and got[cat.image_id]["nb_points"] == cat.nb_points
+    assert store.get([]) == {}
+
+
+def test_reopening_sees_the_same_rows(indexed) -> None:
+    store, rows = indexed
+    again = MilvusStore(store.settings, store.dim)  # same file, collections already there
+    assert again.count() == len(rows)
+
+
+def test_region_keys_are_distinct_and_positive() -> None:
+    ids = [1, 2, 2**62 + 5, 2**63 - 1]
+    keys = {region_key(i, r) for i in ids for r in range(18)}
+    assert len(keys) == len(ids) * 18
+    assert all(0 < k < 2**63 for k in keys)
+
+
+# ----------------------------------------------------------------------------- feature stores
+
+
+@pytest.fixture(params=["local", "memory"])
+def features(request: pytest.FixtureRequest, tmp_path: Path) -> FeatureStore:
+    return LocalFeatureStore(tmp_path / "features") if request.param == "local" else MemoryFeatureStore()
+
+
+def _keypoints(n: int = 25) -> Keypoints:
+    rng = np.random.default_rng(n)
+    return Keypoints(xy=(rng.random((n, 2)) * 300).astype(np.float32),
+                     desc=rng.integers(0, 256, (n, 128)).astype(np.uint8), width=320, height=240)
+
+
+def test_keypoints_round_trip(features: FeatureStore) -> None:
+    kp = _keypoints()
+    features.put_keypoints(123, kp)
+    back = features.get_keypoints(123)
+    assert back is not None
+    assert back.xy.dtype == np.float32 and back.desc.dtype == np.uint8
+    np.testing.assert_array_equal(back.xy, kp.xy)
+    np.testing.assert_array_equal(back.desc, kp.desc)
+    assert (back.width, back.height) == (320, 240) and len(back) == 25
+
+
+def test_keypoints_dtypes_are_normalised(features: FeatureStore) -> None:
+    kp = Keypoints(xy=np.array([[1.5, 2.25]], np.float64), desc=np.full((1, 128), 7, np.int64), width=10, height=9)
+    features.put_keypoints(5, kp)
+    back = features.get_keypoints(5)
+    assert back.xy.dtype == np.float32 and back.desc.dtype == np.uint8
+    assert back.xy.tolist() == [[1.5, 2.25]] and (back.desc == 7).all()
+
+
+def test_empty_keypoints_round_trip(features: FeatureStore) -> None:
+    features.put_keypoints(9, Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), 50, 40))
+    back = features.get_keypoints(9)
+    assert len(back) == 0 and back.desc.shape == (0, 128) and (back.width, back.height) == (50, 40)
+
+
+def test_thumbnail_round_trip(features: FeatureStore) -> None:
+    jpeg = b"\xff\xd8\xff\xe0 not really a jpeg \xff\xd9"
+    features.put_thumbnail(77, jpeg)
+    assert features.get_thumbnail(77) == jpeg
+    features.put_thumbnail(77, b"second")  # overwrite
+    assert features.get_thumbnail(77) == b"second"
+
+
+def test_missing_keys(features: FeatureStore) -> None:
+    assert features.get_keypoints(1) is None
+    assert features.get_thumbnail(1) is None
+    assert not features.exists(FeatureStore.keypoints_key(1))
+    features.put_keypoints(1, _keypoints(3))
+    assert features.exists(FeatureStore.keypoints_key(1))
+    assert not features.exists(FeatureStore.thumbnail_key(1))
+    assert features.get_keypoints(2) is None
+
+
+def test_keys_are_sharded_by_id() -> None:
+    assert FeatureStore.keypoints_key(0xABCDEF) == "keypoints/00/0000000000abcdef.npz"
+    assert FeatureStore.thumbnail_key(2**63 - 1) == "thumbnails/7f/7fffffffffffffff.jpg"
+
+
+def test_local_store_writes_files_atomically(tmp_path: Path) -> None:
+    store = LocalFeatureStore(tmp_path / "f")
+    store.put_keypoints(0xAB, _keypoints(4))
+    path = tmp_path / "f" / FeatureStore.keypoints_key(0xAB)
+    assert path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    assert LocalFeatureStore(tmp_path / "f").get_keypoints(0xAB) is not None  # a new instance reads it
+
+
+# ----------------------------------------------------------------------------- catalog
+
+
+@pytest.fixture()
+def catalog(tmp_path: Path):
+    cat = Catalog(tmp_path / "deep" / "catalog.db")  # the folder is created
+    yield cat
+    cat.close()
+
+
+def test_catalog_paths_and_images(catalog: Catalog) -> None:
+    catalog.add_images([(1, 100), (2, 200)])
+    catalog.add_paths([("a.jpg", 1), ("b.jpg", 2), ("a_copy.jpg", 1)])
+    assert catalog.images() == {1: 100, 2: 200}
+    assert catalog.paths_by_image() == {1: ["a.jpg", "a_copy.jpg"], 2: ["b.jpg"]}
+    assert catalog.image_of_path("b.jpg") == 2 and catalog.image_of_path("nope.jpg") is None
+    catalog.add_images([(1, 999)])  # already there: unchanged
+    assert catalog.images()[1] == 100
+    catalog.add_paths([("b.jpg", 1)])  # a path now holding another image
+    assert catalog.image_of_path("b.jpg") == 1
+
+
+def test_catalog_bad_files(catalog: Catalog) -> None:
+    catalog.add_bad([("empty.jpg", "empty", "zero bytes"), ("notes.png", "not_an_image", "no known image format")])
+    catalog.add_bad([("empty.jpg", "empty", "zero bytes")])  # seen again: one row
+    assert catalog.bad_files() == [("empty.jpg", "empty", "zero bytes"),
+                                   ("notes.png", "not_an_image", "no known image format")]
+    catalog.add_paths([("c.jpg", 3)])
+    assert catalog.indexed_paths() == {"c.jpg"}  # bad files are read again next run
+    catalog.add_paths([("empty.jpg", 4)])  # the file was fixed: no longer bad
+    assert [b[0] for b in catalog.bad_files()] == ["notes.png"]
+
+
+def test_catalog_matches(catalog: Catalog) -> None:
+    catalog.add_matches([Match(5, 2, 40.0, 40, "full"), Match(2, 9, 12.0, 12, "partial")])
+    catalog.add_matches([Match(2, 5, 41.0, 41, "full")])  # same pair, other order: replaced
+    got = sorted(catalog.matches(), key=lambda m: (m.a, m.b))
+    assert got == [Match(2, 5, 41.0, 41, "full"), Match(2, 9, 12.0, 12, "partial")]
+    assert {(m.a, m.b) for m in catalog.matches_of(9)} == {(2, 9)}
+    assert len(catalog.matches_of(2)) == 2 and catalog.matches_of(77) == []
+
+
+def test_catalog_clusters_and_meta(catalog: Catalog) -> None:
+    catalog.set_clusters({1: 10, 2: 10, 3: 11})
+    assert catalog.clusters() == {1: 10, 2: 10, 3: 11}
+    catalog.set_clusters({1: 12, 4: 12})  # replaces the whole assignment
+    assert catalog.clusters() == {1: 12, 4: 12}
+    assert catalog.meta("root") is None
+    catalog.set_meta("root", "/data/a")
+    catalog.set_meta("root", "/data/b")
+    assert catalog.meta("root") == "/data/b"
+
+
+def test_catalog_counts(catalog: Catalog) -> None:
+    assert catalog.counts() == {"images": 0, "paths": 0, "bad_files": 0, "matches": 0, "clusters": 0}
+    catalog.add_images([(i, 10) for i in range(1, 7)])
+    catalog.add_paths([(f"{i}.jpg", i) for i in range(1, 7)] + [("dup.jpg", 1)])
+    catalog.add_bad([("x.txt", "not_an_image", "")])
+    catalog.add_matches([Match(1, 2, 1.0, 10, "full"), Match(2, 3, 1.0, 10, "full"), Match(4, 5, 1.0, 10, "full")])
+    catalog.set_clusters({1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3})  # 6 is alone: not a cluster
+    assert catalog.counts() == {"images": 6, "paths": 7, "bad_files": 1, "matches": 3, "clusters": 2}
+
+
+def test_catalog_matched_flags(catalog: Catalog) -> None:
+    catalog.add_images([(3, 1), (1, 1), (2, 1)])
+    assert catalog.unmatched() == [1, 2, 3]
+    catalog.mark_matched([1, 3])
+    assert catalog.unmatched() == [2]
+    catalog.add_images([(1, 5), (4, 5)])  # an image seen again keeps its flag
+    assert catalog.unmatched() == [2, 4]
+
+
+def test_catalog_persists(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    cat = Catalog(path)
+    cat.add_images([(1, 10)])
+    cat.add_paths([("a.jpg", 1)])
+    cat.set_meta("root", "/x")
+    cat.close()
+    again = Catalog(path)
+    assert again.images() == {1: 10} and again.paths_by_image() == {1: ["a.jpg"]} and again.meta("root") == "/x"
+    again.close()
