@@ -13,6 +13,7 @@ The catalog is written last, so an interrupted run leaves at worst rows that are
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from memetrace.regions import Box, content_boxes
 from memetrace.settings import Settings
 
 log = logging.getLogger(__name__)
+
+LOOKAHEAD = 2
 
 
 @dataclass
@@ -92,18 +95,23 @@ class Indexer:
         report = IndexReport()
         known = set(self.catalog.images())
         chunk_size = max(8, self.s.batch_size)
+        # the pool prepares up to LOOKAHEAD chunks while this thread embeds and writes one: enough
+        # to keep both busy, few enough to bound the decoded images held in memory
+        pending: deque[list[tuple[InputItem, Future]]] = deque()
         with ThreadPoolExecutor(self.s.workers) as pool:
-            pending: list[tuple[InputItem, Future]] | None = None
             for chunk in _chunks(items, chunk_size):
-                submitted = [(it, pool.submit(self.prepare, it)) for it in chunk]
-                if pending is not None:
-                    self._store(pending, known, report)
-                    on_progress(len(pending))
-                pending = submitted
-            if pending is not None:
-                self._store(pending, known, report)
-                on_progress(len(pending))
+                pending.append([(it, pool.submit(self.prepare, it)) for it in chunk])
+                if len(pending) > LOOKAHEAD:
+                    self._store_next(pending, known, report, on_progress)
+            while pending:
+                self._store_next(pending, known, report, on_progress)
         return report
+
+    def _store_next(self, pending: deque, known: set[int], report: IndexReport,
+                    on_progress: Callable[[int], None]) -> None:
+        chunk = pending.popleft()
+        self._store(chunk, known, report)
+        on_progress(len(chunk))
 
     def _store(self, pending: list[tuple[InputItem, Future]], known: set[int], report: IndexReport) -> None:
         fresh: dict[int, Prepared] = {}

@@ -43,25 +43,29 @@ class Matcher:
         found = self.verifier.verify_many(query, [p for _, p in loaded])
         return [(loaded[v.candidate][0], v) for v in found]
 
-    def _candidates_of(self, image_ids: Sequence[int]) -> tuple[list[int], list[list[Candidate]]]:
-        ids, glob, regs = self.store.vectors(image_ids)
-        return ids, self.store.candidates_many(glob, regs, self.s.candidates_k, ids)
+    def _candidates_of(self, image_ids: Sequence[int], since: int | None) -> tuple[list[int], list[list[Candidate]]]:
+        # regions are only searched against images stored before ``since``: none, no regions needed
+        with_regions = since is None or self.store.stored_before(since)
+        ids, glob, regs = self.store.vectors(image_ids, with_regions=with_regions)
+        return ids, self.store.candidates_many(glob, regs, self.s.candidates_k, ids, regions_vs_stored_before=since)
 
     def match_stored(self, image_ids: Sequence[int], on_progress: Callable[[int], None] = lambda n: None,
-                     chunk: int = 64) -> list[Match]:
+                     chunk: int = 64, all_stored_since: int | None = None) -> list[Match]:
         """Verified matches of stored images against everything stored (each pair checked once).
 
+        ``all_stored_since``: every image stored since that time (unix ms) is among ``image_ids``
+        (a batch run), which lets candidate search skip work the other side of each pair does anyway.
         Milvus answers the next chunk's searches (in its own process) while this one verifies.
         """
         done: set[tuple[int, int]] = set()
         matches: list[Match] = []
         chunks = [image_ids[i:i + chunk] for i in range(0, len(image_ids), chunk)]
         with ThreadPoolExecutor(self.s.workers) as pool, ThreadPoolExecutor(1) as search:
-            ahead = search.submit(self._candidates_of, chunks[0]) if chunks else None
+            ahead = search.submit(self._candidates_of, chunks[0], all_stored_since) if chunks else None
             for k in range(len(chunks)):
                 ids, cand_lists = ahead.result()
                 if k + 1 < len(chunks):
-                    ahead = search.submit(self._candidates_of, chunks[k + 1])
+                    ahead = search.submit(self._candidates_of, chunks[k + 1], all_stored_since)
                 jobs = []
                 for qid, cands in zip(ids, cand_lists):
                     todo = [c for c in self._keep(cands) if (min(qid, c.image_id), max(qid, c.image_id)) not in done]

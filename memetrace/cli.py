@@ -51,6 +51,7 @@ def run_index(c: Context, source: Path) -> dict:
         c.catalog.set_meta("root", str(source.resolve().parent))
         items = [it for it in iter_list_file(source, s.max_file_bytes, _url_reader(s)) if it.key not in known]
     timings: dict[str, float] = {}
+    started = time.time_ns() // 1_000_000  # compared with Milvus' indexed_at (ms)
     t0 = time.perf_counter()
     indexer = Indexer(s, c.embedder, c.extractor, c.store, c.features, c.catalog)
     with _progress(len(items), "index") as bar:
@@ -61,7 +62,7 @@ def run_index(c: Context, source: Path) -> dict:
     todo = c.catalog.unmatched()
     matcher = Matcher(s, c.store, c.features)
     with _progress(len(todo), "match") as bar:
-        matches = matcher.match_stored(todo, bar.update)
+        matches = matcher.match_stored(todo, bar.update, all_stored_since=started)
     c.catalog.add_matches(matches)
     c.catalog.mark_matched(todo)
     timings["match_s"] = round(time.perf_counter() - t0, 2)
