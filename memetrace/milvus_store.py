@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from memetrace.settings import Settings
 
@@ -73,12 +74,25 @@ def region_key(image_id: int, index: int) -> int:
     return ((image_id << 5) | index) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def connect(settings: Settings) -> MilvusClient:
-    """A client for ``settings.resolved_milvus_uri()`` (a Milvus Lite file is created if missing)."""
+def connect(settings: Settings, attempts: int = 5) -> MilvusClient:
+    """A client for ``settings.resolved_milvus_uri()`` (a Milvus Lite file is created if missing).
+
+    Connecting is retried with backoff: a server that is starting, or that just dropped a
+    connection (Milvus Lite's server answers pymilvus' keep-alive pings with "too many pings"
+    and closes the channel under load), is usually there a moment later.
+    """
     uri = settings.resolved_milvus_uri()
     if "://" not in uri:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return MilvusClient(uri=uri, token=settings.milvus_token)
+    for attempt in range(attempts - 1):
+        try:
+            return MilvusClient(uri=uri, token=settings.milvus_token)
+        except MilvusException:
+            time.sleep(0.5 * 2 ** attempt)
+    try:
+        return MilvusClient(uri=uri, token=settings.milvus_token)
+    except MilvusException as exc:
+        raise MilvusException(message=f"cannot connect to Milvus at {uri} (MEMETRACE_MILVUS_URI): {exc}") from exc
 
 
 def stored_dim(client: MilvusClient, settings: Settings) -> int | None:

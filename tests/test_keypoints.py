@@ -31,7 +31,7 @@ def _ratio_matches(a: np.ndarray, b: np.ndarray, ratio: float = 0.8) -> tuple[np
     return np.flatnonzero(ok), order[ok, 0]
 
 
-def _text_image(size: tuple[int, int] = (512, 384)) -> np.ndarray:
+def _text_image(size: tuple[int, int] = (440, 330)) -> np.ndarray:  # below sift_max_side: no resize
     im = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(im)
     font = ImageFont.load_default(size=40)
@@ -47,7 +47,9 @@ def test_sift_on_a_photo(photos: dict[str, Image.Image], name: str, n: int) -> N
     assert 0.5 * n <= len(kp) <= n
     assert kp.xy.dtype == np.float32 and kp.xy.shape == (len(kp), 2)
     assert kp.desc.dtype == np.uint8 and kp.desc.shape == (len(kp), 128)
-    assert (kp.width, kp.height) == photos[name].size  # <= max_side: not resized
+    w, h = photos[name].size
+    scale = min(1.0, DEFAULTS["sift_max_side"].default / max(w, h))  # longest side capped
+    assert (kp.width, kp.height) == (max(1, round(w * scale)), max(1, round(h * scale)))
     assert (kp.xy[:, 0] >= 0).all() and (kp.xy[:, 0] < kp.width).all()
     assert (kp.xy[:, 1] >= 0).all() and (kp.xy[:, 1] < kp.height).all()
 
