@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = 50_000_000
 
     # matching
-    candidates_k: int = 10
+    candidates_k: int = 8
     candidate_min_similarity: float = 0.45
     ratio_test: float = 0.8
     min_inliers: int = 10
