@@ -365,9 +365,20 @@ class IngestWorker:
                 self.metrics.retries.labels(target).inc()
                 log.warning("write failed, retrying", extra={"target": target, "error": f"{type(exc).__name__}: "
                                                              f"{exc}", "retry_in_s": delay})
+                if target == "milvus" and _not_loaded(exc):
+                    self._load_collections()
             if self._stop.wait(delay):
                 raise Abandoned(f"stop requested while {target} was failing")
             delay = min(delay * 2, self.s.ingest_retry_max_s)
+
+    def _load_collections(self) -> None:
+        """A restarted Milvus (Lite) serves its collections 'released': load them again (idempotent)."""
+        st = self.store
+        try:
+            for name in (st.images, st.regions, st.occurrences, st.deadletters):
+                st.client.load_collection(name)
+        except TRANSIENT as exc:  # still down: the next retry tries again
+            log.warning("reloading Milvus collections failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     def _observe_lag(self) -> None:
         for tp in self.consumer.assignment():
@@ -377,6 +388,11 @@ class IngestWorker:
             position = self.consumer.position(tp, timeout_ms=1000)
             if position is not None:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+
+
+def _not_loaded(exc: BaseException) -> bool:
+    """Milvus refused a collection that is not loaded (code 101: e.g. after a Milvus Lite restart)."""
+    return isinstance(exc, MilvusException) and (getattr(exc, "code", None) == 101 or "call load()" in str(exc))
 
 
 def _commit_retryable(exc: BaseException) -> bool:

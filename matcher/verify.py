@@ -56,8 +56,8 @@ class Verification:
 
     @property
     def kind(self) -> str:
-        """full: the same picture; partial: one holds only a part of the other."""
-        return "full" if min(self.coverage_query, self.coverage_candidate) >= 0.5 else "partial"
+        """full: the same picture; partial: one holds only a part of the other (a crop, a tile)."""
+        return "full" if min(self.coverage_query, self.coverage_candidate) >= 0.75 else "partial"
 
 
 def rootsift(desc: np.ndarray) -> np.ndarray:

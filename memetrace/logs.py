@@ -28,3 +28,6 @@ def configure(verbosity: int = 0) -> None:
     # Milvus Lite's embedded gRPC server logs a traceback for an RPC it does not implement
     # (AllocTimestamp) on every start; pymilvus falls back by itself, so it is noise
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+    # pymilvus warns on every Milvus Lite query iterator that it uses a client-side timestamp
+    if verbosity <= 0:
+        logging.getLogger("pymilvus").setLevel(logging.ERROR)

@@ -252,7 +252,8 @@ def test_coverage_handles_negative_coordinates() -> None:
 def test_verification_kind() -> None:
     assert Verification(0, 50, 0.9, 0.8, False).kind == "full"
     assert Verification(0, 50, 0.3, 0.95, False).kind == "partial"
-    assert Verification(0, 50, 0.5, 0.5, True).kind == "full"
+    assert Verification(0, 50, 0.75, 0.75, True).kind == "full"
+    assert Verification(0, 50, 0.6, 0.9, False).kind == "partial"  # a 40 % crop: most, not all
 
 
 def test_rootsift_is_unit_norm() -> None:
