@@ -1,6 +1,6 @@
 """``make bench``: the whole pipeline on the copy-detection benchmark, timed and scored.
 
-    .venv/bin/python -m benchmarks.run [--split dev] [--out DIR] [--cache DIR] [--check]
+    .venv/bin/python -m benchmarks.run [--split dev] [--out DIR] [--cache DIR] [--check] [--skip-ingest]
 
 1. Finds the benchmark (``MEMETRACE_BENCH_DIR``, else ``<repo>/../shared/bench``).
 2. Generates the split with the benchmark's own ``make_bench.py`` into a cache folder
@@ -10,7 +10,10 @@
    stage, then writes the clusters CSV.
 4. Scores it with the benchmark's ``score.py`` (run as a subprocess: it also gives the per-transform
    copy-with-original rates) and cross-checks the numbers with :func:`clusterer.evaluate.evaluate`.
-5. Prints a table and writes everything to ``<out>/bench.json``.
+5. Unless ``--skip-ingest``: the streaming ingest benchmark (:mod:`benchmarks.ingest`) on
+   ``--ingest-count`` of the same images: posts through a local Kafka broker into a Milvus Lite
+   server by a ``memetrace ingest`` subprocess (posts/s, images/s).
+6. Prints a table and writes everything to ``<out>/bench.json``.
 
 Memory: peak RSS of this Python process (``ru_maxrss``) for the whole run, and the peak RSS
 (``VmHWM``) of its child processes (the Milvus Lite server), read from /proc before they exit.
@@ -349,8 +352,10 @@ def quality_failures(s: dict[str, Any]) -> list[str]:
     return fails
 
 
-def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT_CACHE) -> dict[str, Any]:
-    """Generate (or reuse) the split, run and score the pipeline, write ``out/bench.json``."""
+def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT_CACHE,
+              ingest_count: int | None = None) -> dict[str, Any]:
+    """Generate (or reuse) the split, run and score the pipeline, then (``ingest_count`` posts, None =
+    skip) the streaming ingest benchmark; write ``out/bench.json``."""
     bench = bench_dir()
     src = split_dir(bench, split)
     name = split if split == "dev" else src.name
@@ -373,6 +378,13 @@ def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT
         "reference": REFERENCE,
         "clusters_csv": str(clusters_csv),
     }
+    if ingest_count:
+        from benchmarks.ingest import run_ingest_bench
+
+        try:
+            result["ingest"] = run_ingest_bench(gt.parent / "images", ingest_count)
+        except Exception as exc:  # the pipeline figures stand on their own: keep them, say what failed
+            result["ingest"] = {"error": f"{type(exc).__name__}: {exc}"}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -442,6 +454,11 @@ def format_report(r: dict[str, Any]) -> str:
                            _f(r["end_to_end_images_per_s"], 1), here]]
                          + [[x["system"], _f(x["cluster_f1"], 3), _f(x["end_to_end_s"], 1), _f(x["images_per_s"], 1),
                              x["source"]] for x in r["reference"]])]
+    if "ingest" in r:
+        from benchmarks.ingest import format_ingest
+
+        ing = r["ingest"]
+        parts += ["", f"streaming ingest benchmark FAILED: {ing['error']}" if "error" in ing else format_ingest(ing)]
     return "\n".join(parts)
 
 
@@ -453,12 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                     help=f"where generated splits are kept (default {DEFAULT_CACHE})")
     ap.add_argument("--check", action="store_true", help="exit 1 when the required quality floor is not met")
+    ap.add_argument("--skip-ingest", action="store_true",
+                    help="skip the streaming ingest benchmark (Kafka broker + Milvus Lite server + worker)")
+    ap.add_argument("--ingest-count", type=int, default=300, help="posts for the ingest benchmark (default 300)")
     a = ap.parse_args(argv)
     from memetrace import logs
 
     logs.configure(0)
     try:
-        result = run_bench(a.split, a.out.resolve(), a.cache.resolve())
+        result = run_bench(a.split, a.out.resolve(), a.cache.resolve(),
+                           ingest_count=None if a.skip_ingest else a.ingest_count)
     except BenchError as exc:
         print(f"benchmark: {exc}", file=sys.stderr)
         return 2
