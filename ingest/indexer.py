@@ -3,7 +3,7 @@
 For each chunk of inputs::
 
     read + decode + SIFT + thumbnail  (thread pool, overlaps the previous chunk's embedding)
-    -> skip images already stored (same bytes = same id: only the new path is recorded)
+    -> skip images already in Milvus (same bytes = same id: only the new path is recorded)
     -> embed (batched, GPU when present)
     -> feature store (keypoints, thumbnail) -> Milvus (vectors) -> catalog (paths, images)
 
@@ -93,7 +93,6 @@ class Indexer:
 
     def index(self, items: Iterable[InputItem], on_progress: Callable[[int], None] = lambda n: None) -> IndexReport:
         report = IndexReport()
-        known = set(self.catalog.images())
         chunk_size = max(8, self.s.batch_size)
         # the pool prepares up to LOOKAHEAD chunks while this thread embeds and writes one: enough
         # to keep both busy, few enough to bound the decoded images held in memory
@@ -102,24 +101,26 @@ class Indexer:
             for chunk in _chunks(items, chunk_size):
                 pending.append([(it, pool.submit(self.prepare, it)) for it in chunk])
                 if len(pending) > LOOKAHEAD:
-                    self._store_next(pending, known, report, on_progress)
+                    self._store_next(pending, report, on_progress)
             while pending:
-                self._store_next(pending, known, report, on_progress)
+                self._store_next(pending, report, on_progress)
         return report
 
-    def _store_next(self, pending: deque, known: set[int], report: IndexReport,
-                    on_progress: Callable[[int], None]) -> None:
+    def _store_next(self, pending: deque, report: IndexReport, on_progress: Callable[[int], None]) -> None:
         chunk = pending.popleft()
-        self._store(chunk, known, report)
+        self._store(chunk, report)
         on_progress(len(chunk))
 
-    def _store(self, pending: list[tuple[InputItem, Future]], known: set[int], report: IndexReport) -> None:
+    def _store(self, pending: list[tuple[InputItem, Future]], report: IndexReport) -> None:
         fresh: dict[int, Prepared] = {}
         paths: list[tuple[str, int]] = []
         bad: list[tuple[str, str, str]] = []
-        for item, fut in pending:
+        results = [(item, fut.result()) for item, fut in pending]
+        # Milvus, shared by every worker, says what is stored already: written features come
+        # first and Milvus after them, so a stored image has its keypoints too
+        stored = self.store.existing([r.image.image_id for _, r in results if not isinstance(r, BadImage)])
+        for item, result in results:
             report.seen += 1
-            result = fut.result()
             if isinstance(result, BadImage):
                 bad.append((item.key, result.reason, result.detail))
                 report.bad[result.reason] = report.bad.get(result.reason, 0) + 1
@@ -127,10 +128,13 @@ class Indexer:
                 continue
             image_id = result.image.image_id
             paths.append((item.key, image_id))
-            if image_id in known or image_id in fresh:
+            if image_id in stored or image_id in fresh:
                 report.duplicates += 1
             else:
                 fresh[image_id] = result
+        # a run that stopped after Milvus but before the catalog left stored images unknown here
+        self.catalog.add_images([(r.image.image_id, len(r.keypoints)) for _, r in results
+                                 if not isinstance(r, BadImage) and r.image.image_id in stored])
         if fresh:
             batch = list(fresh.values())
             glob, regions = self.embedder.embed([p.image.rgb for p in batch], [p.boxes for p in batch])
@@ -141,7 +145,6 @@ class Indexer:
                 ImageRow(p.image.image_id, p.key, p.image.width, p.image.height, p.image.nbytes,
                          len(p.keypoints), glob[i], regions[i]) for i, p in enumerate(batch)])
             self.catalog.add_images([(p.image.image_id, len(p.keypoints)) for p in batch])
-            known.update(fresh)
             report.new_images += len(fresh)
         self.catalog.add_paths(paths)
         if bad:
