@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from kafka import KafkaConsumer, TopicPartition
+from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from conftest import load_photo, make_settings
@@ -58,12 +59,16 @@ class PhotoServer:
 
 @pytest.fixture(scope="module")
 def photo_server() -> Iterator[PhotoServer]:
-    """Real photos as JPEG, plus 404, 500, a text file and a truncated JPEG; 127.0.0.1 only."""
+    """Real photos as JPEG, plus 404, 500, a text file, a truncated JPEG and a decompression bomb
+    (a few KB of PNG declaring 8000 x 8000 pixels, above the default MEMETRACE_MAX_PIXELS);
+    127.0.0.1 only."""
     jpegs = {}
     for name in GROUP_PHOTOS:
         buf = io.BytesIO()
         load_photo(name).save(buf, format="JPEG", quality=90)
         jpegs[name] = buf.getvalue()
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, format="PNG", optimize=True)
     state = PhotoServer("", jpegs)
 
     class Handler(BaseHTTPRequestHandler):
@@ -89,6 +94,8 @@ def photo_server() -> Iterator[PhotoServer]:
                 self._send(200, jpegs[name], "image/jpeg")
             elif kind == "truncated":
                 self._send(200, jpegs["cat"][: len(jpegs["cat"]) // 2], "image/jpeg")
+            elif kind == "bomb":
+                self._send(200, bomb.getvalue(), "image/png")
             elif kind == "text":
                 self._send(200, b"hello, this is not a picture\n" * 20, "text/plain")
             elif kind == "error":
@@ -191,7 +198,7 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     posts.append(f"{base}/img/coffee")  # a bare URL line: the producer wraps it
     posts += [{"post_id": "gone", "url": f"{base}/missing.jpg"}, {"post_id": "err", "url": f"{base}/error/x"},
               {"post_id": "txt", "url": f"{base}/text/a.jpg"}, {"post_id": "cut", "url": f"{base}/truncated/x"},
-              "{this is not json", {"post_id": "no-url"}, {"post_id": "ftp", "url": "ftp://127.0.0.1/x.jpg"}]
+              {"post_id": "bomb", "url": f"{base}/bomb/x.png"}, "{this is not json", {"post_id": "no-url"}, {"post_id": "ftp", "url": "ftp://127.0.0.1/x.jpg"}]
     produce(env, write_posts(tmp_path / "posts.txt", posts))
 
     def run_worker(settings: Settings) -> IngestWorker:
@@ -205,9 +212,9 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
 
     worker = run_worker(s)
     t = worker.totals
-    assert (t.posts, t.occurrences, t.new_images, t.duplicates) == (27, 20, 6, 14)
+    assert (t.posts, t.occurrences, t.new_images, t.duplicates) == (28, 20, 6, 14)
     expected_dead = {"download_http_404": 1, "download_http_5xx": 1, "download_not_an_image": 1, "image_corrupt": 1,
-                     "invalid_json": 1, "invalid_post": 2}
+                     "image_too_many_pixels": 1, "invalid_json": 1, "invalid_post": 2}
     assert t.deadlettered == expected_dead
     counts = milvus_counts(s)
     assert counts == {"images": 6, "occurrences": 20, "distinct_in_occurrences": 6, "deadletters": expected_dead}
@@ -216,18 +223,18 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     assert len(events) == 20 and sum(e.new_image for e in events) == 6
     assert {e.post.post_id for e in events} >= {f"p{i}" for i in range(18)}
     assert all((s.data_dir / "features" / e.features.keypoints).is_file() for e in events)
-    dead = read_topic(s, s.kafka_deadletter_topic, 7)
-    assert len(dead) == 7
+    dead = read_topic(s, s.kafka_deadletter_topic, 8)
+    assert len(dead) == 8
     assert b"{this is not json" in {r.value for r in dead}  # the original bytes, untouched
     assert {dict(r.headers)[H_REASON].decode() for r in dead} == set(expected_dead)
     metrics = worker.metrics.registry
-    assert metrics.get_sample_value("memetrace_posts_consumed_total") == 27
+    assert metrics.get_sample_value("memetrace_posts_consumed_total") == 28
     assert metrics.get_sample_value("memetrace_download_failures_total", {"reason": "http_404"}) == 1
     assert metrics.get_sample_value("memetrace_embed_batch_seconds_count") >= 1
 
     # a second group re-reads every message: rows are keyed by content/position, nothing doubles
     again = run_worker(s.model_copy(update={"kafka_group_id": s.kafka_group_id + "-again"}))
-    assert again.totals.posts == 27 and again.totals.new_images == 0
+    assert again.totals.posts == 28 and again.totals.new_images == 0
     assert milvus_counts(s) == counts
 
 
