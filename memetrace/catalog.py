@@ -92,10 +92,6 @@ class Catalog:
             out.setdefault(image_id, []).append(path)
         return out
 
-    def image_of_path(self, path: str) -> int | None:
-        rows = self._read("SELECT image_id FROM paths WHERE path = ?", (path,))
-        return rows[0][0] if rows else None
-
     # bad files
     def add_bad(self, rows: Iterable[tuple[str, str, str]]) -> None:
         now = time.time()

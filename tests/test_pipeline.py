@@ -197,7 +197,8 @@ def _cluster_of(run: Run, image_path: str) -> tuple[int, int]:
     """(image id, cluster id) of an indexed file."""
     cat = run.catalog()
     try:
-        image_id = cat.image_of_path(str(run.images.resolve() / image_path))
+        wanted = str(run.images.resolve() / image_path)
+        image_id = next(i for i, paths in cat.paths_by_image().items() if wanted in paths)
         return image_id, cat.clusters()[image_id]
     finally:
         cat.close()

@@ -206,11 +206,10 @@ def test_catalog_paths_and_images(catalog: Catalog) -> None:
     catalog.add_paths([("a.jpg", 1), ("b.jpg", 2), ("a_copy.jpg", 1)])
     assert catalog.images() == {1: 100, 2: 200}
     assert catalog.paths_by_image() == {1: ["a.jpg", "a_copy.jpg"], 2: ["b.jpg"]}
-    assert catalog.image_of_path("b.jpg") == 2 and catalog.image_of_path("nope.jpg") is None
     catalog.add_images([(1, 999)])  # already there: unchanged
     assert catalog.images()[1] == 100
     catalog.add_paths([("b.jpg", 1)])  # a path now holding another image
-    assert catalog.image_of_path("b.jpg") == 1
+    assert catalog.paths_by_image() == {1: ["a.jpg", "a_copy.jpg", "b.jpg"]}
 
 
 def test_catalog_bad_files(catalog: Catalog) -> None:
