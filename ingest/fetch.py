@@ -21,8 +21,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import quote, urljoin, urlsplit
+
+if TYPE_CHECKING:
+    from memetrace.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -66,6 +69,15 @@ class FetchPolicy:
             raise ValueError("max_redirects, retries and backoff must be >= 0")
         for net in self.trusted_networks:
             ipaddress.ip_network(net, strict=False)  # fail at construction, not per request
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        """The policy described by the ``MEMETRACE_FETCH_*`` settings (and MAX_FILE_BYTES)."""
+        return cls(connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout,
+                   request_timeout=s.fetch_request_timeout, max_bytes=s.max_file_bytes,
+                   retries=s.fetch_retries, max_in_flight=s.fetch_max_in_flight, per_host=s.fetch_per_host,
+                   allow_private_networks=s.fetch_allow_private_networks,
+                   trusted_networks=tuple(s.fetch_trusted_networks))
 
 
 @dataclass(frozen=True)

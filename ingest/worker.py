@@ -68,15 +68,6 @@ T = TypeVar("T")
 TRANSIENT = (MilvusException, KafkaError, ConnectionError, TimeoutError, OSError)
 
 
-def fetch_policy(s: Settings) -> FetchPolicy:
-    """The :class:`FetchPolicy` described by the ``MEMETRACE_FETCH_*`` settings."""
-    return FetchPolicy(connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout,
-                       request_timeout=s.fetch_request_timeout, max_bytes=s.max_file_bytes,
-                       retries=s.fetch_retries, max_in_flight=s.fetch_max_in_flight, per_host=s.fetch_per_host,
-                       allow_private_networks=s.fetch_allow_private_networks,
-                       trusted_networks=tuple(s.fetch_trusted_networks))
-
-
 class Abandoned(Exception):
     """The batch was given up (stop requested while a write kept failing); nothing was committed."""
 
@@ -166,7 +157,7 @@ class IngestWorker:
         self.metrics = metrics
         self.store = ctx.store
         self.features: FeatureStore = ctx.features
-        self.fetcher = Fetcher(fetch_policy(s))
+        self.fetcher = Fetcher(FetchPolicy.from_settings(s))
         m = metrics
         self.indexer = _RecordingIndexer(
             s, _Timed(ctx.embedder, "embed", m.embed_batch_seconds.observe),

@@ -53,6 +53,9 @@ class Catalog:
         self.db.close()
 
     def _write(self, sql: str, rows: Iterable[Sequence]) -> None:
+        rows = list(rows)
+        if not rows:  # most chunks have no bad files, no re-found images: skip the transaction
+            return
         with self._lock:
             self.db.execute("BEGIN")
             self.db.executemany(sql, rows)

@@ -75,10 +75,9 @@ def run_index(c: Context, source: Path) -> dict:
 
 
 def _url_reader(s: Settings):
-    from ingest.fetch import Fetcher
-    from ingest.worker import fetch_policy
+    from ingest.fetch import Fetcher, FetchPolicy
 
-    fetcher = Fetcher(fetch_policy(s))
+    fetcher = Fetcher(FetchPolicy.from_settings(s))
 
     def read(url: str) -> bytes:
         res = fetcher.fetch(url)

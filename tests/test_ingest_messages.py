@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ingest.fetch import FetchPolicy
 from ingest.messages import (H_REASON, H_SOURCE, InvalidMessage, deadletter_headers, deadletter_key, occurrence_key,
                              parse_post, source_of)
 from ingest.producer import lines_to_messages
-from ingest.worker import fetch_policy
 from kafka_broker import free_port
 from memetrace.metrics import IngestMetrics, serve
 from memetrace.settings import Settings
@@ -69,9 +69,9 @@ def test_fetch_settings_map_to_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS", "1")
     monkeypatch.setenv("MEMETRACE_FETCH_TRUSTED_NETWORKS", '["10.1.0.0/16"]')
     monkeypatch.setenv("MEMETRACE_FETCH_RETRIES", "0")
-    policy = fetch_policy(Settings(_env_file=None))
+    policy = FetchPolicy.from_settings(Settings(_env_file=None))
     assert policy.allow_private_networks and policy.trusted_networks == ("10.1.0.0/16",) and policy.retries == 0
-    assert fetch_policy(Settings(_env_file=None, fetch_allow_private_networks=False)).allow_private_networks is False
+    assert FetchPolicy.from_settings(Settings(_env_file=None, fetch_allow_private_networks=False)).allow_private_networks is False
 
 
 def test_metrics_on_a_fresh_registry_are_served() -> None:
