@@ -9,9 +9,12 @@ histograms.
 from __future__ import annotations
 
 import logging
-from wsgiref.simple_server import WSGIServer
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,44 @@ class IngestMetrics:
                             ["device"], registry=r)
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> WSGIServer | None:
-    """Serve ``/metrics`` of ``registry`` from a daemon thread; ``port`` 0 = off (returns None)."""
+def health_app(registry: CollectorRegistry, ready: Callable[[], bool] = lambda: True):
+    """WSGI app: ``/metrics`` of ``registry``, ``/healthz`` (200 while the process serves),
+    ``/readyz`` (200 when ``ready()``, else 503: the probe Kubernetes uses to route work)."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path in ("/healthz", "/readyz"):
+            ok = path == "/healthz" or ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ready\n"]
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: use /metrics, /healthz or /readyz\n"]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - one line per scrape is noise
+        pass
+
+
+def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0",
+          ready: Callable[[], bool] = lambda: True) -> WSGIServer | None:
+    """Serve :func:`health_app` from a daemon thread; ``port`` 0 = off (returns None)."""
     if port == 0:
         return None
     try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, health_app(registry, ready), ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {host}:{port} ({exc}); set MEMETRACE_METRICS_PORT to a free "
                       "port, or 0 to turn metrics off") from exc
-    log.info("metrics served", extra={"host": host, "port": port})
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics served", extra={"host": host, "port": port, "paths": ["/metrics", "/healthz", "/readyz"]})
     return server
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True

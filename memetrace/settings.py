@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     milvus_collection_prefix: str = "memetrace"
     milvus_index_type: str = "FLAT"
     milvus_metric: Literal["IP", "COSINE", "L2"] = "IP"
-    catalog_path: Path | None = Field(None, description="SQLite catalog; empty = data_dir/catalog.db")
+    catalog_path: Path | None = Field(
+        None, description="SQLite catalog, also the clusterer's state store (matches, clusters, their "
+                          "history); empty = data_dir/catalog.db")
 
     # embedder
     model_name: str = "tf_efficientnet_lite0"
@@ -62,6 +64,9 @@ class Settings(BaseSettings):
 
     # clustering
     cluster_algorithm: Literal["components", "louvain"] = "components"
+    cluster_every_s: float = Field(60.0, gt=0, description="clusterer service: seconds between two reclusterings")
+    cluster_top_n: int = Field(10, ge=1, le=100, description="fastest-growing clusters exported as metrics "
+                                                           "(bounds the label cardinality)")
 
     # feature store (keypoints, thumbnails)
     feature_store: Literal["local", "s3"] = Field(
@@ -81,7 +86,10 @@ class Settings(BaseSettings):
     kafka_posts_topic: str = "memetrace.posts"
     kafka_images_topic: str = "memetrace.images"
     kafka_deadletter_topic: str = "memetrace.deadletter"
-    kafka_group_id: str = "memetrace-ingest"
+    kafka_matches_topic: str = "memetrace.matches"
+    kafka_group_id: str = Field("memetrace-ingest", description="consumer group of the ingest workers")
+    kafka_match_group_id: str = Field("memetrace-match", description="consumer group of the matcher service")
+    kafka_cluster_group_id: str = Field("memetrace-cluster", description="consumer group of the clusterer service")
     kafka_topic_partitions: int = Field(6, ge=1, description="partitions of topics the ingest creates if missing")
     kafka_session_timeout_ms: int = Field(10_000, description="a dead worker's partitions move after this")
     kafka_max_poll_interval_ms: int = Field(
@@ -89,6 +97,7 @@ class Settings(BaseSettings):
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     ingest_batch_size: int = Field(32, ge=1, description="posts per poll (bounded buffer: backpressure)")
     ingest_retry_max_s: float = Field(30.0, gt=0, description="cap of the backoff while Kafka or Milvus is down")
+    match_batch_size: int = Field(32, ge=1, description="image events the matcher service verifies per poll")
 
     # downloading post images (ingest.fetch.FetchPolicy)
     fetch_allow_private_networks: bool = Field(
@@ -101,9 +110,15 @@ class Settings(BaseSettings):
     fetch_max_in_flight: int = 16
     fetch_per_host: int = 4
 
-    # Prometheus /metrics
-    metrics_port: int = Field(0, ge=0, description="port of the /metrics endpoint; 0 = off")
+    # Prometheus /metrics (and /healthz, /readyz) of the ingest, match and cluster services
+    metrics_port: int = Field(0, ge=0, description="port of /metrics, /healthz and /readyz; 0 = off")
     metrics_host: str = "0.0.0.0"
+
+    # query API (memetrace serve)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_token: SecretStr | None = Field(None, description="bearer token the API requires; empty = no auth")
+    api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
 
     def resolved_milvus_uri(self) -> str:
         return self.milvus_uri or str(self.data_dir / "milvus.db")
