@@ -62,7 +62,7 @@ def pick_images(images: Path, count: int) -> list[Path]:
 
 def _produce(bootstrap: str, topic: str, posts: list[dict[str, str]]) -> float:
     """Send the posts (acks=all, like ``memetrace produce``); returns the seconds it took."""
-    from ingest.producer import ensure_topics, make_producer
+    from memetrace.kafka_clients import ensure_topics, make_producer
     from memetrace.settings import Settings
 
     s = Settings(_env_file=None, kafka_bootstrap_servers=bootstrap, kafka_posts_topic=topic)

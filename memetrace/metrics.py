@@ -24,11 +24,26 @@ _BATCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-class IngestMetrics:
-    """Everything the ingest worker reports; one instance per registry."""
+class StreamMetrics:
+    """What every Kafka-consuming service reports (ingest, match, cluster); one instance per registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        self.registry = r = registry
+        self.batches = Counter("memetrace_batches_total", "batches stored in every sink", registry=r)
+        self.retries = Counter("memetrace_retries_total", "retried writes while a dependency was down",
+                               ["target"], registry=r)
+        self.batch_seconds = Histogram("memetrace_batch_seconds", "poll to commit of one batch",
+                                       buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("memetrace_batch_size", "messages per batch", buckets=_SIZE_BUCKETS, registry=r)
+        self.consumer_lag = Gauge("memetrace_consumer_lag", "high-water mark minus position, per partition",
+                                  ["topic", "partition"], registry=r)
+
+
+class IngestMetrics(StreamMetrics):
+    """Everything the ingest worker reports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
         r = registry
         self.posts_consumed = Counter("memetrace_posts_consumed_total", "posts-topic messages consumed", registry=r)
         self.images_stored = Counter("memetrace_images_stored_total", "new images written to Milvus", registry=r)
@@ -40,9 +55,6 @@ class IngestMetrics:
         self.deadlettered = Counter("memetrace_deadlettered_total", "messages sent to the dead-letter topic",
                                     ["reason"], registry=r)
         self.downloaded_bytes = Counter("memetrace_downloaded_bytes_total", "image bytes downloaded", registry=r)
-        self.batches = Counter("memetrace_batches_total", "batches stored in every sink", registry=r)
-        self.retries = Counter("memetrace_retries_total", "retried writes while a dependency was down",
-                               ["target"], registry=r)
         self.download_seconds = Histogram("memetrace_download_seconds", "one URL, retries included",
                                           buckets=_ITEM_BUCKETS, registry=r)
         self.decode_seconds = Histogram("memetrace_decode_seconds", "decode + regions + thumbnail of one image",
@@ -53,13 +65,50 @@ class IngestMetrics:
                                              buckets=_BATCH_BUCKETS, registry=r)
         self.milvus_write_seconds = Histogram("memetrace_milvus_write_seconds", "one Milvus upsert call",
                                               buckets=_ITEM_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("memetrace_batch_seconds", "poll to commit of one batch",
-                                       buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_size = Histogram("memetrace_batch_size", "posts per batch", buckets=_SIZE_BUCKETS, registry=r)
-        self.consumer_lag = Gauge("memetrace_consumer_lag", "high-water mark minus position, per partition",
-                                  ["topic", "partition"], registry=r)
         self.device = Gauge("memetrace_device_info", "1 for the torch device the embedder runs on",
                             ["device"], registry=r)
+
+
+class MatchMetrics(StreamMetrics):
+    """The matcher service: images matched, verified edges published, time per image."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        r = registry
+        self.images_matched = Counter("memetrace_images_matched_total", "image events matched", registry=r)
+        self.matches = Counter("memetrace_matches_total", "verified copy edges published, by kind",
+                               ["kind"], registry=r)
+        self.match_seconds = Histogram("memetrace_match_seconds", "candidates + verification of one image",
+                                       buckets=_ITEM_BUCKETS, registry=r)
+        self.candidates = Histogram("memetrace_match_candidates", "Milvus candidates verified per image",
+                                    buckets=_SIZE_BUCKETS, registry=r)
+
+
+class ClusterMetrics(StreamMetrics):
+    """The clusterer service: graph input, and the state after each reclustering run."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        r = registry
+        self.edges_consumed = Counter("memetrace_cluster_edges_consumed_total", "match edges consumed", registry=r)
+        self.posts_consumed = Counter("memetrace_cluster_posts_consumed_total", "image events (posts) consumed",
+                                      registry=r)
+        self.runs = Counter("memetrace_cluster_runs_total", "reclustering runs", registry=r)
+        self.run_seconds = Histogram("memetrace_cluster_run_seconds", "one reclustering run",
+                                     buckets=_BATCH_BUCKETS, registry=r)
+        self.clusters = Gauge("memetrace_clusters", "clusters of 2+ images", registry=r)
+        self.images_clustered = Gauge("memetrace_images_clustered", "images in clusters of 2+ images", registry=r)
+        self.largest = Gauge("memetrace_largest_cluster_images", "images in the largest cluster", registry=r)
+        self.new_clusters = Gauge("memetrace_new_clusters", "clusters created by the last run", registry=r)
+        self.new_clusters_total = Counter("memetrace_new_clusters_total", "clusters created", registry=r)
+        self.events = Counter("memetrace_cluster_events_total", "cluster history events, by kind",
+                              ["event"], registry=r)
+        # bounded cardinality: rank 1..cluster_top_n, the series are replaced on every run
+        self.top_growth = Gauge("memetrace_cluster_growth_posts",
+                                "posts in the last hour of the fastest-growing clusters",
+                                ["rank", "cluster_id"], registry=r)
+        self.top_size = Gauge("memetrace_cluster_size_posts", "posts of the same fastest-growing clusters",
+                              ["rank", "cluster_id"], registry=r)
 
 
 def health_app(registry: CollectorRegistry, ready: Callable[[], bool] = lambda: True):

@@ -7,6 +7,7 @@ upserts the same rows (idempotent re-indexing and redelivery).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,22 @@ class OccurrenceRow:
     posted_at: int  # unix seconds, -1 = unknown
     platform: str
     author: str
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """What the clusterer publishes per cluster of 2+ images (times: unix seconds)."""
+
+    cluster_id: int
+    images: int
+    posts: int  # occurrences: posts (streaming) and files (batch) showing one of its images
+    first_seen: int
+    last_seen: int
+    growth_hour: int  # posts first seen in the hour before the run
+    growth_day: int
+    platforms: dict[str, int]  # posts per platform ("file" for indexed files)
+    history: list[dict]  # latest events: {"at", "event": created|grew|shrank|merged|split, "clusters": [...]}
+    updated_at: int
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,8 @@ class MilvusStore:
         self._ensure_collections()
         self.occurrences = f"{settings.milvus_collection_prefix}_occurrences"
         self.deadletters = f"{settings.milvus_collection_prefix}_deadletters"
+        self.clusters = f"{settings.milvus_collection_prefix}_clusters"
+        self.cluster_summaries = f"{settings.milvus_collection_prefix}_cluster_summaries"
         self._ensure_record_collections()
 
     def _index_params(self):
@@ -262,9 +281,14 @@ class MilvusStore:
     def _ensure_record_collections(self) -> None:
         varchars = {self.occurrences: [("post_id", 1024), ("url", 4096), ("platform", 64), ("author", 256)],
                     self.deadletters: [("reason", 64), ("detail", 1024), ("post_id", 1024), ("url", 4096),
-                                       ("source", 512)]}
-        ints = {self.occurrences: ["image_id", "posted_at", "seen_at"], self.deadletters: ["dead_at"]}
-        for name in (self.occurrences, self.deadletters):
+                                       ("source", 512)],
+                    self.clusters: [],
+                    self.cluster_summaries: [("platforms", _PLATFORMS_CHARS), ("history", _HISTORY_CHARS)]}
+        ints = {self.occurrences: ["image_id", "posted_at", "seen_at"], self.deadletters: ["dead_at"],
+                self.clusters: ["cluster_id"],
+                self.cluster_summaries: ["images", "posts", "first_seen", "last_seen", "growth_hour",
+                                         "growth_day", "updated_at"]}
+        for name in varchars:
             if not self.client.has_collection(name):
                 schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
                 schema.add_field("id", DataType.INT64, is_primary=True)
@@ -327,9 +351,80 @@ class MilvusStore:
             counts[reason] = counts.get(reason, 0) + 1
         return dict(sorted(counts.items()))
 
+    # ---------------------------------------------------------------- clusters
+    # Written by the clusterer (the only writer), read by the query API: every API replica sees
+    # the same clusters without sharing the clusterer's state file.
+
+    def publish_clusters(self, assignment: dict[int, int], summaries: Sequence[ClusterSummary],
+                         removed: Sequence[int] = ()) -> None:
+        """Upsert ``assignment`` (image -> cluster, changed rows only is enough) and summaries;
+        delete the summaries of the ``removed`` cluster ids (merged away or dissolved)."""
+        items = sorted(assignment.items())
+        for i in range(0, len(items), _UPSERT_CHUNK):
+            self.client.upsert(self.clusters, [{"id": int(img), "vector": DUMMY_VECTOR, "cluster_id": int(cid)}
+                                               for img, cid in items[i:i + _UPSERT_CHUNK]])
+        rows = [_summary_row(c) for c in summaries]
+        for i in range(0, len(rows), _UPSERT_CHUNK):
+            self.client.upsert(self.cluster_summaries, rows[i:i + _UPSERT_CHUNK])
+        if removed:
+            self.client.delete(self.cluster_summaries, ids=[int(c) for c in removed])
+
+    def clusters_of(self, image_ids: Sequence[int]) -> dict[int, int]:
+        """image -> cluster id for the given images (those the clusterer has seen)."""
+        if not image_ids:
+            return {}
+        rows = self.client.query(self.clusters, filter=f"id in {list(map(int, image_ids))}",
+                                 output_fields=["id", "cluster_id"], consistency_level=STRONG)
+        return {int(r["id"]): int(r["cluster_id"]) for r in rows}
+
+    def cluster_members(self, cluster_id: int) -> list[int]:
+        rows = self.client.query(self.clusters, filter=f"cluster_id == {int(cluster_id)}", output_fields=["id"],
+                                 limit=16_384, consistency_level=STRONG)
+        return sorted(int(r["id"]) for r in rows)
+
+    def cluster_summary(self, cluster_id: int) -> ClusterSummary | None:
+        rows = self.client.query(self.cluster_summaries, filter=f"id == {int(cluster_id)}",
+                                 output_fields=list(_SUMMARY_FIELDS), consistency_level=STRONG)
+        return _summary_of(rows[0]) if rows else None
+
+    def all_cluster_summaries(self) -> list[ClusterSummary]:
+        it = self.client.query_iterator(self.cluster_summaries, batch_size=1000, filter="id >= 0",
+                                        output_fields=list(_SUMMARY_FIELDS), consistency_level=STRONG)
+        out: list[ClusterSummary] = []
+        try:
+            while batch := it.next():
+                out.extend(_summary_of(r) for r in batch)
+        finally:
+            it.close()
+        return out
+
     def image_ids_of_occurrences(self) -> list[int]:
         """The image id of every occurrence (one entry per post)."""
         return [int(v) for v in self._field_values(self.occurrences, "image_id")]
+
+
+_UPSERT_CHUNK = 1000
+_PLATFORMS_CHARS = 4096
+_HISTORY_CHARS = 16_384
+_SUMMARY_FIELDS = ("id", "images", "posts", "first_seen", "last_seen", "growth_hour", "growth_day", "updated_at",
+                   "platforms", "history")
+
+
+def _summary_row(c: ClusterSummary) -> dict:
+    platforms = json.dumps(dict(sorted(c.platforms.items(), key=lambda kv: -kv[1])[:50]))
+    history = list(c.history)
+    while len(json.dumps(history)) > _HISTORY_CHARS and history:  # keep the latest events that fit
+        history = history[1:]
+    return {"id": c.cluster_id, "vector": DUMMY_VECTOR, "images": c.images, "posts": c.posts,
+            "first_seen": c.first_seen, "last_seen": c.last_seen, "growth_hour": c.growth_hour,
+            "growth_day": c.growth_day, "updated_at": c.updated_at, "platforms": platforms[:_PLATFORMS_CHARS],
+            "history": json.dumps(history)}
+
+
+def _summary_of(r: dict) -> ClusterSummary:
+    return ClusterSummary(int(r["id"]), int(r["images"]), int(r["posts"]), int(r["first_seen"]), int(r["last_seen"]),
+                          int(r["growth_hour"]), int(r["growth_day"]), json.loads(r["platforms"]),
+                          json.loads(r["history"]), int(r["updated_at"]))
 
 
 def _vectors_by_id(rows: Sequence[dict], key: str, dim: int) -> dict[int, list[np.ndarray]]:

@@ -25,18 +25,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import load_photo, make_settings
 from kafka import KafkaConsumer, TopicPartition
+from kafka_broker import Broker, free_port, kafka_broker, stop_process, wait_for_port  # noqa: F401
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from conftest import load_photo, make_settings
 from ingest.messages import H_REASON, ImageEvent
-from ingest.producer import ensure_topics
 from ingest.worker import IngestWorker
-from kafka_broker import Broker, free_port, kafka_broker, stop_process, wait_for_port  # noqa: F401
 from memetrace.cli import main as cli
 from memetrace.context import Context
 from memetrace.demo import GROUP_PHOTOS
+from memetrace.kafka_clients import ensure_topics
 from memetrace.metrics import IngestMetrics
 from memetrace.milvus_store import MilvusStore, connect, stored_dim
 from memetrace.settings import Settings
