@@ -1,13 +1,86 @@
-"""Recompute clusters from the catalog's matches and store them with stable ids."""
+"""One reclustering run: matches → communities with stable ids → history, per-cluster stats → published.
+
+The same run serves ``memetrace index`` (batch) and the clusterer service (every N seconds)::
+
+    catalog.images + catalog.matches ─► communities ─► stable_ids(previous) ─► diff ─► events
+                                                                                  │
+    catalog.posts + catalog.paths ─► occurrence stats per cluster ─► summaries ◄──┘
+                                                                        │
+    catalog.clusters, cluster_events ◄── written ──┬── published ──► Milvus (the API reads there)
+"""
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 from clusterer.graph import build_graph, communities, stable_ids
+from clusterer.history import ClusterEvent, diff, multi_image_clusters
 from memetrace.catalog import Catalog
+from memetrace.milvus_store import ClusterSummary
+
+#: publish(changed assignment, summaries, removed cluster ids), e.g. MilvusStore.publish_clusters
+Publish = Callable[[dict[int, int], list[ClusterSummary], list[int]], None]
 
 
-def recluster(catalog: Catalog, algorithm: str) -> dict[int, int]:
-    g = build_graph(catalog.images(), catalog.matches())
-    assignment = stable_ids(communities(g, algorithm), catalog.clusters())
+@dataclass
+class ClusterRun:
+    at: int
+    seconds: float
+    clusters: int  # of 2+ images
+    images_clustered: int
+    largest: int
+    events: list[ClusterEvent] = field(default_factory=list)
+    summaries: list[ClusterSummary] = field(default_factory=list)
+
+    @property
+    def new_clusters(self) -> int:
+        return sum(e.event == "created" for e in self.events)
+
+    def fastest_growing(self, n: int) -> list[ClusterSummary]:
+        return sorted(self.summaries, key=lambda c: (-c.growth_hour, -c.growth_day, -c.posts, c.cluster_id))[:n]
+
+
+def recluster(catalog: Catalog, algorithm: str, publish: Publish | None = None, now: float | None = None,
+              publish_all: bool = False) -> ClusterRun:
+    """Recompute the clusters; ``publish`` gets the assignments that changed (all if ``publish_all``)."""
+    t0 = time.perf_counter()
+    now = time.time() if now is None else now
+    previous = catalog.clusters()
+    assignment = stable_ids(communities(build_graph(catalog.images(), catalog.matches()), algorithm), previous)
+    events = diff(previous, assignment)
+    groups = multi_image_clusters(assignment)
+    catalog.add_cluster_events(int(now), [e.as_row() for e in events])
+    summaries = summarize(catalog, groups, now)
+    if publish is not None:  # before the catalog moves on: a failed publish is redone by the next run
+        changed = assignment if publish_all else {i: c for i, c in assignment.items() if previous.get(i) != c}
+        publish(changed, summaries, sorted(set(multi_image_clusters(previous)) - set(groups)))
     catalog.set_clusters(assignment)
-    return assignment
+    return ClusterRun(int(now), time.perf_counter() - t0, len(groups), sum(map(len, groups.values())),
+                      max(map(len, groups.values()), default=0), events, summaries)
+
+
+def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float) -> list[ClusterSummary]:
+    """Size in images and posts, first/last seen, growth over the last hour and day, platforms."""
+    cluster_of = {image: cid for cid, images in groups.items() for image in images}
+    acc: dict[int, dict] = defaultdict(lambda: {"posts": 0, "first": None, "last": None, "hour": 0, "day": 0,
+                                                "platforms": defaultdict(int)})
+    for image, platform, posts, first, last, hour, day in catalog.occurrence_stats(now):
+        cid = cluster_of.get(image)
+        if cid is None:
+            continue
+        a = acc[cid]
+        a["posts"] += posts
+        a["first"] = first if a["first"] is None else min(a["first"], first)
+        a["last"] = last if a["last"] is None else max(a["last"], last)
+        a["hour"] += hour
+        a["day"] += day
+        a["platforms"][platform or "unknown"] += posts
+    out = []
+    for cid, images in sorted(groups.items()):
+        a = acc[cid]
+        out.append(ClusterSummary(cid, len(images), a["posts"], a["first"] or 0, a["last"] or 0, a["hour"],
+                                  a["day"], dict(a["platforms"]), catalog.cluster_history(cid), int(now)))
+    return out

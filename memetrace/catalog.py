@@ -4,10 +4,13 @@ Tables: ``paths`` (every file or post seen, and the image it decoded to: exact d
 an image), ``images`` (per image: keypoint count, whether it has been matched yet),
 ``bad_files`` (what could not be indexed and why), ``matches`` (verified edges, a < b) and
 ``clusters`` (the last cluster assignment), ``meta`` (e.g. the folder paths are relative to).
+The clusterer service keeps its state here too: ``posts`` (occurrences learnt from the images
+topic) and ``cluster_events`` (each cluster's history: created, grew, merged, split...).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -26,6 +29,12 @@ CREATE TABLE IF NOT EXISTS matches (a INTEGER NOT NULL, b INTEGER NOT NULL, scor
     inliers INTEGER NOT NULL, kind TEXT NOT NULL, PRIMARY KEY (a, b));
 CREATE TABLE IF NOT EXISTS clusters (image_id INTEGER PRIMARY KEY, cluster_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS posts (post_id TEXT PRIMARY KEY, image_id INTEGER NOT NULL, posted_at INTEGER NOT NULL,
+    platform TEXT NOT NULL, seen_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS posts_image ON posts(image_id);
+CREATE TABLE IF NOT EXISTS cluster_events (at INTEGER NOT NULL, event TEXT NOT NULL, cluster_id INTEGER NOT NULL,
+    clusters TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS cluster_events_cluster ON cluster_events(cluster_id);
 """
 
 
@@ -76,9 +85,12 @@ class Catalog:
         self._write("INSERT OR REPLACE INTO paths VALUES (?, ?, ?)", [(p, i, now) for p, i in pairs])
         self._write("DELETE FROM bad_files WHERE path = ?", [(p,) for p, _ in pairs])
 
-    def add_images(self, rows: Iterable[tuple[int, int]]) -> None:
-        """(image_id, nb_points); an image already there keeps its matched flag."""
-        self._write("INSERT OR IGNORE INTO images (image_id, nb_points) VALUES (?, ?)", rows)
+    def add_images(self, rows: Iterable[tuple[int, int]], matched: bool = False) -> None:
+        """(image_id, nb_points); an image already there keeps its matched flag.
+
+        ``matched``: the matcher service handles these (streaming), batch runs must not redo them."""
+        self._write("INSERT OR IGNORE INTO images (image_id, nb_points, matched) VALUES (?, ?, ?)",
+                    [(i, n, int(matched)) for i, n in rows])
 
     def images(self) -> dict[int, int]:
         return dict(self._read("SELECT image_id, nb_points FROM images"))
@@ -125,6 +137,34 @@ class Catalog:
 
     def clusters(self) -> dict[int, int]:
         return dict(self._read("SELECT image_id, cluster_id FROM clusters"))
+
+    # posts (streaming occurrences) and cluster history
+    def add_posts(self, rows: Iterable[tuple[str, int, int, str]]) -> None:
+        """(post_id, image_id, posted_at unix s or -1, platform); a redelivered post keeps its first row."""
+        now = time.time()
+        self._write("INSERT OR IGNORE INTO posts VALUES (?, ?, ?, ?, ?)", [(*r, now) for r in rows])
+
+    def occurrence_stats(self, now: float) -> list[tuple[int, str, int, int, int, int, int]]:
+        """Per (image, platform): posts, first and last seen, posts in the last hour and day.
+
+        Posts and indexed files both count (a file is an occurrence on platform "file"); a post's
+        time is when it was posted, or when the clusterer first saw it if unknown."""
+        return self._read(
+            "SELECT image_id, platform, COUNT(*), MIN(t), MAX(t), SUM(t >= ?), SUM(t >= ?) FROM ("
+            " SELECT image_id, platform, CASE WHEN posted_at >= 0 THEN posted_at ELSE CAST(seen_at AS INTEGER) END t"
+            " FROM posts UNION ALL SELECT image_id, 'file', CAST(seen_at AS INTEGER) FROM paths)"
+            " GROUP BY image_id, platform", (int(now - 3600), int(now - 86400)))
+
+    def add_cluster_events(self, at: int, events: Iterable[tuple[str, int, Sequence[int]]]) -> None:
+        """(event, cluster_id, related cluster ids) recorded at ``at`` (unix s)."""
+        self._write("INSERT INTO cluster_events VALUES (?, ?, ?, ?)",
+                    [(at, e, c, json.dumps(list(related))) for e, c, related in events])
+
+    def cluster_history(self, cluster_id: int, limit: int = 20) -> list[dict]:
+        """The latest ``limit`` events of a cluster, oldest first."""
+        rows = self._read("SELECT at, event, clusters FROM cluster_events WHERE cluster_id = ? "
+                          "ORDER BY rowid DESC LIMIT ?", (cluster_id, limit))
+        return [{"at": at, "event": e, "clusters": json.loads(c)} for at, e, c in reversed(rows)]
 
     def set_meta(self, key: str, value: str) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(key, value)])

@@ -68,7 +68,7 @@ def run_index(c: Context, source: Path) -> dict:
     timings["match_s"] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
-    recluster(c.catalog, s.cluster_algorithm)
+    recluster(c.catalog, s.cluster_algorithm, publish=c.store.publish_clusters)
     timings["cluster_s"] = round(time.perf_counter() - t0, 2)
     return {"inputs": report.seen, "new_images": report.new_images, "duplicates": report.duplicates,
             "bad_inputs": report.bad, "new_matches": len(matches), **c.catalog.counts(), **timings}
@@ -262,9 +262,12 @@ def _ingest_counts(s: Settings) -> dict:
             "deadlettered_by_reason": store.deadletters_by_reason()}
 
 
+_MAX_IDLE = click.option("--max-idle", type=float, default=None,
+                         help="exit 0 after this many seconds without a new message (default: run until SIGTERM)")
+
+
 @main.command()
-@click.option("--max-idle", type=float, default=None,
-              help="exit 0 after this many seconds without a new message (default: run until SIGTERM)")
+@_MAX_IDLE
 @click.pass_context
 def ingest(ctx: click.Context, max_idle: float | None) -> None:
     """Consume posts from Kafka: download, embed, store in Milvus, publish events (prints totals as JSON)."""
@@ -272,6 +275,48 @@ def ingest(ctx: click.Context, max_idle: float | None) -> None:
 
     _worker, totals = run_worker(_context(ctx).settings, max_idle=max_idle)
     click.echo(json.dumps(totals.as_dict()))
+
+
+@main.command()
+@_MAX_IDLE
+@click.pass_context
+def match(ctx: click.Context, max_idle: float | None) -> None:
+    """Consume image events from Kafka, verify their copies, publish edges on the matches topic."""
+    from matcher.worker import run_match
+
+    worker = run_match(_context(ctx).settings, max_idle=max_idle)
+    click.echo(json.dumps({"images_matched": len(worker.recent), "edges_published": worker.published,
+                           "stopped_by": worker.stopped_by}))
+
+
+@main.command()
+@click.option("--every", type=float, default=None,
+              help="seconds between two reclusterings (default: MEMETRACE_CLUSTER_EVERY_S)")
+@_MAX_IDLE
+@click.pass_context
+def cluster(ctx: click.Context, every: float | None, max_idle: float | None) -> None:
+    """Consume image and match events, keep the graph, recluster periodically with stable ids."""
+    from clusterer.worker import run_cluster
+
+    s = _context(ctx).settings
+    if every is not None and every <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--every")
+    worker = run_cluster(s, every or s.cluster_every_s, max_idle=max_idle)
+    run = worker.last_run
+    click.echo(json.dumps({"clusters": run.clusters if run else 0, "images_clustered": run.images_clustered if run else 0,
+                           "stopped_by": worker.stopped_by}))
+
+
+@main.command()
+@click.option("--host", default=None, help="default: MEMETRACE_API_HOST (127.0.0.1)")
+@click.option("--port", type=int, default=None, help="default: MEMETRACE_API_PORT (8000)")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """The query API (OpenAPI docs at /docs) and the cluster gallery, over what is stored."""
+    from api.server import serve as serve_api
+
+    s = _context(ctx).settings
+    serve_api(s, host or s.api_host, port or s.api_port)
 
 
 @main.command()

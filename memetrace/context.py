@@ -8,7 +8,7 @@ from memetrace.catalog import Catalog
 from memetrace.embedder import Embedder
 from memetrace.feature_store import FeatureStore, LocalFeatureStore
 from memetrace.keypoints import KeypointExtractor
-from memetrace.milvus_store import MilvusStore
+from memetrace.milvus_store import MilvusStore, connect, stored_dim
 from memetrace.settings import Settings
 
 
@@ -27,7 +27,10 @@ class Context:
 
     @cached_property
     def store(self) -> MilvusStore:
-        return MilvusStore(self.settings, self.embedder.dim)
+        # services that never embed (match, cluster, serve) take the size from the stored collection
+        client = connect(self.settings)
+        dim = stored_dim(client, self.settings)
+        return MilvusStore(self.settings, self.embedder.dim if dim is None else dim, client)
 
     @cached_property
     def features(self) -> FeatureStore:

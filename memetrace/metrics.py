@@ -78,10 +78,9 @@ class MatchMetrics(StreamMetrics):
         self.images_matched = Counter("memetrace_images_matched_total", "image events matched", registry=r)
         self.matches = Counter("memetrace_matches_total", "verified copy edges published, by kind",
                                ["kind"], registry=r)
-        self.match_seconds = Histogram("memetrace_match_seconds", "candidates + verification of one image",
+        self.match_seconds = Histogram("memetrace_match_seconds",
+                                       "candidates + verification per image (a batch's time / its images)",
                                        buckets=_ITEM_BUCKETS, registry=r)
-        self.candidates = Histogram("memetrace_match_candidates", "Milvus candidates verified per image",
-                                    buckets=_SIZE_BUCKETS, registry=r)
 
 
 class ClusterMetrics(StreamMetrics):
@@ -152,3 +151,16 @@ def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0",
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+
+class ApiMetrics:
+    """The query API (``memetrace serve``); ``route`` is the route template (bounded cardinality)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = r = registry
+        self.requests = Counter("memetrace_api_requests_total", "HTTP requests answered",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("memetrace_api_request_seconds", "one HTTP request, body read included",
+                                         ["route"], buckets=_ITEM_BUCKETS, registry=r)
+        self.search_seconds = Histogram("memetrace_search_seconds", "decode + embed + SIFT + Milvus + verify "
+                                        "of one searched image", buckets=_ITEM_BUCKETS, registry=r)

@@ -10,6 +10,7 @@ import pytest
 
 from clusterer.export import CSV_COLUMNS, ClusterRow, cluster_rows, write_csv, write_link_dir
 from clusterer.graph import build_graph, communities, density, stable_ids
+from clusterer.history import diff
 from clusterer.service import recluster
 from memetrace.catalog import Catalog, Match
 
@@ -111,21 +112,72 @@ def test_new_groups_get_fresh_ids() -> None:
 
 def test_two_waves_through_recluster(tmp_path: Path) -> None:
     catalog = Catalog(tmp_path / "catalog.db")
+    published: list[tuple[dict, list, list]] = []
     try:
         catalog.add_images([(i, 100) for i in range(1, 7)])
         catalog.add_matches([_m(1, 2), _m(2, 3), _m(4, 5)])
-        first = recluster(catalog, "components")
-        assert catalog.clusters() == first and catalog.counts()["clusters"] == 2
+        run1 = recluster(catalog, "components", publish=lambda *a: published.append(a), now=1000)
+        first = catalog.clusters()
+        assert run1.clusters == 2 and run1.images_clustered == 5 and run1.largest == 3 and run1.new_clusters == 2
+        assert published[0][0] == first  # everything is new, so everything is published
         # wave 2: 7 joins {1,2,3}; {4,5} grows into a bigger group with 8-10; 11-12 are new
         catalog.add_images([(i, 100) for i in range(7, 13)])
         catalog.add_matches([_m(3, 7), _m(5, 8), _m(8, 9), _m(9, 10), _m(11, 12)])
         catalog.add_matches([_m(8, 10)])
-        second = recluster(catalog, "components")
+        run2 = recluster(catalog, "components", publish=lambda *a: published.append(a), now=2000)
+        second = catalog.clusters()
         assert second[7] == second[1] == first[1]
         assert second[4] == second[8] == second[10] == first[4]  # only {4,5} had an id: it is kept
         assert second[11] == second[12] and second[11] not in first.values()
         assert second[6] == first[6]
-        assert recluster(catalog, "components") == second  # nothing new: nothing changes
+        assert {(e.event, e.cluster_id) for e in run2.events} == {
+            ("grew", first[1]), ("grew", first[4]), ("created", second[11])}
+        changed, summaries, removed = published[1]
+        assert changed == {i: second[i] for i in (7, 8, 9, 10, 11, 12)} and removed == []
+        assert {c.cluster_id: c.images for c in summaries} == {first[1]: 4, first[4]: 5, second[11]: 2}
+        history = next(c.history for c in summaries if c.cluster_id == first[1])
+        assert [(h["at"], h["event"]) for h in history] == [(1000, "created"), (2000, "grew")]
+        run3 = recluster(catalog, "components", now=3000)
+        assert catalog.clusters() == second and run3.events == []  # nothing new: nothing changes
+        # wave 3: a bridge merges {1,2,3,7} (4 images) into {4,5,8,9,10} (5): the larger keeps its id
+        catalog.add_matches([_m(7, 8)])
+        published.clear()
+        run4 = recluster(catalog, "components", publish=lambda *a: published.append(a), now=4000)
+        third = catalog.clusters()
+        assert third[1] == third[4] == first[4]
+        assert [(e.event, e.cluster_id, e.clusters) for e in run4.events] == [
+            ("merged", first[4], tuple(sorted((first[1], first[4]))))]
+        assert published[0][2] == [first[1]]  # the absorbed cluster's summary is removed
+    finally:
+        catalog.close()
+
+
+def test_history_of_a_split_keeps_the_id_with_the_larger_part() -> None:
+    previous = {1: 7, 2: 7, 3: 7, 4: 7, 5: 7}
+    current = stable_ids([{1, 2, 3}, {4, 5}], previous)
+    assert current[1] == 7 and current[4] not in (7,)
+    events = {(e.event, e.cluster_id, e.clusters) for e in diff(previous, current)}
+    assert events == {("shrank", 7, ()), ("created", current[4], (7,)), ("split", 7, (7, current[4]))}
+
+
+def test_history_of_a_dissolved_cluster() -> None:
+    assert [(e.event, e.cluster_id) for e in diff({1: 3, 2: 3}, {1: 3, 2: 4})] == [("dissolved", 3)]
+
+
+def test_summaries_count_posts_files_growth_and_platforms(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.db")
+    try:
+        now = 1_000_000
+        catalog.add_images([(1, 10), (2, 10), (3, 10)])
+        catalog.add_matches([_m(1, 2)])
+        catalog.add_posts([("p1", 1, now - 30, "x"), ("p2", 2, now - 7200, "x"), ("p3", 2, now - 200_000, "y"),
+                           ("p4", 3, now - 10, "x")])
+        catalog.add_posts([("p1", 1, now - 5, "z")])  # redelivered: the first row stays
+        run = recluster(catalog, "components", now=now)
+        (c,) = run.summaries
+        assert (c.images, c.posts, c.first_seen, c.last_seen) == (2, 3, now - 200_000, now - 30)
+        assert (c.growth_hour, c.growth_day, c.platforms) == (1, 2, {"x": 2, "y": 1})
+        assert run.fastest_growing(5) == [c]
     finally:
         catalog.close()
 

@@ -17,12 +17,20 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from kafka_broker import Broker, kafka_broker  # noqa: F401
+from streaming import (  # noqa: F401
+    PhotoServer,
+    WorkerProcess,
+    ingest_env,
+    milvus_counts,
+    photo_server,
+    produce,
+    settings_from,
+    write_posts,
+)
 
 from benchmarks.services import free_port, start_milvus_lite, stop_process
-from kafka_broker import Broker, kafka_broker  # noqa: F401
 from memetrace.demo import GROUP_PHOTOS
-from test_ingest_worker import (PhotoServer, WorkerProcess, ingest_env, milvus_counts, photo_server,  # noqa: F401
-                                produce, settings_from, write_posts)
 
 
 def committed_total(bootstrap: str, group: str, topic: str) -> int:

@@ -9,27 +9,28 @@ Milvus Lite (a file in-process; its server mode for worker subprocesses).
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import load_photo, make_settings
-from kafka import KafkaConsumer, TopicPartition
-from kafka_broker import Broker, free_port, kafka_broker, stop_process, wait_for_port  # noqa: F401
-from PIL import Image
+from kafka_broker import Broker, kafka_broker  # noqa: F401
 from prometheus_client import CollectorRegistry
+from streaming import (  # noqa: F401
+    SLOW_S,
+    PhotoServer,
+    WorkerProcess,
+    ingest_env,
+    milvus_counts,
+    milvus_server,
+    photo_server,
+    produce,
+    read_topic,
+    settings_from,
+    write_posts,
+)
 
 from ingest.messages import H_REASON, ImageEvent
 from ingest.worker import IngestWorker
@@ -38,150 +39,7 @@ from memetrace.context import Context
 from memetrace.demo import GROUP_PHOTOS
 from memetrace.kafka_clients import ensure_topics
 from memetrace.metrics import IngestMetrics
-from memetrace.milvus_store import MilvusStore, connect, stored_dim
 from memetrace.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
-MEMETRACE = str(Path(sys.executable).with_name("memetrace"))
-SLOW_S = 0.3  # /slow/ responses: keep a batch in flight long enough to kill it
-
-
-# ----------------------------------------------------------------------------- photo server
-
-
-@dataclass
-class PhotoServer:
-    base: str
-    jpegs: dict[str, bytes]
-    gate: threading.Event = field(default_factory=threading.Event)  # /gated/ waits for it
-    gated_hits: int = 0
-
-
-@pytest.fixture(scope="module")
-def photo_server() -> Iterator[PhotoServer]:
-    """Real photos as JPEG, plus 404, 500, a text file, a truncated JPEG and a decompression bomb
-    (a few KB of PNG declaring 8000 x 8000 pixels, above the default MEMETRACE_MAX_PIXELS);
-    127.0.0.1 only."""
-    jpegs = {}
-    for name in GROUP_PHOTOS:
-        buf = io.BytesIO()
-        load_photo(name).save(buf, format="JPEG", quality=90)
-        jpegs[name] = buf.getvalue()
-    bomb = io.BytesIO()
-    Image.new("1", (8000, 8000)).save(bomb, format="PNG", optimize=True)
-    state = PhotoServer("", jpegs)
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            path = self.path.split("?")[0]
-            kind, _, name = path.strip("/").partition("/")
-            if kind == "slow":
-                time.sleep(SLOW_S)
-            elif kind == "gated":
-                state.gated_hits += 1
-                state.gate.wait(60)
-            if kind in ("img", "slow", "gated") and name in jpegs:
-                self._send(200, jpegs[name], "image/jpeg")
-            elif kind == "truncated":
-                self._send(200, jpegs["cat"][: len(jpegs["cat"]) // 2], "image/jpeg")
-            elif kind == "bomb":
-                self._send(200, bomb.getvalue(), "image/png")
-            elif kind == "text":
-                self._send(200, b"hello, this is not a picture\n" * 20, "text/plain")
-            elif kind == "error":
-                self._send(500, b"boom", "text/plain")
-            else:
-                self._send(404, b"no such thing", "text/plain")
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state.base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield state
-    state.gate.set()
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Milvus Lite in server mode (many processes, one Milvus): its URI."""
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir",
-                             str(tmp_path_factory.mktemp("milvus")), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc, 60, "milvus-lite server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def ingest_env(tmp: Path, broker: Broker, **extra: str) -> dict[str, str]:
-    """MEMETRACE_* settings of one test: its own topics, group, collections and data dir."""
-    tag = uuid.uuid4().hex[:8]
-    env = {"MEMETRACE_DATA_DIR": str(tmp / "data"), "MEMETRACE_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-           "MEMETRACE_KAFKA_POSTS_TOPIC": f"posts-{tag}", "MEMETRACE_KAFKA_IMAGES_TOPIC": f"images-{tag}",
-           "MEMETRACE_KAFKA_DEADLETTER_TOPIC": f"dead-{tag}", "MEMETRACE_KAFKA_GROUP_ID": f"group-{tag}",
-           "MEMETRACE_MILVUS_COLLECTION_PREFIX": f"t{tag}", "MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS": "1",
-           "MEMETRACE_FETCH_RETRIES": "1", "MEMETRACE_KAFKA_SESSION_TIMEOUT_MS": "2000",
-           "MEMETRACE_KAFKA_TOPIC_PARTITIONS": "2", "MEMETRACE_INGEST_BATCH_SIZE": "4",
-           "MEMETRACE_DEVICE": "cpu", "MEMETRACE_REGIONS": "0", "MEMETRACE_METRICS_PORT": "0"}
-    env.update(extra)
-    return env
-
-
-def settings_from(env: dict[str, str]) -> Settings:
-    fields = {k.removeprefix("MEMETRACE_").lower(): v for k, v in env.items()}
-    return make_settings(Path(fields.pop("data_dir")), **fields)
-
-
-def write_posts(path: Path, posts: list[dict | str]) -> Path:
-    path.write_text("\n".join(p if isinstance(p, str) else json.dumps(p) for p in posts) + "\n")
-    return path
-
-
-def produce(env: dict[str, str], posts_file: Path) -> None:
-    result = CliRunner().invoke(cli, ["produce", str(posts_file)], env=env)
-    assert result.exit_code == 0, result.output
-
-
-def read_topic(s: Settings, topic: str, expected: int, timeout: float = 20) -> list:
-    """Every record of ``topic`` from the beginning (no group), waiting for ``expected`` of them."""
-    consumer = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap_servers, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(parts)
-    consumer.seek_to_beginning()
-    out: list = []
-    deadline = time.monotonic() + timeout
-    while len(out) < expected and time.monotonic() < deadline:
-        out.extend(r for rs in consumer.poll(500).values() for r in rs)
-    out.extend(r for rs in consumer.poll(500).values() for r in rs)  # anything beyond expected
-    consumer.close()
-    return out
-
-
-def milvus_counts(s: Settings) -> dict:
-    client = connect(s)
-    store = MilvusStore(s, stored_dim(client, s) or 1, client)
-    ids = store.image_ids_of_occurrences()
-    out = {"images": store.count(), "occurrences": store.count_occurrences(), "distinct_in_occurrences": len(set(ids)),
-           "deadletters": store.deadletters_by_reason()}
-    client.close()
-    return out
-
 
 # ----------------------------------------------------------------------------- end to end, in-process
 
@@ -239,42 +97,6 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
 
 
 # ----------------------------------------------------------------------------- subprocess workers
-
-
-class WorkerProcess:
-    """``memetrace -v ingest --max-idle N`` with its JSON log lines collected as they come."""
-
-    def __init__(self, env: dict[str, str], max_idle: float, name: str) -> None:
-        self.name = name
-        self.lines: list[dict] = []
-        self.proc = subprocess.Popen([MEMETRACE, "-v", "ingest", "--max-idle", str(max_idle)], cwd=REPO,
-                                     env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            try:
-                self.lines.append(json.loads(line))
-            except ValueError:
-                pass
-
-    def logged(self, msg: str) -> int:
-        return sum(1 for rec in self.lines if rec.get("msg") == msg)
-
-    def wait_logged(self, msg: str, count: int = 1, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.logged(msg) < count:
-            assert self.proc.poll() is None, f"{self.name} exited ({self.proc.returncode}) before logging {msg!r}"
-            assert time.monotonic() < deadline, f"{self.name} did not log {msg!r} within {timeout} s"
-            time.sleep(0.05)
-
-    def finish(self, timeout: float = 90) -> dict:
-        out, _ = self.proc.communicate(timeout=timeout)
-        self._reader.join(timeout=5)
-        assert self.proc.returncode == 0, f"{self.name} exited {self.proc.returncode}: {self.lines[-5:]}"
-        return json.loads(out.strip().splitlines()[-1])
 
 
 def test_kill_9_mid_batch_then_restart_loses_and_doubles_nothing(

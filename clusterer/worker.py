@@ -1,0 +1,131 @@
+"""The clusterer service: ``memetrace cluster --every SECONDS``.
+
+One consumer (group ``kafka_cluster_group_id``) of ``memetrace.images`` and ``memetrace.matches``;
+run a single replica: it owns the graph. Its state is the catalog (SQLite, ``MEMETRACE_CATALOG_PATH``)::
+
+    poll ─► image events ─► catalog.images + catalog.posts   (INSERT OR IGNORE: redelivery-safe)
+         └► match events ─► catalog.matches                  (keyed by pair)
+         ─► commit offsets (the SQLite transactions are durable)
+    every N seconds: recluster ─► history events, per-cluster stats ─► Milvus (the API reads them)
+                               ─► gauges: clusters, images clustered, largest, new, top growing
+
+The first run after a start publishes every assignment again, healing a publish that a crash
+interrupted; later runs publish what changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from clusterer.service import ClusterRun, recluster
+from ingest.messages import ImageEvent
+from matcher.messages import MatchEvent
+from memetrace.catalog import Catalog
+from memetrace.context import Context
+from memetrace.kafka_clients import ensure_topics
+from memetrace.metrics import ClusterMetrics
+from memetrace.milvus_store import MilvusStore
+from memetrace.settings import Settings
+from memetrace.stream import Abandoned, StreamWorker, run_service
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000  # events are small; SQLite takes a batch in one transaction
+
+
+class ClusterWorker(StreamWorker):
+    """Keeps the match graph and reclusters it periodically; see the module docstring."""
+
+    name = "cluster"
+
+    def __init__(self, settings: Settings, catalog: Catalog, store: MilvusStore, metrics: ClusterMetrics,
+                 every_s: float, consumer: KafkaConsumer | None = None) -> None:
+        s = settings
+        super().__init__(s, metrics, [s.kafka_images_topic, s.kafka_matches_topic], s.kafka_cluster_group_id,
+                         BATCH, consumer, store=store)
+        self.metrics: ClusterMetrics = metrics
+        self.catalog = catalog
+        self.every_s = every_s
+        self.last_run: ClusterRun | None = None
+        self._next_run = 0.0  # monotonic; 0 = at the first tick
+        self._dirty = True
+
+    def process(self, records: Sequence[ConsumerRecord]) -> None:
+        images, posts, matches = [], [], []
+        for r in records:
+            try:
+                if r.topic == self.s.kafka_matches_topic:
+                    matches.append(MatchEvent.model_validate_json(r.value or b"").to_match())
+                else:
+                    e = ImageEvent.model_validate_json(r.value or b"")
+                    images.append((e.image_id, e.nb_points))
+                    posts.append((e.post.post_id, e.image_id, e.post.posted_at_unix(), e.post.platform))
+            except ValidationError as exc:  # written by our own services: a bug to report, not to retry
+                log.warning("unreadable event, skipped", extra={
+                    "source": f"{r.topic}/{r.partition}/{r.offset}", "error": str(exc)[:500]})
+        self.catalog.add_images(images, matched=True)
+        self.catalog.add_posts(posts)
+        self.catalog.add_matches(matches)
+        self.metrics.posts_consumed.inc(len(posts))
+        self.metrics.edges_consumed.inc(len(matches))
+        self._dirty = True
+
+    def tick(self) -> None:
+        if time.monotonic() >= self._next_run:
+            self.run_once()
+
+    def close(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self.run_once()  # leave the published clusters up to date with what was committed
+        except Abandoned:
+            log.warning("last reclustering abandoned (Milvus down): the next start publishes everything")
+
+    def run_once(self) -> ClusterRun:
+        """Recluster now, publish to Milvus (retried while it is down), update the gauges."""
+        first = self.last_run is None
+        run = recluster(self.catalog, self.s.cluster_algorithm, now=time.time(), publish_all=first,
+                        publish=lambda *a: self.retry("milvus", lambda: self.store.publish_clusters(*a)))
+        self.last_run, self._dirty = run, False
+        self._next_run = time.monotonic() + self.every_s
+        self._observe(run)
+        log.info("reclustered", extra={"clusters": run.clusters, "images": run.images_clustered,
+                                       "largest": run.largest, "new": run.new_clusters,
+                                       "events": len(run.events), "seconds": round(run.seconds, 3)})
+        return run
+
+    def _observe(self, run: ClusterRun) -> None:
+        m = self.metrics
+        m.runs.inc()
+        m.run_seconds.observe(run.seconds)
+        m.clusters.set(run.clusters)
+        m.images_clustered.set(run.images_clustered)
+        m.largest.set(run.largest)
+        m.new_clusters.set(run.new_clusters)
+        m.new_clusters_total.inc(run.new_clusters)
+        for e in run.events:
+            m.events.labels(e.event).inc()
+        m.top_growth.clear()  # the top N changes: old series must go, or cardinality grows
+        m.top_size.clear()
+        for rank, c in enumerate(run.fastest_growing(self.s.cluster_top_n), start=1):
+            m.top_growth.labels(str(rank), str(c.cluster_id)).set(c.growth_hour)
+            m.top_size.labels(str(rank), str(c.cluster_id)).set(c.posts)
+
+
+def run_cluster(settings: Settings, every_s: float, max_idle: float | None = None,
+                registry: CollectorRegistry | None = None) -> ClusterWorker:
+    """Build the clusterer service from settings and run it (the body of ``memetrace cluster``)."""
+    s = settings
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
+    ctx = Context(s)
+    worker = ClusterWorker(s, ctx.catalog, ctx.store, ClusterMetrics(registry or CollectorRegistry()), every_s)
+    run_service(worker, max_idle)
+    return worker
