@@ -98,7 +98,7 @@ class ClusterMetrics(StreamMetrics):
         self.clusters = Gauge("memetrace_clusters", "clusters of 2+ images", registry=r)
         self.images_clustered = Gauge("memetrace_images_clustered", "images in clusters of 2+ images", registry=r)
         self.largest = Gauge("memetrace_largest_cluster_images", "images in the largest cluster", registry=r)
-        self.new_clusters = Gauge("memetrace_new_clusters", "clusters created by the last run", registry=r)
+        self.new_clusters = Gauge("memetrace_new_clusters_last_run", "clusters created by the last run", registry=r)
         self.new_clusters_total = Counter("memetrace_new_clusters_total", "clusters created", registry=r)
         self.events = Counter("memetrace_cluster_events_total", "cluster history events, by kind",
                               ["event"], registry=r)

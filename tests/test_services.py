@@ -1,0 +1,137 @@
+"""The three streaming services together on real local services (Tansu, a Milvus Lite server, a
+photo HTTP server, all on 127.0.0.1): ingest → memetrace.images → match → memetrace.matches →
+cluster → Milvus, running concurrently in one process (each with its own clients).
+
+* copies (a crop, a recompression, the same file posted twice) end in one cluster per photo, with
+  posts and platforms counted, no edge between different photos
+* redelivery: a second matcher group and a second clusterer group re-read everything: the same
+  edges, the same clusters and ids, no new history
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+from conftest import load_photo
+from kafka_broker import Broker, kafka_broker  # noqa: F401
+from prometheus_client import CollectorRegistry
+from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, produce, read_topic,  # noqa: F401
+                       settings_from, write_posts)
+
+from clusterer.worker import ClusterWorker
+from ingest.worker import IngestWorker
+from matcher.messages import MatchEvent
+from matcher.worker import MatchWorker
+from memetrace.catalog import Catalog
+from memetrace.context import Context
+from memetrace.imageio import content_id
+from memetrace.kafka_clients import ensure_topics
+from memetrace.metrics import ClusterMetrics, IngestMetrics, MatchMetrics
+from memetrace.settings import Settings
+
+IDLE_S = 6  # each service exits after this long without a message
+
+
+def _jpeg(im, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _copies(photo_server: PhotoServer) -> dict[str, bytes]:
+    """Served next to the originals: a crop and a recompression of cat, a crop of coffee."""
+    cat, coffee = load_photo("cat"), load_photo("coffee")
+    w, h = cat.size
+    extra = {"cat-crop": _jpeg(cat.crop((w // 8, h // 8, w * 7 // 8, h * 7 // 8))),
+             "cat-q40": _jpeg(cat, 40),
+             "coffee-crop": _jpeg(coffee.crop((0, 0, coffee.size[0] * 3 // 4, coffee.size[1] * 3 // 4)))}
+    photo_server.jpegs.update(extra)
+    return extra
+
+
+def _services(s: Settings, embedder, cluster_group: str | None = None, match_group: str | None = None):
+    ctx = Context(s)
+    ctx.__dict__["embedder"] = embedder  # the session's model: no second load
+    ingest = IngestWorker(ctx, IngestMetrics(CollectorRegistry()))
+    ms = s.model_copy(update={"kafka_match_group_id": match_group or s.kafka_match_group_id})
+    match = MatchWorker(ms, Context(ms).store, ctx.features, MatchMetrics(CollectorRegistry()))
+    cs = s.model_copy(update={"kafka_cluster_group_id": cluster_group or s.kafka_cluster_group_id})
+    cluster = ClusterWorker(cs, Catalog(s.data_dir / "cluster-state.db"), Context(cs).store,
+                            ClusterMetrics(CollectorRegistry()), every_s=1.0)
+    return ingest, match, cluster
+
+
+def _run_all(*workers) -> None:
+    threads = [threading.Thread(target=w.run, kwargs={"max_idle": IDLE_S}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+        assert not t.is_alive(), "a service did not stop within 180 s"
+
+
+def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: PhotoServer, milvus_server: str,
+                                         embedder, tmp_path: Path) -> None:
+    tag = "svc"
+    env = ingest_env(tmp_path, kafka_broker, MEMETRACE_MILVUS_URI=milvus_server, MEMETRACE_REGIONS="1")
+    env.update({"MEMETRACE_KAFKA_MATCHES_TOPIC": env["MEMETRACE_KAFKA_IMAGES_TOPIC"] + "-matches",
+                "MEMETRACE_KAFKA_MATCH_GROUP_ID": env["MEMETRACE_KAFKA_GROUP_ID"] + "-match",
+                "MEMETRACE_KAFKA_CLUSTER_GROUP_ID": env["MEMETRACE_KAFKA_GROUP_ID"] + "-cluster"})
+    s = settings_from(env)
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic])
+    extra = _copies(photo_server)
+    base = photo_server.base
+    posts = [{"post_id": f"{tag}-{name}", "url": f"{base}/img/{name}", "platform": "x",
+              "posted_at": "2026-11-24T00:00:00Z"} for name in ("cat", "coffee", "astronaut", "rocket", *extra)]
+    posts.append({"post_id": f"{tag}-cat-again", "url": f"{base}/img/cat?again=1", "platform": "y"})
+    produce(env, write_posts(tmp_path / "posts.txt", posts))
+
+    ingest, match, cluster = _services(s, embedder)
+    _run_all(ingest, match, cluster)
+
+    assert ingest.totals.occurrences == len(posts) and ingest.totals.new_images == len(posts) - 1
+    ids = {name: content_id(photo_server.jpegs[name]) for name in ("cat", "coffee", "astronaut", "rocket", *extra)}
+    edges = {(e.a, e.b) for e in (MatchEvent.model_validate_json(r.value)
+                                  for r in read_topic(s, s.kafka_matches_topic, 3))}
+    pairs = {tuple(sorted((ids[a], ids[b]))) for a, b in
+             [("cat", "cat-crop"), ("cat", "cat-q40"), ("cat-crop", "cat-q40"), ("coffee", "coffee-crop")]}
+    assert edges <= pairs, "an edge links two different photos"
+    assert {tuple(sorted((ids["cat"], ids["cat-q40"]))), tuple(sorted((ids["coffee"], ids["coffee-crop"])))} <= edges
+
+    state = cluster.catalog.clusters()
+    cat_cluster = state[ids["cat"]]
+    assert state[ids["cat-crop"]] == state[ids["cat-q40"]] == cat_cluster
+    assert state[ids["coffee"]] == state[ids["coffee-crop"]] != cat_cluster
+    assert len({state[ids["astronaut"]], state[ids["rocket"]], cat_cluster, state[ids["coffee"]]}) == 4
+    run = cluster.last_run
+    assert run is not None and (run.clusters, run.images_clustered, run.largest) == (2, 5, 3)
+
+    # published to Milvus, where the API reads: assignments and summaries
+    store = match.store
+    assert store.clusters_of([ids["cat-crop"], ids["coffee"]]) == {ids["cat-crop"]: cat_cluster,
+                                                                   ids["coffee"]: state[ids["coffee"]]}
+    summary = store.cluster_summary(cat_cluster)
+    assert summary is not None and (summary.images, summary.posts) == (3, 4)  # cat was posted twice
+    assert summary.platforms == {"x": 3, "y": 1}
+    assert [h["event"] for h in summary.history] == ["created"]
+    assert store.cluster_members(cat_cluster) == sorted(ids[n] for n in ("cat", "cat-crop", "cat-q40"))
+    reg = cluster.metrics.registry
+    assert reg.get_sample_value("memetrace_clusters") == 2
+    assert reg.get_sample_value("memetrace_largest_cluster_images") == 3
+    assert reg.get_sample_value("memetrace_cluster_size_posts", {"rank": "1", "cluster_id": str(cat_cluster)}) == 4
+    assert match.metrics.registry.get_sample_value("memetrace_images_matched_total") == len(posts) - 1
+
+    # redelivery: other groups re-read both topics from the start into the same state
+    _, match2, cluster2 = _services(s, embedder, cluster_group=s.kafka_cluster_group_id + "-again",
+                                    match_group=s.kafka_match_group_id + "-again")
+    _run_all(match2, cluster2)
+    assert cluster2.catalog.clusters() == state
+    assert cluster2.last_run is not None and cluster2.last_run.events == []
+    again = {(e.a, e.b) for e in (MatchEvent.model_validate_json(r.value)
+                                  for r in read_topic(s, s.kafka_matches_topic, 2 * len(edges)))}
+    assert again == edges
+    replayed = store.cluster_summary(cat_cluster)
+    assert replayed is not None and (replayed.images, replayed.posts, replayed.platforms) == (3, 4, {"x": 3, "y": 1})
+    assert [h["event"] for h in replayed.history] == ["created"]
