@@ -2,13 +2,15 @@
 
 The page (``index.html``) is self-contained: inline CSS, no scripts, no external URLs. Thumbnails
 are copied next to it as ``thumbs/<image id hex>.jpg`` so the folder can be zipped or served as is.
+The query API's ``/gallery`` page is drawn by the same functions (:func:`render_card`,
+:func:`render_page`), with thumbnails served by the API (a :data:`ThumbUrl` per page).
 """
 
 from __future__ import annotations
 
 import html
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from clusterer.export import ClusterRow
 from memetrace.feature_store import FeatureStore
 
 THUMBS_DIR = "thumbs"
+
+ThumbUrl = Callable[[int], str | None]  # image id -> thumbnail URL for <img src>; None = no thumbnail
 
 
 @dataclass(frozen=True)
@@ -61,32 +65,36 @@ def copy_thumbnail(features: FeatureStore, image_id: int, thumbs: Path) -> bool:
     return True
 
 
-def render_thumb(image_id: int, paths: list[str], has_thumb: bool) -> str:
-    """One grid cell: the thumbnail (or a placeholder) captioned with the image's path(s)."""
+def stat(template: str, value: object) -> str:
+    """One header figure: ``template`` with ``{}`` where the bold value goes, e.g. ``stat("{} images", 4)``."""
+    before, _, after = template.partition("{}")
+    return (f'<span class="stat">{html.escape(before)}<b>{html.escape(str(value))}</b>'
+            f'{html.escape(after)}</span>')
+
+
+def render_thumb(paths: Sequence[str], src: str | None) -> str:
+    """One grid cell: the thumbnail at ``src`` (None: a placeholder) captioned with the image's path(s)."""
     title = html.escape("\n".join(paths))
     caption = html.escape(paths[0])
     if len(paths) > 1:
         caption += f' <span class="more">+{len(paths) - 1}</span>'
-    if has_thumb:
-        src = html.escape(f"{THUMBS_DIR}/{thumb_name(image_id)}")
-        media = f'<img src="{src}" alt="{html.escape(paths[0])}" loading="lazy">'
+    if src is not None:
+        media = f'<img src="{html.escape(src)}" alt="{html.escape(paths[0])}" loading="lazy">'
     else:
         media = '<div class="missing">no thumbnail</div>'
     return f'<figure class="thumb" title="{title}">{media}<figcaption>{caption}</figcaption></figure>'
 
 
-def render_card(cluster: Cluster, thumbs_present: set[int], max_thumbs: int) -> str:
-    """One cluster card: header line and a grid of at most ``max_thumbs`` thumbnails."""
-    shown = list(cluster.images.items())[:max_thumbs]
-    cells = "\n".join(render_thumb(i, p, i in thumbs_present) for i, p in shown)
-    hidden = cluster.n_images - len(shown)
+def render_card(cluster_id: int, stats: Sequence[str], shown: Sequence[tuple[int, Sequence[str]]], total: int,
+                thumb_url: ThumbUrl) -> str:
+    """One cluster card: a header of :func:`stat` figures, then ``shown`` (image id, paths) of its
+    ``total`` images as a grid of thumbnails."""
+    cells = "\n".join(render_thumb(paths, thumb_url(image_id)) for image_id, paths in shown)
+    hidden = total - len(shown)
     more = f'<p class="hidden">… and {hidden} more image{"s" if hidden != 1 else ""}</p>' if hidden else ""
     return (
-        f'<section class="card" id="cluster-{cluster.cluster_id}">\n'
-        f'<header><h2>Cluster {cluster.cluster_id}</h2>'
-        f'<span class="stat"><b>{cluster.n_images}</b> images</span>'
-        f'<span class="stat"><b>{cluster.n_paths}</b> paths</span>'
-        f'<span class="stat">quality <b>{cluster.quality:.2f}</b></span></header>\n'
+        f'<section class="card" id="cluster-{cluster_id}">\n'
+        f'<header><h2>Cluster {cluster_id}</h2>{"".join(stats)}</header>\n'
         f'<div class="grid">\n{cells}\n</div>{more}\n</section>'
     )
 
@@ -129,6 +137,9 @@ figcaption { margin-top: 4px; font-size: 11px; color: var(--muted);
              white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .more { color: var(--ink); font-weight: 600; }
 .hidden { margin: 10px 0 0; color: var(--muted); font-style: italic; }
+.sort { margin: -12px 0 20px; color: var(--muted); }
+.sort a { color: var(--ink); margin-left: 10px; }
+.sort a.on { font-weight: 600; text-decoration: none; }
 """
 
 
@@ -141,6 +152,13 @@ def render_page(cards: list[str], summary: str) -> str:
         f"<title>memetrace clusters</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f"<h1>memetrace clusters</h1>\n{summary}\n{body}\n</body>\n</html>\n"
     )
+
+
+def _card(cluster: Cluster, thumbs_present: set[int], max_thumbs: int) -> str:
+    stats = [stat("{} images", cluster.n_images), stat("{} paths", cluster.n_paths),
+             stat("quality {}", f"{cluster.quality:.2f}")]
+    return render_card(cluster.cluster_id, stats, list(cluster.images.items())[:max_thumbs], cluster.n_images,
+                       lambda i: f"{THUMBS_DIR}/{thumb_name(i)}" if i in thumbs_present else None)
 
 
 def write_gallery(rows: list[ClusterRow], features: FeatureStore, out_dir: Path, min_size: int = 2,
@@ -160,7 +178,7 @@ def write_gallery(rows: list[ClusterRow], features: FeatureStore, out_dir: Path,
         for image_id in list(cluster.images)[:max_thumbs]:
             if image_id not in present and copy_thumbnail(features, image_id, thumbs):
                 present.add(image_id)
-    cards = [render_card(c, present, max_thumbs) for c in shown]
+    cards = [_card(c, present, max_thumbs) for c in shown]
     page = out_dir / "index.html"
     tmp = page.with_name(f".index.html.{os.getpid()}")
     tmp.write_text(render_page(cards, render_summary(shown, eligible, min_size)), encoding="utf-8")

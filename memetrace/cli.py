@@ -149,30 +149,25 @@ def clusters(ctx: click.Context, out: Path | None, html_dir: Path | None, link_d
 @click.pass_context
 def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
     """Copies of the given image(s) among the indexed ones, with scores and cluster ids."""
-    from matcher.matching import Matcher
-    from memetrace.imageio import BadImage, decode
+    from matcher.query import CopyFinder
+    from memetrace.imageio import BadImage
 
     c = _context(ctx)
-    s = c.settings
     if not c.catalog.images():
-        raise click.ClickException(f"nothing indexed in {s.data_dir}: run `memetrace index FOLDER` first")
-    matcher = Matcher(s, c.store, c.features)
+        raise click.ClickException(f"nothing indexed in {c.settings.data_dir}: run `memetrace index FOLDER` first")
+    finder = CopyFinder(c)
     root, clusters = c.catalog.meta("root"), c.catalog.clusters()
     paths = {i: [_display_path(p, root) for p in ps] for i, ps in c.catalog.paths_by_image().items()}
     results = []
     for path in images:
         try:
-            image = decode(path.read_bytes(), max_pixels=s.max_pixels, min_side=s.min_side)
+            image, copies = finder.find(path.read_bytes())
         except BadImage as exc:
             results.append({"query": str(path), "error": exc.reason, "detail": exc.detail, "matches": []})
             continue
-        glob, regions = c.embedder.embed([image.rgb])
-        found = matcher.match_outside(glob[0], regions[0], c.extractor.extract(image.rgb), exclude=-1)
-        matches = [{"image_id": cand.image_id, "paths": paths.get(cand.image_id, []), "inliers": v.inliers,
-                    "kind": "identical" if cand.image_id == image.image_id else v.kind,
-                    "similarity": round(cand.similarity, 4), "mirrored": v.mirrored,
-                    "cluster_id": clusters.get(cand.image_id)}
-                   for cand, v in sorted(found, key=lambda cv: -cv[1].inliers)]
+        matches = [{"image_id": m.image_id, "paths": paths.get(m.image_id, []), "inliers": m.inliers, "kind": m.kind,
+                    "similarity": m.similarity, "mirrored": m.mirrored, "cluster_id": clusters.get(m.image_id)}
+                   for m in copies]
         results.append({"query": str(path), "image_id": image.image_id, "matches": matches})
     if as_json:
         click.echo(json.dumps(results, indent=2))

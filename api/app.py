@@ -1,0 +1,172 @@
+"""The ASGI app: routes, auth, readiness and metrics wired onto one :class:`Context`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import COOKIE, BearerCredentials, TokenCheck
+from api.errors import ApiError, error_response, install_error_handlers
+from api.gallery import gallery_page
+from api.middleware import ObserveRequests
+from api.records import Sort, image_record, posts_of, sorted_summaries, summary_record
+from api.search import OPENAPI_BODY, read_query_image, search_image
+from api.warmup import Warmup
+from ingest.fetch import Fetcher, FetchPolicy
+from matcher.query import CopyFinder
+from memetrace.context import Context
+from memetrace.metrics import ApiMetrics
+
+MAX_ID = 2**63 - 1  # Milvus INT64 primary keys
+ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (content hash), as in search results")]
+ClusterId = Annotated[int, Path(ge=0, le=MAX_ID)]
+MAX_POSTS = 100  # posts listed per image; posts_total says how many there are
+MAX_TIMELINE = 1000
+MILVUS_PING_S = 3.0
+# the gallery loads only its own thumbnails and inline CSS
+GALLERY_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+DESCRIPTION = """Find every copy of an image among those memetrace indexed, and browse the clusters.
+
+When `MEMETRACE_API_TOKEN` is set, `/v1/*` and `/gallery` need `Authorization: Bearer <token>`
+(browsers: open `/gallery?token=<token>` once; a cookie then carries it for GET requests)."""
+
+
+def create_app(ctx: Context, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The API over ``ctx``'s Milvus and feature store; ``registry`` gets the API metrics (default: a new one)."""
+    s = ctx.settings
+    metrics = ApiMetrics(registry or CollectorRegistry())
+    warmup = Warmup(ctx)
+    finder = CopyFinder(ctx)
+    # one fetcher per process: its per-host limits are then global; a URL is held to the upload limit
+    fetcher = Fetcher(replace(FetchPolicy.from_settings(s), max_bytes=min(s.max_file_bytes, s.api_max_upload_bytes)))
+    auth = TokenCheck(s.api_token)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        warmup.start()
+        yield
+        warmup.stop()
+
+    def require_ready() -> None:
+        if problem := warmup.problem():
+            raise ApiError(503, "not_ready", f"{problem}; retry shortly (GET /readyz says when)",
+                           {"Retry-After": "5"})
+
+    app = FastAPI(title="memetrace", description=DESCRIPTION, version="1", lifespan=lifespan)
+    install_error_handlers(app, s)
+    app.add_middleware(ObserveRequests, metrics=metrics)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth.dependency()), Depends(require_ready)])
+
+    def thumbnail_url(request: Request, image_id: int) -> str:
+        return request.url_for("image_thumbnail", image_id=image_id).path
+
+    @v1.post("/search", tags=["search"], openapi_extra=OPENAPI_BODY)
+    async def search(request: Request) -> dict[str, Any]:
+        """Copies of an image: multipart field `image` (a file), or JSON `{"url": "https://..."}`.
+
+        Matches come best first (`score` = verified keypoints); `kind` is full, partial, or
+        identical (these very bytes are stored)."""
+        data = await read_query_image(request, s.api_max_upload_bytes, fetcher)
+        return await run_in_threadpool(search_image, finder, ctx.store, metrics, data)
+
+    @v1.get("/images/{image_id}", tags=["images"])
+    def image(request: Request, image_id: ImageId) -> dict[str, Any]:
+        """A stored image: path, size, keypoints, cluster, and its posts (oldest first)."""
+        row = ctx.store.get([image_id]).get(image_id)
+        if row is None:
+            raise ApiError(404, "unknown_image", f"no stored image has id {image_id}; ids come from "
+                                                 "POST /v1/search or GET /v1/clusters/{id}")
+        posts = posts_of(ctx.store, [image_id])
+        cluster = ctx.store.clusters_of([image_id]).get(image_id)
+        return {**image_record(row, cluster, thumbnail_url(request, image_id)), "posts": posts[:MAX_POSTS],
+                "posts_total": len(posts)}
+
+    @v1.get("/images/{image_id}/thumbnail", name="image_thumbnail", tags=["images"],
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(image_id: ImageId) -> Response:
+        """The stored image's JPEG thumbnail."""
+        data = ctx.features.get_thumbnail(image_id)
+        if data is None:
+            raise ApiError(404, "no_thumbnail", f"the feature store has no thumbnail for image {image_id} "
+                                                "(unknown id, or indexed without one)")
+        # an image id is a hash of its bytes: the thumbnail never changes
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+    @v1.get("/clusters", tags=["clusters"])
+    def clusters(sort: Sort = "size", limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                 offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+        """Clusters of 2+ images: `size` (most images), `growth` (most posts in the last hour, then
+        day) or `recent` (last seen) first."""
+        ordered = sorted_summaries(ctx.store.all_cluster_summaries(), sort)
+        return {"sort": sort, "total": len(ordered), "offset": offset, "limit": limit,
+                "clusters": [summary_record(c) for c in ordered[offset:offset + limit]]}
+
+    @v1.get("/clusters/{cluster_id}", tags=["clusters"])
+    def cluster(request: Request, cluster_id: ClusterId, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+        """A cluster: its summary and history, a page of its members, and their posts in time order."""
+        summary = ctx.store.cluster_summary(cluster_id)
+        if summary is None:
+            raise ApiError(404, "unknown_cluster", f"no cluster {cluster_id} (of 2 or more images); list them "
+                                                   "with GET /v1/clusters")
+        members = ctx.store.cluster_members(cluster_id)
+        page = members[offset:offset + limit]
+        rows = ctx.store.get(page)
+        timeline = posts_of(ctx.store, page)
+        return {**summary_record(summary), "history": summary.history, "members_total": len(members),
+                "members": [image_record(rows[i], cluster_id, thumbnail_url(request, i)) for i in page if i in rows],
+                "timeline": timeline[:MAX_TIMELINE], "timeline_total": len(timeline)}
+
+    app.include_router(v1)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("gallery")
+
+    @app.get("/gallery", response_class=HTMLResponse, tags=["gallery"])
+    def gallery(request: Request, creds: BearerCredentials, sort: Sort = "size",
+                limit: Annotated[int, Query(ge=1, le=500)] = 50, token: str | None = None) -> Response:
+        """The clusters as an HTML page; `?token=` stores the API token in a cookie for the browser."""
+        if token is not None and auth.enabled:
+            if not auth.matches(token):
+                raise ApiError(401, "unauthorized", "the token does not match MEMETRACE_API_TOKEN",
+                               {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            url = request.url.remove_query_params("token")  # keep the token out of history and logs
+            redirect = RedirectResponse(f"gallery?{url.query}" if url.query else "gallery", status_code=303)
+            redirect.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=url.scheme == "https")
+            return redirect
+        auth.require(request, creds)
+        require_ready()
+        return HTMLResponse(gallery_page(ctx.store, sort, limit), headers={"Content-Security-Policy": GALLERY_CSP})
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """200 while the process serves (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses={503: {"description": "what is not ready yet"}})
+    def readyz() -> Any:
+        """200 when the model is loaded and Milvus answers (readiness), else 503 saying what is missing."""
+        if problem := warmup.problem():
+            return error_response(503, "not_ready", problem)
+        try:
+            ctx.store.client.has_collection(ctx.store.images, timeout=MILVUS_PING_S)
+        except Exception as exc:  # noqa: BLE001 - whatever the client raises, Milvus is not answering
+            return error_response(503, "not_ready", f"Milvus at {s.resolved_milvus_uri()} does not answer ({exc}); "
+                                                    "check that it is up and MEMETRACE_MILVUS_URI points to it")
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus metrics of this process (the API's own registry)."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,57 @@
+"""Per-request metrics and access log by route template, and the JSON 500 for unexpected errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from memetrace.metrics import ApiMetrics
+
+log = logging.getLogger(__name__)
+
+# label values must stay bounded whatever clients send
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class ObserveRequests:
+    """Pure ASGI (no buffering of bodies); sits inside Starlette's ServerErrorMiddleware."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status, responded = 500, False
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status, responded
+            if message["type"] == "http.response.start":
+                status, responded = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except Exception:
+            log.error("unhandled error", exc_info=True, extra={"method": scope["method"], "path": scope["path"]})
+            if responded:
+                raise  # half a response is out: the server can only drop the connection
+            await JSONResponse({"error": "internal_error", "detail": "unexpected server error (logged with its "
+                                "traceback); retry, and report it if it persists"}, status_code=500)(
+                scope, receive, send_observed)
+        finally:
+            self._record(scope, status, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")  # the template, not the raw path
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        self.metrics.requests.labels(route, method, str(status)).inc()
+        self.metrics.request_seconds.labels(route).observe(seconds)
+        log.info("request", extra={"method": method, "route": route, "path": scope["path"], "status": status,
+                                   "seconds": round(seconds, 4)})

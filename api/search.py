@@ -1,0 +1,152 @@
+"""``POST /v1/search``: take the query image (an upload, or a URL downloaded through the SSRF-guarded
+fetcher) within the size limit, find its copies, describe them from Milvus."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.types import Message, Receive
+
+from api.errors import ApiError, describe_validation
+from api.records import posts_of
+from ingest.fetch import Fetcher
+from matcher.query import Copy, CopyFinder
+from memetrace.imageio import BadImage, DecodedImage
+from memetrace.metrics import ApiMetrics
+from memetrace.milvus_store import MilvusStore
+
+FIELD = "image"
+BODY_SLACK = 64 * 1024  # multipart boundaries and part headers around the image bytes
+POSTS_PER_MATCH = 10
+FORMATS_HINT = "upload a JPEG, PNG, GIF, WebP, BMP or TIFF image"
+
+OPENAPI_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": [FIELD],
+                                       "properties": {FIELD: {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["url"], "additionalProperties": False,
+                                    "properties": {"url": {"type": "string", "format": "uri"}}}},
+}}}
+
+
+class SearchByUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=1, max_length=4096)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "too_large", f"the image exceeds MEMETRACE_API_MAX_UPLOAD_BYTES={max_bytes} bytes; "
+                                      "send a smaller file (thumbnails search as well as originals)")
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that stops the request once more than ``limit`` body bytes arrived."""
+    seen = 0
+
+    async def receive_limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise _TooLarge
+        return message
+
+    return receive_limited
+
+
+async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher) -> bytes:
+    """The query image's bytes, from the multipart field ``image`` or a JSON ``{"url": ...}``."""
+    limit = max_bytes + BODY_SLACK
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(max_bytes)  # refused before a byte of the body is read
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = Request(request.scope, _limited(request.receive, limit))
+    try:
+        if media_type == "multipart/form-data":
+            return await _uploaded(body, max_bytes)
+        if media_type == "application/json" or media_type.endswith("+json"):
+            query = _parse_url_query(await body.body())
+            return await run_in_threadpool(_download, fetcher, query.url)
+    except _TooLarge:
+        raise _too_large(max_bytes) from None
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {media_type or '(none)'} is not accepted: send multipart/form-data with the "
+                   f'file in field "{FIELD}" (curl -F {FIELD}=@photo.jpg), or application/json {{"url": "..."}}')
+
+
+async def _uploaded(body: Request, max_bytes: int) -> bytes:
+    form = await body.form(max_files=1, max_fields=8)
+    try:
+        upload = form.get(FIELD)
+        if upload is None:
+            raise ApiError(422, "missing_image", f'no multipart field "{FIELD}": send the file as '
+                                                 f"-F {FIELD}=@photo.jpg")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "missing_image", f'the multipart field "{FIELD}" is text, not a file: '
+                                                 f"send it as -F {FIELD}=@photo.jpg")
+        data = await upload.read(max_bytes + 1)
+    finally:
+        await form.close()
+    if len(data) > max_bytes:
+        raise _too_large(max_bytes)
+    if not data:
+        raise ApiError(400, "empty", f'the uploaded file "{upload.filename}" is empty (0 bytes); {FORMATS_HINT}')
+    return data
+
+
+def _parse_url_query(body: bytes) -> SearchByUrl:
+    try:
+        return SearchByUrl.model_validate_json(body)
+    except ValidationError as exc:
+        errors = list(exc.errors())
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise ApiError(400, "invalid_json", 'the body is not valid JSON: send {"url": "https://..."}') from None
+        raise ApiError(422, "invalid_request", f'{describe_validation(errors)}: send {{"url": "https://..."}} '
+                                               "and nothing else") from None
+
+
+def _download(fetcher: Fetcher, url: str) -> bytes:
+    res = fetcher.fetch(url)
+    if res.ok and res.data is not None:
+        return res.data
+    status = 413 if res.reason == "too_large" else 422
+    raise ApiError(status, "download_failed",
+                   f"could not use {url!r}: {res.reason} ({res.detail}); give a public http(s) URL of an image, "
+                   f'or upload the file in the multipart field "{FIELD}"', reason=res.reason)
+
+
+def search_image(finder: CopyFinder, store: MilvusStore, metrics: ApiMetrics, data: bytes) -> dict[str, Any]:
+    """Find the copies of the image in ``data`` and describe them (blocking: run it in a thread)."""
+    started = time.perf_counter()
+    try:
+        image, copies = finder.find(data)
+    except BadImage as exc:
+        raise ApiError(400 if exc.reason == "empty" else 422, exc.reason,
+                       f"the image cannot be searched: {exc.detail or exc.reason}; {FORMATS_HINT}") from None
+    result = _describe(store, image, copies)
+    metrics.search_seconds.observe(time.perf_counter() - started)
+    return result
+
+
+def _describe(store: MilvusStore, image: DecodedImage, copies: list[Copy]) -> dict[str, Any]:
+    ids = [c.image_id for c in copies]
+    rows, clusters = store.get(ids), store.clusters_of(ids)
+    matches = []
+    for c in copies:
+        posts = posts_of(store, [c.image_id])
+        matches.append({"image_id": c.image_id, "score": c.score, "inliers": c.inliers, "kind": c.kind,
+                        "similarity": c.similarity, "mirrored": c.mirrored, "cluster_id": clusters.get(c.image_id),
+                        "path": rows.get(c.image_id, {}).get("path"), "posts": posts[:POSTS_PER_MATCH],
+                        "posts_total": len(posts)})
+    return {"query": {"image_id": image.image_id, "width": image.width, "height": image.height,
+                      "stored": bool(store.existing([image.image_id]))},
+            "matches": matches}

@@ -1,0 +1,418 @@
+"""The query API over real sockets: a small corpus indexed with ``run_index`` (Milvus Lite, local
+feature store), served by uvicorn on 127.0.0.1, called with urllib.
+
+Two servers share the stored data: ``main`` requires a token and may download from loopback (the
+local HTTP server); ``strict`` has no token, the SSRF guard on, and a tiny upload limit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import Message
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageOps
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from api.app import create_app
+from api.server import bind, server_for
+from memetrace.cli import run_index
+from memetrace.context import Context
+from memetrace.imageio import content_id
+from memetrace.settings import Settings
+from tests.conftest import load_photo, make_settings
+
+TOKEN = "s3cret-token"
+SMALL_UPLOAD = 20_000  # strict server: bigger uploads are refused
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _corpus(folder: Path) -> dict[str, bytes]:
+    """Astronaut: original, crop, recompressed (a cluster of 3); cat and its mirror (2); 2 singletons."""
+    folder.mkdir()
+    astronaut, cat = load_photo("astronaut"), load_photo("cat")
+    w, h = astronaut.size
+    files = {"astronaut.jpg": _jpeg(astronaut, 90),
+             "astronaut_crop.jpg": _jpeg(astronaut.crop((w // 8, h // 16, w // 2 + w // 8, h // 2 + h // 16)), 90),
+             "astronaut_q35.jpg": _jpeg(astronaut, 35),
+             "cat.jpg": _jpeg(cat, 90), "cat_mirror.jpg": _jpeg(ImageOps.mirror(cat), 85),
+             "coffee.jpg": _jpeg(load_photo("coffee"), 90), "hubble.jpg": _jpeg(load_photo("hubble"), 90)}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Message
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers.get_content_type() == "application/json", (self.status, self.body[:200])
+        return json.loads(self.body)
+
+
+def _multipart(data: bytes, field_name: str = "image") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="query.jpg"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None  # the test looks at the redirect itself
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+@dataclass
+class Api:
+    base: str
+    token: str | None
+    ctx: Context
+
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+             auth: bool = True) -> Reply:
+        hdrs = {"Authorization": f"Bearer {self.token}"} if auth and self.token else {}
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers={**hdrs, **(headers or {})})
+        try:
+            with _OPENER.open(req, timeout=60) as resp:
+                return Reply(resp.status, resp.headers, resp.read())
+        except urllib.error.HTTPError as err:
+            with err:
+                return Reply(err.code, err.headers, err.read())
+
+    def get(self, path: str, **kw: Any) -> Reply:
+        return self.call("GET", path, **kw)
+
+    def upload(self, data: bytes, field_name: str = "image", **kw: Any) -> Reply:
+        body, content_type = _multipart(data, field_name)
+        return self.call("POST", "/v1/search", body, {"Content-Type": content_type}, **kw)
+
+    def search_url(self, url: str, **kw: Any) -> Reply:
+        return self.call("POST", "/v1/search", json.dumps({"url": url}).encode(),
+                         {"Content-Type": "application/json"}, **kw)
+
+
+def _api_context(settings: Settings, indexed: Context) -> Context:
+    """A Context sharing the indexing run's model and stores (one Milvus Lite file has one owner)."""
+    ctx = Context(settings)
+    ctx.embedder, ctx.store, ctx.features = indexed.embedder, indexed.store, indexed.features
+    return ctx
+
+
+def _serve(ctx: Context) -> Iterator[Api]:
+    sock = bind("127.0.0.1", 0)
+    server = server_for(create_app(ctx))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    api = Api(f"http://127.0.0.1:{sock.getsockname()[1]}", TOKEN if ctx.settings.api_token else None, ctx)
+    deadline = time.monotonic() + 60
+    while api.get("/readyz").status != 200:
+        assert time.monotonic() < deadline, api.get("/readyz").body
+        time.sleep(0.05)
+    try:
+        yield api
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+@dataclass
+class Corpus:
+    folder: Path
+    files: dict[str, bytes]
+    images_url: str  # the local HTTP server serving the folder
+
+    def id_of(self, name: str) -> int:
+        return content_id(self.files[name])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    folder = tmp_path_factory.mktemp("api") / "images"
+    files = _corpus(folder)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield Corpus(folder, files, f"http://127.0.0.1:{httpd.server_address[1]}")
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def indexed(corpus: Corpus, embedder) -> Context:
+    ctx = Context(make_settings(corpus.folder.parent / "data"))
+    ctx.embedder = embedder
+    summary = run_index(ctx, corpus.folder)
+    assert summary["new_images"] == 7 and summary["clusters"] == 2, summary
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def main(indexed: Context) -> Iterator[Api]:
+    settings = indexed.settings.model_copy(update={"api_token": SecretStr(TOKEN), "fetch_allow_private_networks": True})
+    yield from _serve(_api_context(settings, indexed))
+
+
+@pytest.fixture(scope="module")
+def strict(indexed: Context) -> Iterator[Api]:
+    settings = indexed.settings.model_copy(update={"api_max_upload_bytes": SMALL_UPLOAD})
+    yield from _serve(_api_context(settings, indexed))
+
+
+def _error(reply: Reply, status: int, error: str) -> dict:
+    assert reply.status == status, (reply.status, reply.body[:300])
+    body = reply.json()
+    assert body["error"] == error and body["detail"], body
+    return body
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def test_search_upload_finds_the_copies_with_their_cluster(main: Api, corpus: Corpus) -> None:
+    query = _jpeg(load_photo("astronaut"), 60)  # a copy nobody stored
+    reply = main.upload(query)
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["query"] == {"image_id": content_id(query), "width": 480, "height": 480, "stored": False}
+    matches = body["matches"]
+    assert {m["image_id"] for m in matches} == {corpus.id_of(n) for n in
+                                                ("astronaut.jpg", "astronaut_crop.jpg", "astronaut_q35.jpg")}
+    assert [m["score"] for m in matches] == sorted((m["score"] for m in matches), reverse=True)
+    assert len({m["cluster_id"] for m in matches}) == 1 and matches[0]["cluster_id"] is not None
+    by_path = {Path(m["path"]).name: m for m in matches}
+    assert by_path["astronaut_crop.jpg"]["kind"] == "partial" and by_path["astronaut.jpg"]["kind"] == "full"
+    assert all(m["inliers"] >= 10 and m["posts"] == [] and m["posts_total"] == 0 for m in matches)
+
+
+def test_search_a_stored_image_is_identical_to_itself(main: Api, corpus: Corpus) -> None:
+    body = main.upload(corpus.files["cat_mirror.jpg"]).json()
+    assert body["query"]["stored"] is True
+    kinds = {m["image_id"]: (m["kind"], m["mirrored"]) for m in body["matches"]}
+    assert kinds == {corpus.id_of("cat_mirror.jpg"): ("identical", False), corpus.id_of("cat.jpg"): ("full", True)}
+
+
+def test_search_by_url_through_the_fetcher(main: Api, corpus: Corpus) -> None:
+    reply = main.search_url(f"{corpus.images_url}/astronaut_crop.jpg")
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["query"]["image_id"] == corpus.id_of("astronaut_crop.jpg") and body["query"]["stored"]
+    assert body["matches"][0]["kind"] == "identical" and len(body["matches"]) == 3
+
+
+def test_search_by_url_refused_by_the_ssrf_guard(strict: Api, corpus: Corpus) -> None:
+    body = _error(strict.search_url(f"{corpus.images_url}/astronaut.jpg"), 422, "download_failed")
+    assert body["reason"] == "private_address" and "127.0.0.1 is not a public address" in body["detail"]
+
+
+def test_search_by_url_that_fails(main: Api, corpus: Corpus) -> None:
+    assert _error(main.search_url(f"{corpus.images_url}/missing.jpg"), 422, "download_failed")["reason"] == "http_404"
+    assert _error(main.search_url("file:///etc/passwd"), 422, "download_failed")["reason"] == "bad_url"
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "error"), [
+    (b"{not json", {"Content-Type": "application/json"}, 400, "invalid_json"),
+    (b"", {"Content-Type": "application/json"}, 400, "invalid_json"),
+    (b'{"uri": "http://x"}', {"Content-Type": "application/json"}, 422, "invalid_request"),
+    (b'{"url": 3}', {"Content-Type": "application/json"}, 422, "invalid_request"),
+    (b"[]", {"Content-Type": "application/json"}, 422, "invalid_request"),
+    (b"hello", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    (b"hello", {}, 415, "unsupported_media_type"),
+    (b"--x\r\n", {"Content-Type": "multipart/form-data"}, 400, "bad_request"),  # no boundary
+])
+def test_search_bad_requests(main: Api, body: bytes, headers: dict[str, str], status: int, error: str) -> None:
+    _error(main.call("POST", "/v1/search", body, headers), status, error)
+
+
+def test_search_bad_uploads(main: Api, strict: Api, corpus: Corpus) -> None:
+    assert "no supported image format" in _error(main.upload(b"GIF? no: plain text"), 422, "not_an_image")["detail"]
+    _error(main.upload(corpus.files["cat.jpg"][:2000]), 422, "corrupt")
+    _error(main.upload(_jpeg(Image.new("RGB", (20, 20)), 90)), 422, "too_small")
+    _error(main.upload(b""), 400, "empty")
+    assert "-F image=@" in _error(main.upload(corpus.files["cat.jpg"], field_name="file"), 422,
+                                  "missing_image")["detail"]
+    big = corpus.files["coffee.jpg"]
+    assert len(big) > SMALL_UPLOAD
+    assert "MEMETRACE_API_MAX_UPLOAD_BYTES=20000" in _error(strict.upload(big), 413, "too_large")["detail"]
+    # no Content-Length (chunked): the body is counted as it arrives
+    body, content_type = _multipart(big)
+    chunked = urllib.request.Request(strict.base + "/v1/search", data=iter([body[:1000], body[1000:]]),
+                                     method="POST", headers={"Content-Type": content_type})
+    try:
+        _OPENER.open(chunked, timeout=60)
+        pytest.fail("a chunked body over the limit was accepted")
+    except urllib.error.HTTPError as err:
+        with err:
+            assert err.code == 413 and json.loads(err.read())["error"] == "too_large"
+
+
+# ------------------------------------------------------------------------------------- images, clusters
+
+
+def test_image_and_thumbnail(main: Api, corpus: Corpus) -> None:
+    image_id = corpus.id_of("astronaut_crop.jpg")
+    body = main.get(f"/v1/images/{image_id}").json()
+    assert Path(body["path"]) == corpus.folder / "astronaut_crop.jpg"
+    assert body["image_id"] == image_id and body["cluster_id"] is not None and body["nb_points"] > 10
+    assert (body["width"], body["height"]) == Image.open(corpus.folder / "astronaut_crop.jpg").size
+    assert body["posts"] == [] and body["posts_total"] == 0
+    assert body["thumbnail"] == f"/v1/images/{image_id}/thumbnail"
+    thumb = main.get(body["thumbnail"])
+    assert thumb.status == 200 and thumb.headers["Content-Type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.body)).size) <= 160
+    _error(main.get("/v1/images/12345"), 404, "unknown_image")
+    _error(main.get("/v1/images/12345/thumbnail"), 404, "no_thumbnail")
+    _error(main.get("/v1/images/abc"), 422, "invalid_request")
+    _error(main.get(f"/v1/images/{2**64}"), 422, "invalid_request")
+
+
+def test_clusters_in_each_order(main: Api, corpus: Corpus) -> None:
+    by_size = main.get("/v1/clusters?sort=size").json()
+    assert by_size["total"] == 2 and [c["images"] for c in by_size["clusters"]] == [3, 2]
+    first = by_size["clusters"][0]
+    assert first["posts"] == 3 and first["platforms"] == {"file": 3} and first["growth_hour"] == 3
+    assert first["first_seen"] <= first["last_seen"] <= time.time()
+    for sort in ("growth", "recent"):
+        body = main.get(f"/v1/clusters?sort={sort}").json()
+        assert body["sort"] == sort and {c["cluster_id"] for c in body["clusters"]} == \
+               {c["cluster_id"] for c in by_size["clusters"]}
+    assert main.get("/v1/clusters?sort=growth").json()["clusters"][0]["images"] == 3  # 3 posts in the last hour
+    assert main.get("/v1/clusters?limit=1&offset=1").json()["clusters"] == by_size["clusters"][1:]
+    detail = _error(main.get("/v1/clusters?sort=biggest"), 422, "invalid_request")["detail"]
+    assert "query.sort" in detail and "'size', 'growth' or 'recent'" in detail
+    _error(main.get("/v1/clusters?limit=0"), 422, "invalid_request")
+
+
+def test_cluster_detail(main: Api, corpus: Corpus) -> None:
+    cluster_id = main.get(f"/v1/images/{corpus.id_of('cat.jpg')}").json()["cluster_id"]
+    body = main.get(f"/v1/clusters/{cluster_id}").json()
+    assert body["cluster_id"] == cluster_id and body["images"] == 2 and body["members_total"] == 2
+    assert {Path(m["path"]).name for m in body["members"]} == {"cat.jpg", "cat_mirror.jpg"}
+    assert all(m["thumbnail"] == f"/v1/images/{m['image_id']}/thumbnail" for m in body["members"])
+    assert [e["event"] for e in body["history"]] == ["created"]
+    assert body["timeline"] == [] and body["timeline_total"] == 0
+    _error(main.get("/v1/clusters/987654321"), 404, "unknown_cluster")
+
+
+# ------------------------------------------------------------------------------------------ gallery
+
+
+def test_gallery_with_the_token_cookie(main: Api, corpus: Corpus) -> None:
+    assert main.get("/", auth=False).headers["Location"] == "gallery"
+    _error(main.get("/gallery", auth=False), 401, "unauthorized")
+    assert main.get("/gallery").status == 200  # the header works too
+    _error(main.get("/gallery?token=wrong", auth=False), 401, "unauthorized")
+    login = main.get(f"/gallery?sort=growth&token={TOKEN}", auth=False)
+    assert login.status == 303 and login.headers["Location"] == "gallery?sort=growth"
+    cookie = login.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    jar = {"Cookie": cookie.split(";")[0]}
+    page = main.get("/gallery", auth=False, headers=jar)
+    assert page.status == 200 and page.headers.get_content_type() == "text/html"
+    assert "img-src 'self'" in page.headers["Content-Security-Policy"]
+    html = page.body.decode()
+    thumbs = re.findall(r'<img src="v1/images/(\d+)/thumbnail"', html)
+    assert sorted(map(int, thumbs)) == sorted(corpus.id_of(n) for n in corpus.files if "astronaut" in n or "cat" in n)
+    assert "<b>2</b> clusters shown" in html and "platforms: <b>file 3</b>" in html
+    assert html.index("astronaut") < html.index("cat.jpg")  # biggest first
+    assert main.get(f"/v1/images/{thumbs[0]}/thumbnail", auth=False, headers=jar).status == 200  # <img> works
+    # the cookie is for reading: a search needs the header
+    _error(main.call("POST", "/v1/search", b"{}", {"Content-Type": "application/json", **jar}, auth=False), 401,
+           "unauthorized")
+
+
+def test_gallery_without_token(strict: Api) -> None:
+    page = strict.get("/gallery?sort=recent&limit=1")
+    assert page.status == 200 and "<b>1</b> of 2 clusters shown" in page.body.decode()
+    _error(strict.get("/gallery?sort=nope"), 422, "invalid_request")
+
+
+# ---------------------------------------------------------------------------------- auth, operations
+
+
+def test_token_required_on_v1_only(main: Api, corpus: Corpus) -> None:
+    path = f"/v1/images/{corpus.id_of('cat.jpg')}"
+    missing = _error(main.get(path, auth=False), 401, "unauthorized")
+    assert "Authorization: Bearer" in missing["detail"]
+    assert main.get(path, auth=False).headers["WWW-Authenticate"] == "Bearer"
+    _error(main.get(path, auth=False, headers={"Authorization": "Bearer nope"}), 401, "unauthorized")
+    _error(main.get(path, auth=False, headers={"Authorization": f"Basic {TOKEN}"}), 401, "unauthorized")
+    _error(main.upload(b"x", auth=False), 401, "unauthorized")
+    assert main.get(path).status == 200
+    for open_path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
+        assert main.get(open_path, auth=False).status == 200, open_path
+
+
+def test_operations_and_unknown_routes(main: Api) -> None:
+    assert main.get("/healthz").json() == {"status": "ok"}
+    assert main.get("/readyz").json() == {"status": "ready"}
+    assert "/v1/search" in main.get("/openapi.json").json()["paths"]
+    assert "/docs" in _error(main.get("/v2/nothing"), 404, "not_found")["detail"]
+    _error(main.call("DELETE", "/v1/search"), 405, "method_not_allowed")
+
+
+def test_metrics_count_requests_by_route_template(main: Api, corpus: Corpus) -> None:
+    main.get(f"/v1/images/{corpus.id_of('hubble.jpg')}")
+    main.upload(corpus.files["coffee.jpg"])
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(main.get("/metrics").body.decode())
+               for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    requests = "memetrace_api_requests_total"
+    assert value(requests, route="/v1/images/{image_id}", method="GET", status="200") >= 1
+    assert value(requests, route="/v1/search", method="POST", status="200") >= 1
+    assert value(requests, route="unmatched", method="GET", status="404") >= 1
+    assert value("memetrace_api_request_seconds_count", route="/readyz") >= 1
+    assert value("memetrace_search_seconds_count") >= 1
+    routes = {dict(labels).get("route") for name, labels in samples if name == requests}
+    assert not any(str(corpus.id_of("hubble.jpg")) in r for r in routes)  # raw paths never become labels
+
+
+def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    def broken(image_ids: list[int]) -> dict:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(main.ctx.store, "get", broken)
+    with caplog.at_level(logging.ERROR, logger="api.middleware"):
+        body = _error(main.get("/v1/images/1"), 500, "internal_error")
+    assert "disk on fire" not in body["detail"]  # internals stay in the log
+    record = next(r for r in caplog.records if r.name == "api.middleware")
+    assert record.exc_info and "disk on fire" in str(record.exc_info[1]) and record.path == "/v1/images/1"
+
+
+def test_api_never_opened_the_catalog(main: Api, strict: Api) -> None:
+    """API replicas have no SQLite catalog: everything comes from Milvus and the feature store."""
+    assert "catalog" not in vars(main.ctx) and "catalog" not in vars(strict.ctx)
