@@ -70,7 +70,9 @@ def _chunks(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:
 
 class Indexer:
     def __init__(self, settings: Settings, embedder: Embedder, extractor: KeypointExtractor,
-                 store: MilvusStore, features: FeatureStore, catalog: Catalog) -> None:
+                 store: MilvusStore, features: FeatureStore, catalog: Catalog | None) -> None:
+        """``catalog``: None for the streaming ingest, whose record is Milvus' occurrences and dead
+        letters (a per-worker SQLite file would only duplicate it, and count posts twice)."""
         self.s = settings
         self.embedder = embedder
         self.extractor = extractor
@@ -133,8 +135,8 @@ class Indexer:
             else:
                 fresh[image_id] = result
         # a run that stopped after Milvus but before the catalog left stored images unknown here
-        self.catalog.add_images([(r.image.image_id, len(r.keypoints)) for _, r in results
-                                 if not isinstance(r, BadImage) and r.image.image_id in stored])
+        known = [(r.image.image_id, len(r.keypoints)) for _, r in results
+                 if not isinstance(r, BadImage) and r.image.image_id in stored]
         if fresh:
             batch = list(fresh.values())
             glob, regions = self.embedder.embed([p.image.rgb for p in batch], [p.boxes for p in batch])
@@ -144,8 +146,9 @@ class Indexer:
             self.store.upsert([
                 ImageRow(p.image.image_id, p.key, p.image.width, p.image.height, p.image.nbytes,
                          len(p.keypoints), glob[i], regions[i]) for i, p in enumerate(batch)])
-            self.catalog.add_images([(p.image.image_id, len(p.keypoints)) for p in batch])
+            known += [(p.image.image_id, len(p.keypoints)) for p in batch]
             report.new_images += len(fresh)
-        self.catalog.add_paths(paths)
-        if bad:
+        if self.catalog is not None:
+            self.catalog.add_images(known)
+            self.catalog.add_paths(paths)
             self.catalog.add_bad(bad)

@@ -161,7 +161,7 @@ class IngestWorker(StreamWorker):
         self.indexer = _RecordingIndexer(
             s, _Timed(ctx.embedder, "embed", m.embed_batch_seconds.observe),
             _Timed(ctx.extractor, "extract", m.sift_seconds.observe),
-            _Timed(ctx.store, "upsert", m.milvus_write_seconds.observe), self.features, ctx.catalog,
+            _Timed(ctx.store, "upsert", m.milvus_write_seconds.observe), self.features, None,
             decode_seconds=m.decode_seconds.observe)
         m.device.labels(str(ctx.embedder.device)).set(1)
         self.producer = make_producer(s)

@@ -137,12 +137,37 @@ class MilvusStore:
         self.cluster_summaries = f"{settings.milvus_collection_prefix}_cluster_summaries"
         self._ensure_record_collections()
 
+    # Build and search parameters per MEMETRACE_MILVUS_INDEX_TYPE, within Milvus' documented ranges.
+    # IVF_*: nlist in [1, 65536] clusters per segment, nprobe in [1, nlist] of them searched (1/8:
+    # recall first, the candidates are verified anyway). HNSW: ef in [limit, 32768]. DISKANN: no
+    # build parameters, search_list in [limit, ...] (Milvus 2.3 caps it at 200 while limit <= 20).
+    _IVF_NLIST = 128
+    _IVF_NPROBE = 16
+
     def _index_params(self):
         params = self.client.prepare_index_params()
-        extra = {"M": 16, "efConstruction": 200} if self.settings.milvus_index_type == "HNSW" else {}
-        params.add_index(field_name="vector", index_type=self.settings.milvus_index_type,
+        index_type = self.settings.milvus_index_type
+        extra = ({"M": 16, "efConstruction": 200} if index_type == "HNSW"
+                 else {"nlist": self._IVF_NLIST} if index_type in ("IVF_FLAT", "IVF_SQ8") else {})
+        params.add_index(field_name="vector", index_type=index_type,
                          metric_type=self.settings.milvus_metric, params=extra)
         return params
+
+    def _search_params(self, limit: int) -> dict:
+        index_type = self.settings.milvus_index_type
+        extra = ({"ef": max(64, limit)} if index_type == "HNSW"
+                 else {"nprobe": self._IVF_NPROBE} if index_type in ("IVF_FLAT", "IVF_SQ8")
+                 else {"search_list": max(100, limit)} if index_type == "DISKANN" else {})
+        return {"metric_type": self.settings.milvus_metric, **({"params": extra} if extra else {})}
+
+    def _create(self, name: str, schema, index_params) -> None:
+        """Create a collection; another process creating it at the same moment is fine (services
+        starting together race here: Milvus Lite then fails with 'File exists')."""
+        try:
+            self.client.create_collection(name, schema=schema, index_params=index_params, consistency_level=STRONG)
+        except MilvusException:
+            if not self.client.has_collection(name):
+                raise
 
     def _ensure_collections(self) -> None:
         if not self.client.has_collection(self.images):
@@ -155,15 +180,13 @@ class MilvusStore:
             schema.add_field("nbytes", DataType.INT64)
             schema.add_field("nb_points", DataType.INT32)
             schema.add_field("indexed_at", DataType.INT64)  # unix milliseconds
-            self.client.create_collection(self.images, schema=schema, index_params=self._index_params(),
-                                          consistency_level=STRONG)
+            self._create(self.images, schema, self._index_params())
         if not self.client.has_collection(self.regions):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("image_id", DataType.INT64)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-            self.client.create_collection(self.regions, schema=schema, index_params=self._index_params(),
-                                          consistency_level=STRONG)
+            self._create(self.regions, schema, self._index_params())
         # writers racing on a collection nobody loaded lose rows in Milvus Lite: load it first
         self.client.load_collection(self.images)
         self.client.load_collection(self.regions)
@@ -226,7 +249,7 @@ class MilvusStore:
             return []
         res = self.client.search(collection, data=list(np.asarray(vectors, dtype=np.float32)), limit=limit,
                                  filter=filter, output_fields=[id_field] if id_field != "id" else [],
-                                 search_params={"metric_type": self.settings.milvus_metric},
+                                 search_params=self._search_params(limit),
                                  consistency_level=STRONG)
         out = []
         for hits in res:
@@ -299,7 +322,7 @@ class MilvusStore:
                     schema.add_field(field, DataType.INT64)
                 params = self.client.prepare_index_params()
                 params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-                self.client.create_collection(name, schema=schema, index_params=params, consistency_level=STRONG)
+                self._create(name, schema, params)
             self.client.load_collection(name)
 
     def upsert_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import io
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import load_photo
+from conftest import load_photo, make_settings
 from kafka_broker import Broker, kafka_broker  # noqa: F401
 from prometheus_client import CollectorRegistry
 from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, produce, read_topic,  # noqa: F401
@@ -29,6 +30,7 @@ from memetrace.context import Context
 from memetrace.imageio import content_id
 from memetrace.kafka_clients import ensure_topics
 from memetrace.metrics import ClusterMetrics, IngestMetrics, MatchMetrics
+from memetrace.milvus_store import MilvusStore
 from memetrace.settings import Settings
 
 IDLE_S = 6  # each service exits after this long without a message
@@ -135,3 +137,12 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     replayed = store.cluster_summary(cat_cluster)
     assert replayed is not None and (replayed.images, replayed.posts, replayed.platforms) == (3, 4, {"x": 3, "y": 1})
     assert [h["event"] for h in replayed.history] == ["created"]
+
+
+def test_services_starting_together_create_the_collections_once(milvus_server: str, tmp_path: Path) -> None:
+    """Every service opens the store at start; the ones that lose the creation race must go on."""
+    s = make_settings(tmp_path, milvus_uri=milvus_server, milvus_collection_prefix="race")
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: MilvusStore(s, 8), range(4)))
+    assert all(st.count() == 0 for st in stores)
+    assert stores[0].client.has_collection("race_cluster_summaries")
