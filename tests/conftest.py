@@ -1,10 +1,13 @@
 """Shared fixtures: real photos (scikit-image's bundled samples, never the network), clean
-settings, and one Embedder for the whole test session (loading the model costs ~2 s)."""
+settings, one Embedder for the whole test session (loading the model costs ~2 s), and one Milvus
+standalone server for the session (~3 s to start; ~6 s the first time, unpacking its binaries)."""
 
 from __future__ import annotations
 
 import io
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +75,20 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.upper().startswith("MEMETRACE_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri() -> Iterator[str]:
+    """A real Milvus server (2.3 standalone, not Lite) shared by the session: its http:// URI. Tests
+    isolate themselves with a collection prefix of their own."""
+    from benchmarks.services import MILVUS_STOP_GRACE, milvus_server_unavailable, start_milvus_server, stop_process
+
+    if reason := milvus_server_unavailable():
+        pytest.skip(f"cannot start a Milvus server here: {reason}")
+    # not under pytest's kept temp dirs: etcd and RocksMQ preallocate ~270 MB
+    with tempfile.TemporaryDirectory(prefix="memetrace-milvus-") as data_dir:
+        proc, uri = start_milvus_server(Path(data_dir))
+        try:
+            yield uri
+        finally:
+            stop_process(proc, MILVUS_STOP_GRACE)

@@ -1,7 +1,8 @@
-"""The stores: MilvusStore on Milvus Lite, the feature stores, the SQLite catalog."""
+"""The stores: MilvusStore on Milvus Lite and on a Milvus server, the feature stores, the SQLite catalog."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,27 @@ from conftest import make_settings, rgb
 from memetrace.catalog import Catalog, Match
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.milvus_store import ImageRow, MilvusStore, region_key
+from memetrace.milvus_store import DeadLetterRow, ImageRow, MilvusStore, OccurrenceRow, region_key, stored_dim
+from memetrace.settings import Settings
 
-# ----------------------------------------------------------------------------- Milvus Lite
+# ----------------------------------------------------------------------------- Milvus (Lite and server)
+
+
+@pytest.fixture(scope="module", params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def milvus_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings of an empty store: a Milvus Lite file in its data dir, or collections of its own on the
+    session's Milvus server."""
+    data_dir = tmp_path_factory.mktemp("milvus") / "data"
+    if request.param == "lite":
+        return make_settings(data_dir)
+    return make_settings(data_dir, milvus_uri=request.getfixturevalue("milvus_server_uri"),
+                         milvus_collection_prefix=f"t{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory, embedder, photos: dict[str, Image.Image]):
-    """A Milvus Lite store holding six real photos: (store, rows by name)."""
-    settings = make_settings(tmp_path_factory.mktemp("milvus") / "data")
-    store = MilvusStore(settings, embedder.dim)
+def indexed(milvus_settings: Settings, embedder, photos: dict[str, Image.Image]):
+    """A store holding six real photos: (store, rows by name)."""
+    store = MilvusStore(milvus_settings, embedder.dim)
     names = ["astronaut", "cat", "coffee", "coins", "cameraman", "rocket"]
     glob, regions = embedder.embed([rgb(photos[n]) for n in names])
     rows = {n: ImageRow(1000 + i, f"images/{n}.jpg", photos[n].width, photos[n].height, 12345 + i, 100 + i,
@@ -30,6 +42,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory, embedder, photos: dict[str
     return store, rows
 
 
+@pytest.mark.parametrize("milvus_settings", ["lite"], indirect=True)
 def test_milvus_lite_file_lives_in_the_data_dir(indexed) -> None:
     store, _ = indexed
     uri = Path(store.settings.resolved_milvus_uri())
@@ -111,6 +124,33 @@ def test_reopening_sees_the_same_rows(indexed) -> None:
     store, rows = indexed
     again = MilvusStore(store.settings, store.dim)  # same file, collections already there
     assert again.count() == len(rows)
+    assert stored_dim(again.client, store.settings) == store.dim
+
+
+def test_occurrences_and_deadletters(indexed) -> None:
+    store, rows = indexed
+    assert (store.count_occurrences(), store.count_deadletters()) == (0, 0)
+    assert store.image_ids_of_occurrences() == [] and store.deadletters_by_reason() == {}
+    cat, coins = rows["cat"].image_id, rows["coins"].image_id
+    # more rows than one query_iterator batch (1000)
+    occ = [OccurrenceRow(10 + i, cat if i % 3 else coins, f"p{i}", f"https://x.test/{i}", 1_700_000_000 + i, "x",
+                         f"u{i % 7}") for i in range(2500)]
+    store.upsert_occurrences(occ)
+    store.upsert_occurrences(occ[:10])  # redelivered: the same rows
+    assert store.count_occurrences() == 2500
+    ids = store.image_ids_of_occurrences()
+    assert len(ids) == 2500 and ids.count(coins) == 834 and ids.count(cat) == 1666
+    of_coins = store.occurrences_of(coins)
+    assert len(of_coins) == 834 and {r["post_id"] for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
+    first = next(r for r in of_coins if r["post_id"] == "p0")
+    assert (first["url"], first["posted_at"], first["platform"], first["author"]) == ("https://x.test/0",
+                                                                                     1_700_000_000, "x", "u0")
+    dead = [DeadLetterRow(1 + i, "http_404" if i % 2 else "not_an_image", "d", f"p{i}", "", f"t/0/{i}")
+            for i in range(5)]
+    store.upsert_deadletters(dead)
+    store.upsert_deadletters(dead[:2])
+    assert store.count_deadletters() == 5
+    assert store.deadletters_by_reason() == {"http_404": 2, "not_an_image": 3}
 
 
 def test_region_keys_are_distinct_and_positive() -> None:
