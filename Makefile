@@ -33,7 +33,7 @@ demo: install
 test: install system-deps
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install
+test-fast: install system-deps
 	$(BIN)/python -m pytest -q -ra -m "not slow and not milvus_server"
 
 bench: install system-deps

@@ -32,6 +32,8 @@ class StreamMetrics:
         self.batches = Counter("memetrace_batches_total", "batches stored in every sink", registry=r)
         self.retries = Counter("memetrace_retries_total", "retried writes while a dependency was down",
                                ["target"], registry=r)
+        for target in ("milvus", "kafka"):  # a healthy service reports 0, not "no data"
+            self.retries.labels(target)
         self.batch_seconds = Histogram("memetrace_batch_seconds", "poll to commit of one batch",
                                        buckets=_BATCH_BUCKETS, registry=r)
         self.batch_size = Histogram("memetrace_batch_size", "messages per batch", buckets=_SIZE_BUCKETS, registry=r)

@@ -18,6 +18,7 @@ is durable, exit. A partition revoked by a rebalance gets its durable offsets co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -214,6 +215,9 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
         self.worker.commit(list(revoked))
+        for tp in revoked:  # its new owner reports its lag now: a stale series would count it twice
+            with contextlib.suppress(KeyError):
+                self.worker.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         names = [f"{tp.topic}/{tp.partition}" for tp in assigned]

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -71,12 +72,18 @@ def _demo_posts(data_dir: Path) -> Path:
     return posts
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (kill, a backgrounded `make stack`) stops the services too, as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("memetrace-data/stack"))
     parser.add_argument("--api-port", type=int, default=8000)
     parser.add_argument("--demo", action="store_true", help="produce the demo corpus as posts")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
     data_dir = args.data_dir.resolve()
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
