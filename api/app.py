@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Annotated, Any
 
+from anyio import CapacityLimiter
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -47,6 +48,7 @@ def create_app(ctx: Context, registry: CollectorRegistry | None = None) -> FastA
     finder = CopyFinder(ctx)
     # one fetcher per process: its per-host limits are then global; a URL is held to the upload limit
     fetcher = Fetcher(replace(FetchPolicy.from_settings(s), max_bytes=min(s.max_file_bytes, s.api_max_upload_bytes)))
+    downloads = CapacityLimiter(fetcher.policy.max_in_flight)
     auth = TokenCheck(s.api_token)
 
     @asynccontextmanager
@@ -74,7 +76,7 @@ def create_app(ctx: Context, registry: CollectorRegistry | None = None) -> FastA
 
         Matches come best first (`score` = verified keypoints); `kind` is full, partial, or
         identical (these very bytes are stored)."""
-        data = await read_query_image(request, s.api_max_upload_bytes, fetcher)
+        data = await read_query_image(request, s.api_max_upload_bytes, fetcher, downloads)
         return await run_in_threadpool(search_image, finder, ctx.store, metrics, data)
 
     @v1.get("/images/{image_id}", tags=["images"])

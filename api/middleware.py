@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,6 +15,16 @@ log = logging.getLogger(__name__)
 
 # label values must stay bounded whatever clients send
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned: no answer went out, nothing broke
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's template, not the raw path. FastAPI's routes put themselves in the scope;
+    its docs routes (/docs, /openapi.json: plain Starlette routes) leave only their endpoint."""
+    route, endpoint = scope.get("route"), scope.get("endpoint")
+    if route is None and endpoint is not None:
+        route = next((r for r in scope["app"].routes if getattr(r, "endpoint", None) is endpoint), None)
+    return getattr(route, "path", "unmatched")
 
 
 class ObserveRequests:
@@ -38,6 +49,8 @@ class ObserveRequests:
 
         try:
             await self.app(scope, receive, send_observed)
+        except ClientDisconnect:  # gone while we read its body (an aborted upload)
+            status = _CLIENT_CLOSED
         except Exception:
             log.error("unhandled error", exc_info=True, extra={"method": scope["method"], "path": scope["path"]})
             if responded:
@@ -49,7 +62,7 @@ class ObserveRequests:
             self._record(scope, status, time.perf_counter() - started)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", "unmatched")  # the template, not the raw path
+        route = _route_template(scope)
         method = scope["method"] if scope["method"] in _METHODS else "other"
         self.metrics.requests.labels(route, method, str(status)).inc()
         self.metrics.request_seconds.labels(route).observe(seconds)

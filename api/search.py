@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
@@ -62,8 +63,11 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return receive_limited
 
 
-async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher) -> bytes:
-    """The query image's bytes, from the multipart field ``image`` or a JSON ``{"url": ...}``."""
+async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher, downloads: CapacityLimiter) -> bytes:
+    """The query image's bytes, from the multipart field ``image`` or a JSON ``{"url": ...}``.
+
+    A download can wait on a slow server for minutes: it takes a thread of ``downloads``, never
+    one of the shared pool that every other endpoint (and its auth check) needs."""
     limit = max_bytes + BODY_SLACK
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -75,7 +79,7 @@ async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher) -
             return await _uploaded(body, max_bytes)
         if media_type == "application/json" or media_type.endswith("+json"):
             query = _parse_url_query(await body.body())
-            return await run_in_threadpool(_download, fetcher, query.url)
+            return await anyio.to_thread.run_sync(_download, fetcher, query.url, limiter=downloads)
     except _TooLarge:
         raise _too_large(max_bytes) from None
     raise ApiError(415, "unsupported_media_type",

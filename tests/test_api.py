@@ -11,15 +11,18 @@ import io
 import json
 import logging
 import re
+import socket
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from api.app import create_app
+from api.search import BODY_SLACK
 from api.server import bind, server_for
 from memetrace.cli import run_index
 from memetrace.context import Context
@@ -114,6 +118,15 @@ class Api:
     def search_url(self, url: str, **kw: Any) -> Reply:
         return self.call("POST", "/v1/search", json.dumps({"url": url}).encode(),
                          {"Content-Type": "application/json"}, **kw)
+
+
+def _raw_request(api: Api, request_line: str, headers: dict[str, str], body: bytes) -> socket.socket:
+    """A socket that sent ``request_line``, ``headers`` and ``body`` as they are: bodies urllib cannot send."""
+    base = urllib.parse.urlsplit(api.base)
+    sock = socket.create_connection((base.hostname, base.port), timeout=10)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "api", **headers}.items())
+    sock.sendall(f"{request_line} HTTP/1.1\r\n{head}\r\n".encode() + body)
+    return sock
 
 
 def _api_context(settings: Settings, indexed: Context) -> Context:
@@ -239,6 +252,37 @@ def test_search_by_url_that_fails(main: Api, corpus: Corpus) -> None:
     assert _error(main.search_url("file:///etc/passwd"), 422, "download_failed")["reason"] == "bad_url"
 
 
+def test_stalled_downloads_leave_the_other_endpoints_alone(main: Api) -> None:
+    """URL searches stuck on a server that does not answer keep to their own threads: the rest of the API
+    (whose sync endpoints and auth checks run on anyio's shared pool of 40 threads) still answers."""
+    release = threading.Event()
+
+    class Stall(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            release.wait(20)
+            self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    stalling = ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    threading.Thread(target=stalling.serve_forever, daemon=True).start()
+    n = 45  # more than the shared pool
+    with ThreadPoolExecutor(n) as pool:
+        stuck = [pool.submit(main.search_url, f"http://127.0.0.1:{stalling.server_address[1]}/{i}.jpg")
+                 for i in range(n)]
+        try:
+            time.sleep(1)  # all of them reach the fetcher
+            started = time.monotonic()
+            assert main.get("/v1/clusters").status == 200
+            assert time.monotonic() - started < 5
+        finally:
+            release.set()
+        assert {f.result().json()["reason"] for f in stuck} == {"http_404"}
+    stalling.shutdown()
+    stalling.server_close()
+
+
 @pytest.mark.parametrize(("body", "headers", "status", "error"), [
     (b"{not json", {"Content-Type": "application/json"}, 400, "invalid_json"),
     (b"", {"Content-Type": "application/json"}, 400, "invalid_json"),
@@ -263,16 +307,14 @@ def test_search_bad_uploads(main: Api, strict: Api, corpus: Corpus) -> None:
     big = corpus.files["coffee.jpg"]
     assert len(big) > SMALL_UPLOAD
     assert "MEMETRACE_API_MAX_UPLOAD_BYTES=20000" in _error(strict.upload(big), 413, "too_large")["detail"]
-    # no Content-Length (chunked): the body is counted as it arrives
-    body, content_type = _multipart(big)
-    chunked = urllib.request.Request(strict.base + "/v1/search", data=iter([body[:1000], body[1000:]]),
-                                     method="POST", headers={"Content-Type": content_type})
-    try:
-        _OPENER.open(chunked, timeout=60)
-        pytest.fail("a chunked body over the limit was accepted")
-    except urllib.error.HTTPError as err:
-        with err:
-            assert err.code == 413 and json.loads(err.read())["error"] == "too_large"
+
+
+def test_chunked_upload_refused_while_it_arrives(strict: Api) -> None:
+    """No Content-Length: the body is counted as it arrives, so a 413 comes before its end (here: never)."""
+    body, content_type = _multipart(b"\xff\xd8\xff" + bytes(SMALL_UPLOAD + BODY_SLACK))
+    with _raw_request(strict, "POST /v1/search", {"Content-Type": content_type, "Transfer-Encoding": "chunked"},
+                      f"{len(body):x}\r\n".encode() + body + b"\r\n") as sock:  # and never the last chunk
+        assert sock.makefile("rb").readline().split()[1] == b"413"
 
 
 # ------------------------------------------------------------------------------------- images, clusters
@@ -380,24 +422,47 @@ def test_operations_and_unknown_routes(main: Api) -> None:
     _error(main.call("DELETE", "/v1/search"), 405, "method_not_allowed")
 
 
+def _metrics(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics by (name, sorted labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(api.get("/metrics").body.decode()) for s in family.samples}
+
+
+def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
 def test_metrics_count_requests_by_route_template(main: Api, corpus: Corpus) -> None:
     main.get(f"/v1/images/{corpus.id_of('hubble.jpg')}")
     main.upload(corpus.files["coffee.jpg"])
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(main.get("/metrics").body.decode())
-               for s in family.samples}
-
-    def value(name: str, **labels: str) -> float:
-        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
+    main.get("/docs")
+    samples = _metrics(main)
     requests = "memetrace_api_requests_total"
-    assert value(requests, route="/v1/images/{image_id}", method="GET", status="200") >= 1
-    assert value(requests, route="/v1/search", method="POST", status="200") >= 1
-    assert value(requests, route="unmatched", method="GET", status="404") >= 1
-    assert value("memetrace_api_request_seconds_count", route="/readyz") >= 1
-    assert value("memetrace_search_seconds_count") >= 1
+    assert _value(samples, requests, route="/v1/images/{image_id}", method="GET", status="200") >= 1
+    assert _value(samples, requests, route="/v1/search", method="POST", status="200") >= 1
+    assert _value(samples, requests, route="/docs", method="GET", status="200") >= 1  # a Starlette route
+    assert _value(samples, requests, route="unmatched", method="GET", status="404") >= 1
+    assert _value(samples, requests, route="unmatched", method="GET", status="200") == 0
+    assert _value(samples, "memetrace_api_request_seconds_count", route="/readyz") >= 1
+    assert _value(samples, "memetrace_search_seconds_count") >= 1
     routes = {dict(labels).get("route") for name, labels in samples if name == requests}
     assert not any(str(corpus.id_of("hubble.jpg")) in r for r in routes)  # raw paths never become labels
+
+
+def test_aborted_upload_is_no_server_error(main: Api, caplog: pytest.LogCaptureFixture) -> None:
+    """A client hanging up mid-upload is counted as 499 (client closed), not logged and counted as a 500."""
+    body, content_type = _multipart(bytes(100_000))
+    labels = {"route": "/v1/search", "method": "POST"}
+    with caplog.at_level(logging.ERROR, logger="api.middleware"):
+        with _raw_request(main, "POST /v1/search", {"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type,
+                                                    "Content-Length": str(len(body))}, body[:1000]):
+            time.sleep(0.2)  # the handler is waiting for the rest of the body
+        deadline = time.monotonic() + 10
+        while not _value(samples := _metrics(main), "memetrace_api_requests_total", status="499", **labels):
+            assert time.monotonic() < deadline, "the aborted upload was not counted as 499"
+            time.sleep(0.05)
+    assert _value(samples, "memetrace_api_requests_total", status="500", **labels) == 0
+    assert not [r for r in caplog.records if r.name == "api.middleware"]
 
 
 def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.MonkeyPatch,
