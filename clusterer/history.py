@@ -6,6 +6,8 @@ Only clusters of 2+ images count (a singleton is an image nobody copied yet)::
     {A: 1,2}                {A: 1,2,3}             A grew
     {A: 1,2} {B: 3,4}       {A: 1,2,3,4}           A merged [A, B]        (A was the larger)
     {A: 1,2,3} ...          {A: 1,2} {C: 3,4}      A split [A, C], C created [A]
+    {A: 1,2,3} {B: 4,5,6}   {A: 1,2} {B: 4,5}      A split [A, C], B split [B, C],
+                            {C: 3,6}               C created [A, B]
     -                       {D: 5,6}               D created []
     {E: 7,8}                -                      E dissolved
 """
@@ -37,20 +39,21 @@ def multi_image_clusters(assignment: dict[int, int]) -> dict[int, set[int]]:
 def diff(previous: dict[int, int], current: dict[int, int]) -> list[ClusterEvent]:
     """Events turning the ``previous`` image -> cluster assignment into ``current``."""
     before, after = multi_image_clusters(previous), multi_image_clusters(current)
+    parts = {cid: tuple(sorted({current[i] for i in images if current.get(i) in after}))
+             for cid, images in before.items()}
     events: list[ClusterEvent] = []
     for cid in sorted(after):
         members = after[cid]
         sources = tuple(sorted({previous[i] for i in members if previous.get(i) in before}))
-        if len(sources) > 1:
-            events.append(ClusterEvent("merged", cid, sources))
-        elif cid not in before:
+        if cid not in before:  # a new id, even when made of parts of several clusters
             events.append(ClusterEvent("created", cid, sources))
-        elif members != before[cid]:
+        elif len(sources) > 1:
+            events.append(ClusterEvent("merged", cid, sources))
+        elif members != before[cid] and len(parts[cid]) < 2:  # a split is one event, not also "shrank"
             events.append(ClusterEvent("grew" if len(members) >= len(before[cid]) else "shrank", cid, ()))
     for cid in sorted(before):
-        parts = tuple(sorted({current[i] for i in before[cid] if current.get(i) in after}))
-        if len(parts) > 1:
-            events.append(ClusterEvent("split", cid, parts))
-        elif not parts:
+        if len(parts[cid]) > 1:
+            events.append(ClusterEvent("split", cid, parts[cid]))
+        elif not parts[cid]:
             events.append(ClusterEvent("dissolved", cid, ()))
     return events

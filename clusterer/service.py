@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from clusterer.graph import build_graph, communities, stable_ids
@@ -23,6 +23,8 @@ from memetrace.milvus_store import ClusterSummary
 
 #: publish(changed assignment, summaries, removed cluster ids), e.g. MilvusStore.publish_clusters
 Publish = Callable[[dict[int, int], list[ClusterSummary], list[int]], None]
+
+HISTORY = 20  # latest events per cluster in its summary
 
 
 @dataclass
@@ -52,18 +54,22 @@ def recluster(catalog: Catalog, algorithm: str, publish: Publish | None = None, 
     assignment = stable_ids(communities(build_graph(catalog.images(), catalog.matches()), algorithm), previous)
     events = diff(previous, assignment)
     groups = multi_image_clusters(assignment)
-    catalog.add_cluster_events(int(now), [e.as_row() for e in events])
-    summaries = summarize(catalog, groups, now)
+    summaries = summarize(catalog, groups, now, events)
     if publish is not None:  # before the catalog moves on: a failed publish is redone by the next run
         changed = assignment if publish_all else {i: c for i, c in assignment.items() if previous.get(i) != c}
         publish(changed, summaries, sorted(set(multi_image_clusters(previous)) - set(groups)))
-    catalog.set_clusters(assignment)
+    catalog.set_clusters(assignment, int(now), [e.as_row() for e in events])  # only now: a failed run records no event
     return ClusterRun(int(now), time.perf_counter() - t0, len(groups), sum(map(len, groups.values())),
                       max(map(len, groups.values()), default=0), events, summaries)
 
 
-def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float) -> list[ClusterSummary]:
-    """Size in images and posts, first/last seen, growth over the last hour and day, platforms."""
+def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float,
+              events: Sequence[ClusterEvent] = ()) -> list[ClusterSummary]:
+    """Size in images and posts, first/last seen, growth over the last hour and day, platforms, and
+    history: the recorded events, then ``events`` (this run's, recorded once it is published)."""
+    new: dict[int, list[dict]] = defaultdict(list)
+    for e in events:
+        new[e.cluster_id].append({"at": int(now), "event": e.event, "clusters": list(e.clusters)})
     cluster_of = {image: cid for cid, images in groups.items() for image in images}
     acc: dict[int, dict] = defaultdict(lambda: {"posts": 0, "first": None, "last": None, "hour": 0, "day": 0,
                                                 "platforms": defaultdict(int)})
@@ -82,5 +88,6 @@ def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float) -> list
     for cid, images in sorted(groups.items()):
         a = acc[cid]
         out.append(ClusterSummary(cid, len(images), a["posts"], a["first"] or 0, a["last"] or 0, a["hour"],
-                                  a["day"], dict(a["platforms"]), catalog.cluster_history(cid), int(now)))
+                                  a["day"], dict(a["platforms"]),
+                                  (catalog.cluster_history(cid, HISTORY) + new[cid])[-HISTORY:], int(now)))
     return out

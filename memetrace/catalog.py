@@ -128,11 +128,17 @@ class Catalog:
             "SELECT a, b, score, inliers, kind FROM matches WHERE a = ? OR b = ?", (image_id, image_id))]
 
     # clusters
-    def set_clusters(self, assignment: dict[int, int]) -> None:
+    def set_clusters(self, assignment: dict[int, int], at: int = 0,
+                     events: Iterable[tuple[str, int, Sequence[int]]] = ()) -> None:
+        """Replace the assignment and record the run's history ``events`` (event, cluster_id, related
+        cluster ids) at ``at`` (unix s) in one transaction: a run that fails before this records no
+        event, so the run redoing it does not record them twice."""
         with self._lock:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM clusters")
             self.db.executemany("INSERT INTO clusters VALUES (?, ?)", assignment.items())
+            self.db.executemany("INSERT INTO cluster_events VALUES (?, ?, ?, ?)",
+                                [(at, e, c, json.dumps(list(related))) for e, c, related in events])
             self.db.execute("COMMIT")
 
     def clusters(self) -> dict[int, int]:
@@ -148,17 +154,14 @@ class Catalog:
         """Per (image, platform): posts, first and last seen, posts in the last hour and day.
 
         Posts and indexed files both count (a file is an occurrence on platform "file"); a post's
-        time is when it was posted, or when the clusterer first saw it if unknown."""
+        time is when it was posted, or when the clusterer first saw it if unknown or later (a
+        post dated in the future would otherwise count as growth, and as last seen, for ever)."""
         return self._read(
             "SELECT image_id, platform, COUNT(*), MIN(t), MAX(t), SUM(t >= ?), SUM(t >= ?) FROM ("
-            " SELECT image_id, platform, CASE WHEN posted_at >= 0 THEN posted_at ELSE CAST(seen_at AS INTEGER) END t"
+            " SELECT image_id, platform, CASE WHEN posted_at >= 0 THEN MIN(posted_at, CAST(seen_at AS INTEGER))"
+            " ELSE CAST(seen_at AS INTEGER) END t"
             " FROM posts UNION ALL SELECT image_id, 'file', CAST(seen_at AS INTEGER) FROM paths)"
             " GROUP BY image_id, platform", (int(now - 3600), int(now - 86400)))
-
-    def add_cluster_events(self, at: int, events: Iterable[tuple[str, int, Sequence[int]]]) -> None:
-        """(event, cluster_id, related cluster ids) recorded at ``at`` (unix s)."""
-        self._write("INSERT INTO cluster_events VALUES (?, ?, ?, ?)",
-                    [(at, e, c, json.dumps(list(related))) for e, c, related in events])
 
     def cluster_history(self, cluster_id: int, limit: int = 20) -> list[dict]:
         """The latest ``limit`` events of a cluster, oldest first."""

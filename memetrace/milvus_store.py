@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +61,7 @@ class ClusterSummary:
     posts: int  # occurrences: posts (streaming) and files (batch) showing one of its images
     first_seen: int
     last_seen: int
-    growth_hour: int  # posts first seen in the hour before the run
+    growth_hour: int  # posts in the hour before the run (by posting time, else when first seen)
     growth_day: int
     platforms: dict[str, int]  # posts per platform ("file" for indexed files)
     history: list[dict]  # latest events: {"at", "event": created|grew|shrank|merged|split, "clusters": [...]}
@@ -162,12 +162,16 @@ class MilvusStore:
 
     def _create(self, name: str, schema, index_params) -> None:
         """Create a collection; another process creating it at the same moment is fine (services
-        starting together race here: Milvus Lite then fails with 'File exists')."""
+        starting together race here: Milvus Lite then fails with 'File exists', and lists the
+        collection only once its creator is done)."""
         try:
             self.client.create_collection(name, schema=schema, index_params=index_params, consistency_level=STRONG)
         except MilvusException:
-            if not self.client.has_collection(name):
-                raise
+            deadline = time.monotonic() + 10
+            while not self.client.has_collection(name):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def _ensure_collections(self) -> None:
         if not self.client.has_collection(self.images):
@@ -357,16 +361,20 @@ class MilvusStore:
             self.occurrences, filter=f"image_id == {int(image_id)}", consistency_level=STRONG,
             output_fields=["post_id", "url", "posted_at", "platform", "author", "seen_at"])]
 
-    def _field_values(self, collection: str, field: str) -> list:
-        it = self.client.query_iterator(collection, batch_size=1000, filter="id >= 0", output_fields=[field],
+    def _query_all(self, collection: str, fields: list[str], filter: str = "id >= 0") -> list[dict]:
+        """Every row matching ``filter``, through an iterator: one query returns 16384 rows at most."""
+        it = self.client.query_iterator(collection, batch_size=1000, filter=filter, output_fields=fields,
                                         consistency_level=STRONG)
-        out: list = []
+        out: list[dict] = []
         try:
             while batch := it.next():
-                out.extend(r[field] for r in batch)
+                out.extend(batch)
         finally:
             it.close()
         return out
+
+    def _field_values(self, collection: str, field: str) -> list:
+        return [r[field] for r in self._query_all(collection, [field])]
 
     def deadletters_by_reason(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -401,8 +409,7 @@ class MilvusStore:
         return {int(r["id"]): int(r["cluster_id"]) for r in rows}
 
     def cluster_members(self, cluster_id: int) -> list[int]:
-        rows = self.client.query(self.clusters, filter=f"cluster_id == {int(cluster_id)}", output_fields=["id"],
-                                 limit=16_384, consistency_level=STRONG)
+        rows = self._query_all(self.clusters, ["id"], f"cluster_id == {int(cluster_id)}")  # a viral one: 16384+
         return sorted(int(r["id"]) for r in rows)
 
     def cluster_summary(self, cluster_id: int) -> ClusterSummary | None:
@@ -411,15 +418,7 @@ class MilvusStore:
         return _summary_of(rows[0]) if rows else None
 
     def all_cluster_summaries(self) -> list[ClusterSummary]:
-        it = self.client.query_iterator(self.cluster_summaries, batch_size=1000, filter="id >= 0",
-                                        output_fields=list(_SUMMARY_FIELDS), consistency_level=STRONG)
-        out: list[ClusterSummary] = []
-        try:
-            while batch := it.next():
-                out.extend(_summary_of(r) for r in batch)
-        finally:
-            it.close()
-        return out
+        return [_summary_of(r) for r in self._query_all(self.cluster_summaries, list(_SUMMARY_FIELDS))]
 
     def image_ids_of_occurrences(self) -> list[int]:
         """The image id of every occurrence (one entry per post)."""
@@ -434,14 +433,20 @@ _SUMMARY_FIELDS = ("id", "images", "posts", "first_seen", "last_seen", "growth_h
 
 
 def _summary_row(c: ClusterSummary) -> dict:
-    platforms = json.dumps(dict(sorted(c.platforms.items(), key=lambda kv: -kv[1])[:50]))
-    history = list(c.history)
-    while len(json.dumps(history)) > _HISTORY_CHARS and history:  # keep the latest events that fit
-        history = history[1:]
+    platforms = sorted(c.platforms.items(), key=lambda kv: kv[1])[-50:]  # least posted first: dropped first
     return {"id": c.cluster_id, "vector": DUMMY_VECTOR, "images": c.images, "posts": c.posts,
             "first_seen": c.first_seen, "last_seen": c.last_seen, "growth_hour": c.growth_hour,
-            "growth_day": c.growth_day, "updated_at": c.updated_at, "platforms": platforms[:_PLATFORMS_CHARS],
-            "history": json.dumps(history)}
+            "growth_day": c.growth_day, "updated_at": c.updated_at,
+            "platforms": _fitting_json(platforms, _PLATFORMS_CHARS, lambda kv: dict(reversed(kv))),
+            "history": _fitting_json(list(c.history), _HISTORY_CHARS, list)}
+
+
+def _fitting_json(items: list, chars: int, as_json: Callable[[list], object]) -> str:
+    """JSON of ``as_json`` of the longest tail of ``items`` that fits in ``chars`` (the first items
+    matter least): cutting the JSON text instead would leave it unreadable."""
+    while len(text := json.dumps(as_json(items))) > chars and items:
+        items = items[1:]
+    return text
 
 
 def _summary_of(r: dict) -> ClusterSummary:

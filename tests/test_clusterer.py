@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -157,11 +158,59 @@ def test_history_of_a_split_keeps_the_id_with_the_larger_part() -> None:
     current = stable_ids([{1, 2, 3}, {4, 5}], previous)
     assert current[1] == 7 and current[4] not in (7,)
     events = {(e.event, e.cluster_id, e.clusters) for e in diff(previous, current)}
-    assert events == {("shrank", 7, ()), ("created", current[4], (7,)), ("split", 7, (7, current[4]))}
+    assert events == {("created", current[4], (7,)), ("split", 7, (7, current[4]))}  # one event each, no "shrank"
+
+
+def test_history_of_a_cluster_made_of_parts_of_two() -> None:
+    previous = {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2}
+    current = stable_ids([{1, 2}, {4, 5}, {3, 6}], previous)
+    new = current[3]
+    assert new not in (1, 2)
+    assert [(e.event, e.cluster_id, e.clusters) for e in diff(previous, current)] == [
+        ("created", new, (1, 2)), ("split", 1, (1, new)), ("split", 2, (2, new))]  # created, not merged
 
 
 def test_history_of_a_dissolved_cluster() -> None:
     assert [(e.event, e.cluster_id) for e in diff({1: 3, 2: 3}, {1: 3, 2: 4})] == [("dissolved", 3)]
+
+
+def test_a_failed_publish_records_no_history(tmp_path: Path) -> None:
+    """A run whose publish fails (Milvus down, or SIGTERM while retrying) is redone by the next one:
+    its events must be recorded once, by the run that succeeds."""
+    catalog = Catalog(tmp_path / "catalog.db")
+
+    def down(*_: object) -> None:
+        raise ConnectionError("milvus down")
+
+    try:
+        catalog.add_images([(1, 10), (2, 10)])
+        catalog.add_matches([_m(1, 2)])
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                recluster(catalog, "components", publish=down, now=1000)
+        assert catalog.clusters() == {}
+        published: list[tuple[dict, list, list]] = []
+        run = recluster(catalog, "components", publish=lambda *a: published.append(a), now=1100)
+        cid = catalog.clusters()[1]
+        expected = [{"at": 1100, "event": "created", "clusters": []}]
+        assert published[0][1][0].history == expected  # this run's event is in what it publishes
+        assert catalog.cluster_history(cid) == expected and [e.event for e in run.events] == ["created"]
+    finally:
+        catalog.close()
+
+
+def test_a_post_dated_in_the_future_counts_when_seen(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.db")
+    try:
+        now = time.time()
+        catalog.add_images([(1, 10), (2, 10)])
+        catalog.add_matches([_m(1, 2)])
+        catalog.add_posts([("p1", 1, int(now) - 3 * 86400, "x"), ("p2", 2, int(now) + 50 * 365 * 86400, "x")])
+        (c,) = recluster(catalog, "components", now=now + 30 * 86400).summaries  # a month later
+        assert (c.growth_hour, c.growth_day) == (0, 0)
+        assert c.last_seen <= now + 1
+    finally:
+        catalog.close()
 
 
 def test_summaries_count_posts_files_growth_and_platforms(tmp_path: Path) -> None:

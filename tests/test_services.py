@@ -15,9 +15,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from conftest import load_photo, make_settings
 from kafka_broker import Broker, kafka_broker  # noqa: F401
 from prometheus_client import CollectorRegistry
+from pymilvus.exceptions import MilvusException
 from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, produce, read_topic,  # noqa: F401
                        settings_from, write_posts)
 
@@ -25,13 +27,14 @@ from clusterer.worker import ClusterWorker
 from ingest.worker import IngestWorker
 from matcher.messages import MatchEvent
 from matcher.worker import MatchWorker
-from memetrace.catalog import Catalog
+from memetrace.catalog import Catalog, Match
 from memetrace.context import Context
 from memetrace.imageio import content_id
 from memetrace.kafka_clients import ensure_topics
 from memetrace.metrics import ClusterMetrics, IngestMetrics, MatchMetrics
 from memetrace.milvus_store import MilvusStore
 from memetrace.settings import Settings
+from memetrace.stream import Abandoned
 
 IDLE_S = 6  # each service exits after this long without a message
 
@@ -146,3 +149,42 @@ def test_services_starting_together_create_the_collections_once(milvus_server: s
         stores = list(pool.map(lambda _: MilvusStore(s, 8), range(4)))
     assert all(st.count() == 0 for st in stores)
     assert stores[0].client.has_collection("race_cluster_summaries")
+
+
+class _MilvusDown:
+    """A store whose cluster publish fails as a Milvus that is down does."""
+
+    def publish_clusters(self, *_: object) -> None:
+        raise MilvusException(message="milvus is down")
+
+
+def test_cluster_worker_stopped_while_milvus_is_down_records_history_once(tmp_path: Path) -> None:
+    """SIGTERM while a reclustering run waits for Milvus: the run and the one on close are abandoned;
+    the next start publishes and records the cluster's creation once."""
+    s = make_settings(tmp_path)
+    catalog = Catalog(tmp_path / "state.db")
+    catalog.add_images([(1, 10), (2, 10)])
+    catalog.add_matches([Match(1, 2, 50.0, 50, "full")])
+    worker = ClusterWorker(s, catalog, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
+    worker.stop("SIGTERM")
+    with pytest.raises(Abandoned):
+        worker.tick()
+    worker.close()  # logs the abandoned run, raises nothing
+    published: list[tuple] = []
+    restarted = ClusterWorker(s, catalog, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
+    restarted.store.publish_clusters = lambda *a: published.append(a)  # Milvus is back
+    run = restarted.run_once()
+    assert [e.event for e in run.events] == ["created"] and published[0][0] == catalog.clusters()
+    assert [h["event"] for h in catalog.cluster_history(catalog.clusters()[1])] == ["created"]
+
+
+def test_local_stack_lets_only_the_ingest_download_from_loopback() -> None:
+    """`make stack --demo` serves its images on 127.0.0.1: the ingest must reach them, while the API's
+    URL search (reachable by whoever reaches the API) keeps refusing private addresses."""
+    from tools.local_stack import _service_env
+
+    allow = "MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS"
+    assert _service_env("ingest", demo=True)[allow] == "1"
+    assert all(allow not in _service_env(name, demo=True) for name in ("match", "cluster", "serve"))
+    assert allow not in _service_env("ingest", demo=False)
+    assert _service_env("cluster", demo=False) == {"MEMETRACE_METRICS_PORT": "9103"}

@@ -13,7 +13,8 @@ from conftest import make_settings, rgb
 from memetrace.catalog import Catalog, Match
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.milvus_store import DeadLetterRow, ImageRow, MilvusStore, OccurrenceRow, region_key, stored_dim
+from memetrace.milvus_store import (ClusterSummary, DeadLetterRow, ImageRow, MilvusStore, OccurrenceRow, region_key,
+                                    stored_dim)
 from memetrace.settings import Settings
 
 # ----------------------------------------------------------------------------- Milvus (Lite and server)
@@ -151,6 +152,27 @@ def test_occurrences_and_deadletters(indexed) -> None:
     store.upsert_deadletters(dead[:2])
     assert store.count_deadletters() == 5
     assert store.deadletters_by_reason() == {"http_404": 2, "not_an_image": 3}
+
+
+def test_clusters_publish_and_read_back(indexed) -> None:
+    store, _ = indexed
+    n = 16_384 + 616  # more members than one Milvus query returns
+    store.publish_clusters({**{i: 5 for i in range(1, n + 1)}, n + 1: 6, n + 2: 6}, [])
+    assert store.cluster_members(5) == list(range(1, n + 1)) and store.cluster_members(6) == [n + 1, n + 2]
+    assert store.clusters_of([1, n + 2, n + 3]) == {1: 5, n + 2: 6}
+    # more than the fields hold: the least posted platforms, the oldest events are left out, the rest is readable
+    platforms = {"é" * 60 + f"{k:02d}": 1000 + k for k in range(50)}
+    history = [{"at": k, "event": "merged", "clusters": list(range(300))} for k in range(20)]
+    store.publish_clusters({}, [ClusterSummary(5, n, 99, 1, 2, 0, 0, platforms, history, 3)])
+    read = store.cluster_summary(5)
+    assert read is not None and 0 < len(read.platforms) < 50 and 0 < len(read.history) < 20
+    kept = sorted(platforms, key=platforms.__getitem__, reverse=True)[:len(read.platforms)]
+    assert read.platforms == {p: platforms[p] for p in kept}
+    assert list(read.platforms.values()) == sorted(read.platforms.values(), reverse=True)  # most posted first
+    assert read.history == history[-len(read.history):]
+    assert [c.cluster_id for c in store.all_cluster_summaries()] == [5]
+    store.publish_clusters({}, [], [5])
+    assert store.cluster_summary(5) is None and store.all_cluster_summaries() == []
 
 
 def test_region_keys_are_distinct_and_positive() -> None:

@@ -36,11 +36,18 @@ SERVICES = {"ingest": ["ingest"], "match": ["match"], "cluster": ["cluster", "--
 METRICS_PORTS = {"ingest": 9101, "match": 9102, "cluster": 9103}
 
 
-def _env(data_dir: Path, bootstrap: str, milvus: str, api_port: int, demo: bool) -> dict[str, str]:
+def _env(data_dir: Path, bootstrap: str, milvus: str, api_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMETRACE_")}
     env.update({"MEMETRACE_DATA_DIR": str(data_dir), "MEMETRACE_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                 "MEMETRACE_MILVUS_URI": milvus, "MEMETRACE_API_PORT": str(api_port)})
-    if demo:  # the demo's images come from our own loopback server
+    return env
+
+
+def _service_env(name: str, demo: bool) -> dict[str, str]:
+    """What one service adds to :func:`_env`: its metrics port; with ``demo``, the ingest may download
+    from our own loopback server (only the ingest: the API's URL search keeps its SSRF guard)."""
+    env = {"MEMETRACE_METRICS_PORT": str(METRICS_PORTS[name])} if name in METRICS_PORTS else {}
+    if demo and name == "ingest":
         env["MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS"] = "1"
     return env
 
@@ -92,11 +99,11 @@ def main() -> None:
         procs.append(broker)
         milvus, uri = start_milvus_lite(data_dir / "milvus-server", 19530)
         procs.append(milvus)
-        env = _env(data_dir, bootstrap, uri, args.api_port, args.demo)
+        env = _env(data_dir, bootstrap, uri, args.api_port)
         for name, verb in SERVICES.items():
-            port = {"MEMETRACE_METRICS_PORT": str(METRICS_PORTS[name])} if name in METRICS_PORTS else {}
             log = (data_dir / "logs" / f"{name}.log").open("ab")
-            procs.append(subprocess.Popen([MEMETRACE, "-v", *verb], env={**env, **port}, stdout=log, stderr=log))
+            procs.append(subprocess.Popen([MEMETRACE, "-v", *verb], env={**env, **_service_env(name, args.demo)},
+                                          stdout=log, stderr=log))
         wait_for_port(args.api_port, procs[-1], 120, "memetrace serve")
         print(f"Kafka {bootstrap}, Milvus {uri}, API http://127.0.0.1:{args.api_port} "
               f"(gallery: /gallery, docs: /docs), logs in {data_dir / 'logs'}; Ctrl-C stops", flush=True)
