@@ -118,7 +118,8 @@ class StreamWorker(ABC):
                 self.tick()
                 self._observe_lag()
         except Abandoned as exc:
-            log.warning("batch abandoned, not committed: it will be redelivered", extra={"why": str(exc)})
+            log.warning("stopped while a write kept failing: what was not committed will be redelivered",
+                        extra={"why": str(exc)})
         finally:
             self.running.clear()
             self.commit()
@@ -225,13 +226,18 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("partitions assigned", extra={"partitions": names})
 
 
+def _stop_from_signal(worker: StreamWorker, signum: int) -> None:
+    # Event.set() takes the lock Event.wait() may hold in this very (main) thread: set it from another
+    threading.Thread(target=worker.stop, args=(signal.Signals(signum).name,), daemon=True).start()
+
+
 def run_service(worker: StreamWorker, max_idle: float | None = None) -> None:
     """Serve /metrics, /healthz, /readyz (ready while polling), stop on SIGTERM/SIGINT, run ``worker``."""
     s = worker.s
     server = serve(worker.metrics.registry, s.metrics_port, s.metrics_host, ready=worker.running.is_set)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: worker.stop(signal.Signals(signum).name))
+            signal.signal(sig, lambda signum, _frame: _stop_from_signal(worker, signum))
     try:
         worker.run(max_idle)
     finally:

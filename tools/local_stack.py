@@ -116,6 +116,8 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not strand the services
+            signal.signal(sig, signal.SIG_IGN)
         for p in reversed(procs):
             stop_process(p, grace=10)
 
