@@ -10,9 +10,11 @@
    stage, then writes the clusters CSV.
 4. Scores it with the benchmark's ``score.py`` (run as a subprocess: it also gives the per-transform
    copy-with-original rates) and cross-checks the numbers with :func:`clusterer.evaluate.evaluate`.
-5. Unless ``--skip-ingest``: the streaming ingest benchmark (:mod:`benchmarks.ingest`) on
-   ``--ingest-count`` of the same images: posts through a local Kafka broker into a Milvus Lite
-   server by a ``memetrace ingest`` subprocess (posts/s, images/s).
+5. Unless ``--skip-ingest``: the streaming benchmark (:mod:`benchmarks.ingest`) on the same images
+   (all of them, or the first ``--ingest-count``): posts through a local Kafka broker into a Milvus
+   Lite server by a ``memetrace ingest`` subprocess (posts/s, images/s), then ``memetrace match``
+   (images matched/s, edges) and ``memetrace cluster`` (reclustering seconds, clusters), whose
+   clusters are scored with the same score.py call as the pipeline's.
 6. Prints a table and writes everything to ``<out>/bench.json``.
 
 Memory: peak RSS of this Python process (``ru_maxrss``) for the whole run, and the peak RSS
@@ -353,9 +355,9 @@ def quality_failures(s: dict[str, Any]) -> list[str]:
 
 
 def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT_CACHE,
-              ingest_count: int | None = None) -> dict[str, Any]:
-    """Generate (or reuse) the split, run and score the pipeline, then (``ingest_count`` posts, None =
-    skip) the streaming ingest benchmark; write ``out/bench.json``."""
+              stream: bool = False, ingest_count: int | None = None) -> dict[str, Any]:
+    """Generate (or reuse) the split, run and score the pipeline, then (``stream``) the streaming
+    benchmark on ``ingest_count`` of the images (None: all); write ``out/bench.json``."""
     bench = bench_dir()
     src = split_dir(bench, split)
     name = split if split == "dev" else src.name
@@ -378,11 +380,11 @@ def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT
         "reference": REFERENCE,
         "clusters_csv": str(clusters_csv),
     }
-    if ingest_count:
+    if stream:
         from benchmarks.ingest import run_ingest_bench
 
         try:
-            result["ingest"] = run_ingest_bench(gt.parent / "images", ingest_count)
+            result["ingest"] = run_ingest_bench(gt.parent / "images", ingest_count, out / "stream_clusters.csv", gt)
         except Exception as exc:  # the pipeline figures stand on their own: keep them, say what failed
             result["ingest"] = {"error": f"{type(exc).__name__}: {exc}"}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
@@ -458,7 +460,7 @@ def format_report(r: dict[str, Any]) -> str:
         from benchmarks.ingest import format_ingest
 
         ing = r["ingest"]
-        parts += ["", f"streaming ingest benchmark FAILED: {ing['error']}" if "error" in ing else format_ingest(ing)]
+        parts += ["", f"streaming benchmark FAILED: {ing['error']}" if "error" in ing else format_ingest(ing)]
     return "\n".join(parts)
 
 
@@ -471,15 +473,18 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"where generated splits are kept (default {DEFAULT_CACHE})")
     ap.add_argument("--check", action="store_true", help="exit 1 when the required quality floor is not met")
     ap.add_argument("--skip-ingest", action="store_true",
-                    help="skip the streaming ingest benchmark (Kafka broker + Milvus Lite server + worker)")
-    ap.add_argument("--ingest-count", type=int, default=300, help="posts for the ingest benchmark (default 300)")
+                    help="skip the streaming benchmark (Kafka broker + Milvus Lite server + ingest, match, "
+                         "cluster services)")
+    ap.add_argument("--ingest-count", type=int, default=None,
+                    help="posts for the streaming benchmark, the first images by name (default: all; a subset "
+                         "is scored against its own ground-truth rows)")
     a = ap.parse_args(argv)
     from memetrace import logs
 
     logs.configure(0)
     try:
         result = run_bench(a.split, a.out.resolve(), a.cache.resolve(),
-                           ingest_count=None if a.skip_ingest else a.ingest_count)
+                           stream=not a.skip_ingest, ingest_count=a.ingest_count)
     except BenchError as exc:
         print(f"benchmark: {exc}", file=sys.stderr)
         return 2

@@ -258,7 +258,8 @@ def _ingest_counts(s: Settings) -> dict:
 
 
 _MAX_IDLE = click.option("--max-idle", type=float, default=None,
-                         help="exit 0 after this many seconds without a new message (default: run until SIGTERM)")
+                         help="exit 0 after this many seconds without a new message, counted from joining the "
+                              "consumer group (default: run until SIGTERM)")
 
 
 @main.command()

@@ -69,6 +69,7 @@ class StreamWorker(ABC):
             max_poll_interval_ms=s.kafka_max_poll_interval_ms)
         self.stopped_by = ""
         self.partitions: set[str] = set()  # every partition this worker was assigned
+        self.joined_at: float | None = None  # monotonic time of the first assignment (maybe empty)
         self.running = threading.Event()  # set while polling: what /readyz reports
         self._stop = threading.Event()
         self._durable: dict[TopicPartition, OffsetAndMetadata] = {}  # stored, not yet committed
@@ -94,14 +95,18 @@ class StreamWorker(ABC):
             self._stop.set()
 
     def run(self, max_idle: float | None = None) -> None:
-        """Poll → process → commit until stopped, or until ``max_idle`` seconds pass without a message."""
+        """Poll → process → commit until stopped, or until ``max_idle`` seconds pass without a message.
+
+        The idle clock starts when the group first assigns partitions: joining a group can take
+        longer than ``max_idle`` (about 5 s on Tansu), and a worker must not quit before it could read.
+        """
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         log.info(f"{self.name} started", extra={"topics": self.topics, "group": self.group_id, "max_idle": max_idle})
-        last_message = time.monotonic()
         self.running.set()
+        last_message = 0.0
         try:
             while not self._stop.is_set():
-                idle = time.monotonic() - last_message
+                idle = 0.0 if self.joined_at is None else time.monotonic() - max(self.joined_at, last_message)
                 if max_idle is not None and idle >= max_idle:
                     self.stop("max_idle")
                     break
@@ -221,6 +226,8 @@ class _Rebalance(ConsumerRebalanceListener):
                 self.worker.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        if self.worker.joined_at is None:
+            self.worker.joined_at = time.monotonic()
         names = [f"{tp.topic}/{tp.partition}" for tp in assigned]
         self.worker.partitions.update(names)
         log.info("partitions assigned", extra={"partitions": names})
