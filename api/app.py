@@ -119,7 +119,7 @@ def create_app(ctx: Context, registry: CollectorRegistry | None = None) -> FastA
         if summary is None:
             raise ApiError(404, "unknown_cluster", f"no cluster {cluster_id} (of 2 or more images); list them "
                                                    "with GET /v1/clusters")
-        members = ctx.store.cluster_members(cluster_id)
+        members = ctx.store.cluster_members([cluster_id])[cluster_id]
         page = members[offset:offset + limit]
         rows = ctx.store.get(page)
         timeline = posts_of(ctx.store, page)

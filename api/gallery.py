@@ -51,7 +51,7 @@ def gallery_page(store: MilvusStore, sort: Sort, limit: int) -> str:
     """The page of the first ``limit`` clusters in ``sort`` order, up to THUMBS_PER_CARD images each."""
     summaries = sorted_summaries(store.all_cluster_summaries(), sort)
     shown = summaries[:limit]
-    members = {c.cluster_id: store.cluster_members(c.cluster_id)[:THUMBS_PER_CARD] for c in shown}
+    members = {c: ids[:THUMBS_PER_CARD] for c, ids in store.cluster_members([c.cluster_id for c in shown]).items()}
     rows = store.get([i for ids in members.values() for i in ids])
     cards = [render_card(c.cluster_id, _stats(c),
                          [(i, [_name(rows[i]["path"]) if i in rows else str(i)]) for i in members[c.cluster_id]],

@@ -12,7 +12,7 @@ Sort = Literal["size", "growth", "recent"]
 
 _ORDERS: dict[str, Callable[[ClusterSummary], tuple]] = {
     "size": lambda c: (-c.images, -c.posts, c.cluster_id),
-    "growth": lambda c: (-c.growth_hour, -c.growth_day, -c.posts, c.cluster_id),
+    "growth": ClusterSummary.growth_rank,
     "recent": lambda c: (-c.last_seen, -c.images, c.cluster_id),
 }
 
@@ -35,10 +35,9 @@ def _post_time(row: dict) -> int:
 
 def posts_of(store: MilvusStore, image_ids: list[int]) -> list[dict[str, Any]]:
     """Every post of these images, oldest first (by post time, else when it was ingested)."""
-    rows = [(_post_time(r), image_id, r) for image_id in image_ids for r in store.occurrences_of(image_id)]
-    rows.sort(key=lambda t: (t[0], t[1], t[2]["post_id"]))
-    return [{"image_id": image_id, "post_id": r["post_id"], "url": r["url"], "platform": r["platform"],
-             "posted_at": int(r["posted_at"])} for _, image_id, r in rows]
+    rows = sorted(store.occurrences_of(image_ids), key=lambda r: (_post_time(r), int(r["image_id"]), r["post_id"]))
+    return [{"image_id": int(r["image_id"]), "post_id": r["post_id"], "url": r["url"], "platform": r["platform"],
+             "posted_at": int(r["posted_at"])} for r in rows]
 
 
 def image_record(row: dict, cluster_id: int | None, thumbnail: str) -> dict[str, Any]:

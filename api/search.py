@@ -144,9 +144,12 @@ def search_image(finder: CopyFinder, store: MilvusStore, metrics: ApiMetrics, da
 def _describe(store: MilvusStore, image: DecodedImage, copies: list[Copy]) -> dict[str, Any]:
     ids = [c.image_id for c in copies]
     rows, clusters = store.get(ids), store.clusters_of(ids)
+    posts_by_image: dict[int, list[dict[str, Any]]] = {}
+    for post in posts_of(store, ids):  # one query for every match
+        posts_by_image.setdefault(post["image_id"], []).append(post)
     matches = []
     for c in copies:
-        posts = posts_of(store, [c.image_id])
+        posts = posts_by_image.get(c.image_id, [])
         matches.append({"image_id": c.image_id, "score": c.score, "inliers": c.inliers, "kind": c.kind,
                         "similarity": c.similarity, "mirrored": c.mirrored, "cluster_id": clusters.get(c.image_id),
                         "path": rows.get(c.image_id, {}).get("path"), "posts": posts[:POSTS_PER_MATCH],

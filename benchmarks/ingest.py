@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import os
 import shutil
@@ -38,30 +37,16 @@ import tempfile
 import threading
 import time
 import uuid
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from benchmarks.services import start_milvus_lite, start_tansu, stop_process
+from benchmarks.services import serve_folder, start_milvus_lite, start_tansu, stop_process
 
-# a worker's idle clock starts at subscribe, and joining the group on Tansu takes about 5 s: with
-# --max-idle 5 a worker sometimes exits before its partitions are assigned, having consumed nothing
+# each service exits after this long without a message (counted from joining its consumer group)
 MAX_IDLE_S = 10.0
 RECLUSTER_EVERY_S = 1.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 MEMETRACE = Path(sys.executable).with_name("memetrace")
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def _serve(directory: Path) -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def pick_images(images: Path, count: int | None = None) -> list[Path]:
@@ -93,7 +78,7 @@ def _produce(bootstrap: str, topic: str, posts: list[dict[str, str]]) -> float:
 
 def _run_worker(verb: list[str], env: dict[str, str], cwd: Path,
                 timeout: float) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
-    """``memetrace -v VERB... --max-idle 5``: (its printed totals, its JSON log lines, its timing)."""
+    """``memetrace -v VERB... --max-idle MAX_IDLE_S``: (its printed totals, its JSON log lines, its timing)."""
     service = verb[0]  # the StreamWorker's name in its "batch stored" lines
     load_before = os.getloadavg()
     launched = time.time()
@@ -158,7 +143,7 @@ def run_ingest_bench(images: Path, count: int | None = None, clusters_csv: Path 
         procs.append(broker)
         milvus, milvus_uri = start_milvus_lite(work / "milvus")
         procs.append(milvus)
-        http, base = _serve(images)
+        http, base = serve_folder(images)
         tag = uuid.uuid4().hex[:8]
         posts_topic = f"bench-posts-{tag}"
         posts = [{"post_id": f"bench-{i}", "url": f"{base}/{f.name}"} for i, f in enumerate(files)]

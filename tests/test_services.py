@@ -121,7 +121,7 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     assert summary is not None and (summary.images, summary.posts) == (3, 4)  # cat was posted twice
     assert summary.platforms == {"x": 3, "y": 1}
     assert [h["event"] for h in summary.history] == ["created"]
-    assert store.cluster_members(cat_cluster) == sorted(ids[n] for n in ("cat", "cat-crop", "cat-q40"))
+    assert store.cluster_members([cat_cluster])[cat_cluster] == sorted(ids[n] for n in ("cat", "cat-crop", "cat-q40"))
     reg = cluster.metrics.registry
     assert reg.get_sample_value("memetrace_clusters") == 2
     assert reg.get_sample_value("memetrace_largest_cluster_images") == 3
@@ -175,7 +175,7 @@ def test_cluster_worker_stopped_while_milvus_is_down_records_history_once(tmp_pa
     restarted.store.publish_clusters = lambda *a: published.append(a)  # Milvus is back
     run = restarted.run_once()
     assert [e.event for e in run.events] == ["created"] and published[0][0] == catalog.clusters()
-    assert [h["event"] for h in catalog.cluster_history(catalog.clusters()[1])] == ["created"]
+    assert [h["event"] for h in catalog.cluster_histories()[catalog.clusters()[1]]] == ["created"]
 
 
 def test_local_stack_lets_only_the_ingest_download_from_loopback() -> None:

@@ -141,8 +141,9 @@ def test_occurrences_and_deadletters(indexed) -> None:
     assert store.count_occurrences() == 2500
     ids = store.image_ids_of_occurrences()
     assert len(ids) == 2500 and ids.count(coins) == 834 and ids.count(cat) == 1666
-    of_coins = store.occurrences_of(coins)
-    assert len(of_coins) == 834 and {r["post_id"] for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
+    assert len(store.occurrences_of([coins, cat])) == 2500
+    of_coins = store.occurrences_of([coins])
+    assert len(of_coins) == 834 and {r["image_id"] for r in of_coins} == {coins} and {r["post_id"] for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
     first = next(r for r in of_coins if r["post_id"] == "p0")
     assert (first["url"], first["posted_at"], first["platform"], first["author"]) == ("https://x.test/0",
                                                                                      1_700_000_000, "x", "u0")
@@ -158,7 +159,7 @@ def test_clusters_publish_and_read_back(indexed) -> None:
     store, _ = indexed
     n = 16_384 + 616  # more members than one Milvus query returns
     store.publish_clusters({**{i: 5 for i in range(1, n + 1)}, n + 1: 6, n + 2: 6}, [])
-    assert store.cluster_members(5) == list(range(1, n + 1)) and store.cluster_members(6) == [n + 1, n + 2]
+    assert store.cluster_members([5, 6, 7]) == {5: list(range(1, n + 1)), 6: [n + 1, n + 2], 7: []}
     assert store.clusters_of([1, n + 2, n + 3]) == {1: 5, n + 2: 6}
     # more than the fields hold: the least posted platforms, the oldest events are left out, the rest is readable
     platforms = {"é" * 60 + f"{k:02d}": 1000 + k for k in range(50)}

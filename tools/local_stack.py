@@ -15,19 +15,16 @@ Service logs (JSON lines) go to DATA_DIR/logs/.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from benchmarks.services import start_milvus_lite, start_tansu, stop_process, wait_for_port
+from benchmarks.services import serve_folder, start_milvus_lite, start_tansu, stop_process, wait_for_port
 
 MEMETRACE = str(Path(sys.executable).with_name("memetrace"))
 PLATFORMS = ("mastodon", "bluesky", "reddit")
@@ -52,24 +49,12 @@ def _service_env(name: str, demo: bool) -> dict[str, str]:
     return env
 
 
-def _serve_folder(folder: Path) -> str:
-    handler = functools.partial(_QuietFiles, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}"
-
-
-class _QuietFiles(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 def _demo_posts(data_dir: Path) -> Path:
     """One post per demo file, served from a loopback HTTP server (a platform picked per file)."""
     from memetrace.demo import make_demo_corpus
 
     images = make_demo_corpus(data_dir / "demo-corpus")
-    base = _serve_folder(images)
+    _server, base = serve_folder(images)
     posts = data_dir / "demo-posts.jsonl"
     with posts.open("w") as f:
         for path in sorted(images.iterdir()):
