@@ -1,4 +1,4 @@
-"""The ASGI app: routes, auth, readiness and metrics wired onto one :class:`Context`."""
+"""The ASGI app: routes, auth, readiness and metrics wired onto one set of :class:`~memetrace.components.Components`."""
 
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import COOKIE, BearerCredentials, TokenCheck
-from api.errors import ApiError, error_response, install_error_handlers
-from api.gallery import gallery_page
-from api.middleware import ObserveRequests
-from api.records import Sort, image_record, posts_of, sorted_summaries, summary_record
-from api.search import OPENAPI_BODY, read_query_image, search_image
-from api.warmup import Warmup
-from ingest.fetch import Fetcher, FetchPolicy
-from matcher.query import CopyFinder
-from memetrace.context import Context
-from memetrace.metrics import ApiMetrics
+from memetrace.api.auth import COOKIE, BearerCredentials, TokenCheck
+from memetrace.api.errors import ApiError, error_response, install_error_handlers
+from memetrace.api.gallery import gallery_page
+from memetrace.api.middleware import ObserveRequests
+from memetrace.api.records import Sort, image_record, posts_of, sorted_summaries, summary_record
+from memetrace.api.search import OPENAPI_BODY, read_query_image, search_image
+from memetrace.api.warmup import Warmup
+from memetrace.ingest.fetch import Fetcher, FetchPolicy
+from memetrace.matcher.query import CopyFinder
+from memetrace.components import Components
+from memetrace.api.metrics import ApiMetrics
 
 MAX_ID = 2**63 - 1  # Milvus INT64 primary keys
 ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (content hash), as in search results")]
@@ -40,7 +40,7 @@ When `MEMETRACE_API_TOKEN` is set, `/v1/*` and `/gallery` need `Authorization: B
 (browsers: open `/gallery?token=<token>` once; a cookie then carries it for GET requests)."""
 
 
-def create_app(ctx: Context, registry: CollectorRegistry | None = None) -> FastAPI:
+def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> FastAPI:
     """The API over ``ctx``'s Milvus and feature store; ``registry`` gets the API metrics (default: a new one)."""
     s = ctx.settings
     metrics = ApiMetrics(registry or CollectorRegistry())
@@ -74,7 +74,7 @@ def create_app(ctx: Context, registry: CollectorRegistry | None = None) -> FastA
     async def search(request: Request) -> dict[str, Any]:
         """Copies of an image: multipart field `image` (a file), or JSON `{"url": "https://..."}`.
 
-        Matches come best first (`score` = verified keypoints); `kind` is full, partial, or
+        Matches come best first (most `inliers`, the keypoints the geometric check verified); `kind` is full, partial, or
         identical (these very bytes are stored)."""
         data = await read_query_image(request, s.api_max_upload_bytes, fetcher, downloads)
         return await run_in_threadpool(search_image, finder, ctx.store, metrics, data)

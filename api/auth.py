@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from api.errors import ApiError
+from memetrace.api.errors import ApiError
 
 COOKIE = "memetrace_token"
 bearer_scheme = HTTPBearer(auto_error=False, description="the value of MEMETRACE_API_TOKEN")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import html
 import time
 
-from api.records import Sort, sorted_summaries
-from clusterer.gallery import render_card, render_page, stat
-from memetrace.milvus_store import ClusterSummary, MilvusStore
+from memetrace.api.records import Sort, sorted_summaries
+from memetrace.clusterer.gallery import render_card, render_page, stat
+from memetrace.milvus_store import MilvusStore
+from memetrace.models import ClusterSummary
 
 THUMBS_PER_CARD = 12
 SORT_LABELS: dict[str, str] = {"size": "largest", "growth": "fastest-growing", "recent": "most recent"}

@@ -9,7 +9,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from memetrace.metrics import ApiMetrics
+from memetrace.api.metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
 

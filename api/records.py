@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
-from memetrace.milvus_store import ClusterSummary, MilvusStore
+from memetrace.milvus_store import MilvusStore
+from memetrace.models import ClusterSummary
 
 Sort = Literal["size", "growth", "recent"]
 

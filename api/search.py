@@ -13,12 +13,12 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from api.errors import ApiError, describe_validation
-from api.records import posts_of
-from ingest.fetch import Fetcher
-from matcher.query import Copy, CopyFinder
+from memetrace.api.errors import ApiError, describe_validation
+from memetrace.api.records import posts_of
+from memetrace.ingest.fetch import Fetcher
+from memetrace.matcher.query import Copy, CopyFinder
 from memetrace.imageio import BadImage, DecodedImage
-from memetrace.metrics import ApiMetrics
+from memetrace.api.metrics import ApiMetrics
 from memetrace.milvus_store import MilvusStore
 
 FIELD = "image"
@@ -150,7 +150,7 @@ def _describe(store: MilvusStore, image: DecodedImage, copies: list[Copy]) -> di
     matches = []
     for c in copies:
         posts = posts_by_image.get(c.image_id, [])
-        matches.append({"image_id": c.image_id, "score": c.score, "inliers": c.inliers, "kind": c.kind,
+        matches.append({"image_id": c.image_id, "inliers": c.inliers, "kind": c.kind,
                         "similarity": c.similarity, "mirrored": c.mirrored, "cluster_id": clusters.get(c.image_id),
                         "path": rows.get(c.image_id, {}).get("path"), "posts": posts[:POSTS_PER_MATCH],
                         "posts_total": len(posts)})

@@ -8,10 +8,9 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
-from api.app import create_app
-from api.auth import TokenCheck
-from memetrace.context import Context
-from memetrace.settings import Settings
+from memetrace.api.app import create_app
+from memetrace.api.auth import TokenCheck
+from memetrace.components import Components
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +34,12 @@ def server_for(app: FastAPI) -> uvicorn.Server:
                                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on"))
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+def serve(components: Components, host: str | None = None, port: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT; host and port default to MEMETRACE_API_HOST / MEMETRACE_API_PORT."""
+    settings = components.settings
     host = host or settings.api_host
     port = settings.api_port if port is None else port
     sock = bind(host, port)
     log.info("query API listening", extra={"host": host, "port": sock.getsockname()[1],
                                            "auth": TokenCheck(settings.api_token).enabled})
-    server_for(create_app(Context(settings))).run(sockets=[sock])
+    server_for(create_app(components)).run(sockets=[sock])

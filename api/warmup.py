@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 
-from memetrace.context import Context
+from memetrace.components import Components
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ RETRY_S = 5.0
 
 
 class Warmup:
-    def __init__(self, ctx: Context, retry_s: float = RETRY_S) -> None:
+    def __init__(self, ctx: Components, retry_s: float = RETRY_S) -> None:
         self.ctx = ctx
         self.retry_s = retry_s
         self.ready = threading.Event()

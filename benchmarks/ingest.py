@@ -155,7 +155,7 @@ def run_ingest_bench(images: Path, count: int | None = None, clusters_csv: Path 
                     "MEMETRACE_KAFKA_IMAGES_TOPIC": f"bench-images-{tag}",
                     "MEMETRACE_KAFKA_MATCHES_TOPIC": f"bench-matches-{tag}",
                     "MEMETRACE_KAFKA_DEADLETTER_TOPIC": f"bench-dead-{tag}",
-                    "MEMETRACE_KAFKA_GROUP_ID": f"bench-{tag}",
+                    "MEMETRACE_KAFKA_INGEST_GROUP_ID": f"bench-{tag}",
                     "MEMETRACE_KAFKA_MATCH_GROUP_ID": f"bench-match-{tag}",
                     "MEMETRACE_KAFKA_CLUSTER_GROUP_ID": f"bench-cluster-{tag}",
                     "MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS": "1", "MEMETRACE_METRICS_PORT": "0"})
@@ -225,8 +225,8 @@ def _cluster_figures(totals: dict[str, Any], lines: list[dict], timing: dict[str
 def _export_clusters(catalog_path: Path, files: list[Path], out: Path) -> dict[str, Any]:
     """The clusterer's catalog as the pipeline's clusters CSV, one row per served file (exact
     duplicates share an image id, hence a cluster)."""
-    from clusterer.export import cluster_rows, write_csv
-    from clusterer.graph import build_graph
+    from memetrace.clusterer.export import cluster_rows, write_csv
+    from memetrace.clusterer.graph import build_graph
     from memetrace.catalog import Catalog
     from memetrace.imageio import content_id
 

@@ -255,9 +255,9 @@ def _per_s(images: int, seconds: float) -> float | None:
 def run_pipeline(images: Path, data_dir: Path, clusters_csv: Path) -> dict[str, Any]:
     """index -> match -> cluster of ``images`` on a fresh ``data_dir`` (Milvus Lite), then the clusters
     CSV; wall time of every stage, CPU time, peak memory, and how busy the rest of the machine was."""
-    from clusterer.export import write_csv
-    from memetrace.cli import _cluster_rows, run_index
-    from memetrace.context import Context
+    from memetrace.clusterer.export import write_csv
+    from memetrace.cli.batch import cluster_table, run_index
+    from memetrace.cli.context import Context
     from memetrace.settings import Settings
 
     if data_dir.exists():
@@ -279,7 +279,7 @@ def run_pipeline(images: Path, data_dir: Path, clusters_csv: Path) -> dict[str, 
     summary = run_index(context, images)
 
     t0 = time.perf_counter()
-    rows = _cluster_rows(context)
+    rows = cluster_table(context)
     write_csv(rows, clusters_csv)
     export_s = round(time.perf_counter() - t0, 2)
     end_to_end_s = round(time.perf_counter() - start, 2)
@@ -337,7 +337,7 @@ def score(bench: Path, gt: Path, clusters_csv: Path) -> dict[str, Any]:
 
 def cross_check(script: dict[str, Any], gt: Path, clusters_csv: Path) -> dict[str, Any]:
     """clusterer.evaluate on the same files; score.py rounds to 4 decimals."""
-    from clusterer.evaluate import evaluate
+    from memetrace.clusterer.evaluate import evaluate
 
     ours = evaluate(gt, clusters_csv)
     diff = {k: {"score.py": script[k], "evaluate": v} for k, v in ours.items()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from clusterer.graph import density
+from memetrace.clusterer.graph import density
 
 CSV_COLUMNS = ["path", "image_id", "nb_points", "degree", "cluster_id", "quality"]
 

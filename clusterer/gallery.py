@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterer.export import ClusterRow
+from memetrace.clusterer.export import ClusterRow
 from memetrace.feature_store import FeatureStore
 
 THUMBS_DIR = "thumbs"

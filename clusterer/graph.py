@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import networkx as nx
 
-from memetrace.catalog import Match
+from memetrace.models import Match
 
 
 def build_graph(nodes: Iterable[int], matches: Iterable[Match]) -> nx.Graph:

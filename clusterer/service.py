@@ -16,10 +16,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from clusterer.graph import build_graph, communities, stable_ids
-from clusterer.history import ClusterEvent, diff, multi_image_clusters
+from memetrace.clusterer.graph import build_graph, communities, stable_ids
+from memetrace.clusterer.history import ClusterEvent, diff, multi_image_clusters
 from memetrace.catalog import Catalog
-from memetrace.milvus_store import ClusterSummary
+from memetrace.models import ClusterSummary
 
 #: publish(changed assignment, summaries, removed cluster ids), e.g. MilvusStore.publish_clusters
 Publish = Callable[[dict[int, int], list[ClusterSummary], list[int]], None]

@@ -24,13 +24,13 @@ from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from clusterer.service import ClusterRun, recluster
-from ingest.messages import ImageEvent
-from matcher.messages import MatchEvent
+from memetrace.clusterer.service import ClusterRun, recluster
+from memetrace.messages import ImageEvent
+from memetrace.messages import MatchEvent
 from memetrace.catalog import Catalog
-from memetrace.context import Context
+from memetrace.cli.context import Context
 from memetrace.kafka_clients import ensure_topics
-from memetrace.metrics import ClusterMetrics
+from memetrace.clusterer.metrics import ClusterMetrics
 from memetrace.milvus_store import MilvusStore
 from memetrace.settings import Settings
 from memetrace.stream import Abandoned, StreamWorker, run_service
@@ -66,7 +66,7 @@ class ClusterWorker(StreamWorker):
                 else:
                     e = ImageEvent.model_validate_json(r.value or b"")
                     images.append((e.image_id, e.nb_points))
-                    posts.append((e.post.post_id, e.image_id, e.post.posted_at_unix(), e.post.platform))
+                    posts.append((e.post.post_id, e.image_id, e.post.posted_at, e.post.platform))
             except ValidationError as exc:  # written by our own services: a bug to report, not to retry
                 log.warning("unreadable event, skipped", extra={
                     "source": f"{r.topic}/{r.partition}/{r.offset}", "error": str(exc)[:500]})
@@ -118,14 +118,3 @@ class ClusterWorker(StreamWorker):
         for rank, c in enumerate(run.fastest_growing(self.s.cluster_top_n), start=1):
             m.top_growth.labels(str(rank), str(c.cluster_id)).set(c.growth_hour)
             m.top_size.labels(str(rank), str(c.cluster_id)).set(c.posts)
-
-
-def run_cluster(settings: Settings, every_s: float, max_idle: float | None = None,
-                registry: CollectorRegistry | None = None) -> ClusterWorker:
-    """Build the clusterer service from settings and run it (the body of ``memetrace cluster``)."""
-    s = settings
-    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
-    ctx = Context(s)
-    worker = ClusterWorker(s, ctx.catalog, ctx.store, ClusterMetrics(registry or CollectorRegistry()), every_s)
-    run_service(worker, max_idle)
-    return worker

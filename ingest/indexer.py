@@ -22,13 +22,14 @@ from itertools import islice
 import cv2
 import numpy as np
 
-from ingest.sources import InputItem
+from memetrace.ingest.sources import InputItem
 from memetrace.catalog import Catalog
 from memetrace.embedder import Embedder
 from memetrace.feature_store import FeatureStore
 from memetrace.imageio import BadImage, DecodedImage, decode
 from memetrace.keypoints import KeypointExtractor, Keypoints
-from memetrace.milvus_store import ImageRow, MilvusStore
+from memetrace.milvus_store import MilvusStore
+from memetrace.models import ImageRow
 from memetrace.regions import Box, content_boxes
 from memetrace.settings import Settings
 
@@ -99,7 +100,7 @@ class Indexer:
         # the pool prepares up to LOOKAHEAD chunks while this thread embeds and writes one: enough
         # to keep both busy, few enough to bound the decoded images held in memory
         pending: deque[list[tuple[InputItem, Future]]] = deque()
-        with ThreadPoolExecutor(self.s.workers) as pool:
+        with ThreadPoolExecutor(self.s.prepare_threads) as pool:
             for chunk in _chunks(items, chunk_size):
                 pending.append([(it, pool.submit(self.prepare, it)) for it in chunk])
                 if len(pending) > LOOKAHEAD:

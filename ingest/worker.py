@@ -1,6 +1,6 @@
 """The streaming ingest worker: ``memetrace ingest``.
 
-One worker is one member of the Kafka consumer group ``kafka_group_id`` on the posts topic.
+One worker is one member of the Kafka consumer group ``kafka_ingest_group_id`` on the posts topic.
 Its life::
 
     start ── ensure topics, load the embedder, open Milvus, serve /metrics
@@ -42,26 +42,26 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from ingest.fetch import Fetcher, FetchPolicy, FetchResult
-from ingest.indexer import Indexer, Prepared
-from ingest.messages import (
-    FeaturePaths,
+from memetrace.ingest.fetch import Fetcher, FetchPolicy, FetchResult
+from memetrace.ingest.indexer import Indexer, Prepared
+from memetrace.messages import (
     ImageEvent,
     InvalidMessage,
     Post,
-    deadletter_headers,
+    PostRef,
+    dead_letter,
     deadletter_key,
     occurrence_key,
     parse_post,
     source_of,
 )
-from ingest.sources import InputItem
-from memetrace.context import Context
+from memetrace.ingest.sources import InputItem
+from memetrace.components import Components
 from memetrace.feature_store import FeatureStore
 from memetrace.imageio import BadImage, content_id
 from memetrace.kafka_clients import ensure_topics, make_producer
-from memetrace.metrics import IngestMetrics
-from memetrace.milvus_store import DeadLetterRow, OccurrenceRow
+from memetrace.ingest.metrics import IngestMetrics
+from memetrace.models import DeadLetterRow, OccurrenceRow
 from memetrace.settings import Settings
 from memetrace.stream import StreamWorker, run_service
 
@@ -150,9 +150,9 @@ class IngestWorker(StreamWorker):
 
     name = "ingest"
 
-    def __init__(self, ctx: Context, metrics: IngestMetrics, consumer: KafkaConsumer | None = None) -> None:
+    def __init__(self, ctx: Components, metrics: IngestMetrics, consumer: KafkaConsumer | None = None) -> None:
         s = ctx.settings
-        super().__init__(s, metrics, [s.kafka_posts_topic], s.kafka_group_id, s.ingest_batch_size, consumer,
+        super().__init__(s, metrics, [s.kafka_posts_topic], s.kafka_ingest_group_id, s.ingest_batch_size, consumer,
                          store=ctx.store)
         self.metrics: IngestMetrics = metrics
         self.features: FeatureStore = ctx.features
@@ -223,7 +223,7 @@ class IngestWorker(StreamWorker):
                 new = image_id not in stored_before and image_id not in announced
                 announced.add(image_id)
                 it.image_id, it.new_image = image_id, new
-                events.append(_event(outcome, it.post, new, self.features))
+                events.append(_event(outcome, it.post))
             else:
                 it.dead = ("error", f"no outcome for {it.post.url}: a bug, please report")
         return events
@@ -245,10 +245,9 @@ class IngestWorker(StreamWorker):
                    for e in events]
         for it in items:
             if it.dead is not None:
-                reason, detail = it.dead
-                futures.append(self.producer.send(
-                    s.kafka_deadletter_topic, key=it.record.key, value=it.record.value or b"",
-                    headers=deadletter_headers(reason, detail, it.source, it.post.post_id if it.post else "")))
+                value, headers = dead_letter(it.record.value, *it.dead, it.source, it.post.post_id if it.post else "")
+                futures.append(self.producer.send(s.kafka_deadletter_topic, key=it.record.key, value=value,
+                                                  headers=headers))
         self.producer.flush()
         for fut in futures:
             fut.get(timeout=30)
@@ -272,19 +271,6 @@ class IngestWorker(StreamWorker):
         m.duplicates.inc(len(stored) - new)
 
 
-def _event(p: Prepared, post: Post, new: bool, features: FeatureStore) -> ImageEvent:
-    image_id = p.image.image_id
-    return ImageEvent(image_id=image_id, new_image=new, width=p.image.width, height=p.image.height,
-                      nbytes=p.image.nbytes, nb_points=len(p.keypoints), post=post,
-                      features=FeaturePaths(keypoints=features.keypoints_key(image_id),
-                                            thumbnail=features.thumbnail_key(image_id)))
-
-
-def run_worker(settings: Settings, max_idle: float | None = None,
-               registry: CollectorRegistry | None = None) -> tuple[IngestWorker, Totals]:
-    """Build a worker from settings and run it (the body of ``memetrace ingest``)."""
-    s = settings
-    ensure_topics(s, [s.kafka_posts_topic, s.kafka_images_topic, s.kafka_deadletter_topic])
-    worker = IngestWorker(Context(s), IngestMetrics(registry or CollectorRegistry()))
-    run_service(worker, max_idle)
-    return worker, worker.totals
+def _event(p: Prepared, post: Post) -> ImageEvent:
+    return ImageEvent(image_id=p.image.image_id, nb_points=len(p.keypoints),
+                      post=PostRef(post_id=post.post_id, posted_at=post.posted_at_unix(), platform=post.platform))

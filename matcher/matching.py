@@ -13,11 +13,12 @@ from functools import lru_cache
 import faiss
 import numpy as np
 
-from matcher.verify import Prepared, Verifier
-from memetrace.catalog import Match
+from memetrace.matcher.verify import Prepared, Verifier
+from memetrace.models import Match
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.milvus_store import Candidate, MilvusStore
+from memetrace.milvus_store import MilvusStore
+from memetrace.models import Candidate
 from memetrace.settings import Settings
 
 
@@ -60,7 +61,7 @@ class Matcher:
         done: set[tuple[int, int]] = set()
         matches: list[Match] = []
         chunks = [image_ids[i:i + chunk] for i in range(0, len(image_ids), chunk)]
-        with ThreadPoolExecutor(self.s.workers) as pool, ThreadPoolExecutor(1) as search:
+        with ThreadPoolExecutor(self.s.match_threads) as pool, ThreadPoolExecutor(1) as search:
             ahead = search.submit(self._candidates_of, chunks[0], all_stored_since) if chunks else None
             for k in range(len(chunks)):
                 ids, cand_lists = ahead.result()
@@ -75,8 +76,7 @@ class Matcher:
                         jobs.append((qid, pool.submit(self._verify, query, todo)))
                 for qid, fut in jobs:
                     for cand, v in fut.result():
-                        matches.append(Match(min(qid, cand.image_id), max(qid, cand.image_id),
-                                             float(v.inliers), v.inliers, v.kind))
+                        matches.append(Match(min(qid, cand.image_id), max(qid, cand.image_id), v.inliers, v.kind))
                 on_progress(len(ids))
         return matches
 

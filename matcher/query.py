@@ -8,8 +8,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from matcher.matching import Matcher
-from memetrace.context import Context
+from memetrace.matcher.matching import Matcher
+from memetrace.components import Components
 from memetrace.imageio import DecodedImage, decode
 
 
@@ -18,7 +18,6 @@ class Copy:
     """One stored image that shares content with the query."""
 
     image_id: int
-    score: float  # RANSAC inliers, the score stored for matches in the catalog
     inliers: int
     kind: str  # full | partial | identical (the query's very bytes are stored)
     similarity: float  # best descriptor similarity of the Milvus candidate search
@@ -28,7 +27,7 @@ class Copy:
 class CopyFinder:
     """Thread-safe: concurrent API requests share one finder (and the context's one model)."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Components) -> None:
         self.ctx = ctx
         # the embedder is not known to be thread-safe; SIFT builds its own detector per call
         self._embed_lock = threading.Lock()
@@ -42,7 +41,7 @@ class CopyFinder:
         keypoints = c.extractor.extract(image.rgb)
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
         found = Matcher(s, c.store, c.features).match_outside(glob[0], regions[0], keypoints, exclude=-1)
-        copies = [Copy(cand.image_id, float(v.inliers), v.inliers,
+        copies = [Copy(cand.image_id, v.inliers,
                        "identical" if cand.image_id == image.image_id else v.kind,
                        round(cand.similarity, 4), v.mirrored) for cand, v in found]
-        return image, sorted(copies, key=lambda m: (-m.score, -m.similarity, m.image_id))
+        return image, sorted(copies, key=lambda m: (-m.inliers, -m.similarity, m.image_id))

@@ -28,13 +28,13 @@ from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from ingest.messages import ImageEvent
-from matcher.matching import Matcher
-from matcher.messages import MatchEvent
-from memetrace.context import Context
+from memetrace.messages import ImageEvent
+from memetrace.matcher.matching import Matcher
+from memetrace.messages import MatchEvent
+from memetrace.cli.context import Context
 from memetrace.feature_store import FeatureStore
 from memetrace.kafka_clients import ensure_topics, make_producer
-from memetrace.metrics import MatchMetrics
+from memetrace.matcher.metrics import MatchMetrics
 from memetrace.milvus_store import MilvusStore
 from memetrace.settings import Settings
 from memetrace.stream import StreamWorker, run_service
@@ -102,14 +102,3 @@ class MatchWorker(StreamWorker):
         self.producer.flush()
         for fut in futures:
             fut.get(timeout=30)
-
-
-def run_match(settings: Settings, max_idle: float | None = None,
-              registry: CollectorRegistry | None = None) -> MatchWorker:
-    """Build the matcher service from settings and run it (the body of ``memetrace match``)."""
-    s = settings
-    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
-    ctx = Context(s)
-    worker = MatchWorker(s, ctx.store, ctx.features, MatchMetrics(registry or CollectorRegistry()))
-    run_service(worker, max_idle)
-    return worker

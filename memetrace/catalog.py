@@ -15,8 +15,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from memetrace.models import Match
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS paths (path TEXT PRIMARY KEY, image_id INTEGER NOT NULL, seen_at REAL NOT NULL);
@@ -25,7 +26,7 @@ CREATE TABLE IF NOT EXISTS images (image_id INTEGER PRIMARY KEY, nb_points INTEG
     matched INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS bad_files (path TEXT PRIMARY KEY, reason TEXT NOT NULL, detail TEXT NOT NULL,
     seen_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS matches (a INTEGER NOT NULL, b INTEGER NOT NULL, score REAL NOT NULL,
+CREATE TABLE IF NOT EXISTS matches (a INTEGER NOT NULL, b INTEGER NOT NULL,
     inliers INTEGER NOT NULL, kind TEXT NOT NULL, PRIMARY KEY (a, b));
 CREATE TABLE IF NOT EXISTS clusters (image_id INTEGER PRIMARY KEY, cluster_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,15 +39,6 @@ CREATE INDEX IF NOT EXISTS cluster_events_cluster ON cluster_events(cluster_id);
 """
 
 
-@dataclass(frozen=True)
-class Match:
-    """A verified copy relation between two images (stored with a < b)."""
-
-    a: int
-    b: int
-    score: float
-    inliers: int
-    kind: str  # "full" (same content) or "partial" (one holds a part of the other)
 
 
 class Catalog:
@@ -117,15 +109,15 @@ class Catalog:
 
     # matches
     def add_matches(self, matches: Iterable[Match]) -> None:
-        self._write("INSERT OR REPLACE INTO matches VALUES (?, ?, ?, ?, ?)",
-                    [(min(m.a, m.b), max(m.a, m.b), m.score, m.inliers, m.kind) for m in matches])
+        self._write("INSERT OR REPLACE INTO matches VALUES (?, ?, ?, ?)",
+                    [(min(m.a, m.b), max(m.a, m.b), m.inliers, m.kind) for m in matches])
 
     def matches(self) -> list[Match]:
-        return [Match(*r) for r in self._read("SELECT a, b, score, inliers, kind FROM matches")]
+        return [Match(*r) for r in self._read("SELECT a, b, inliers, kind FROM matches")]
 
     def matches_of(self, image_id: int) -> list[Match]:
         return [Match(*r) for r in self._read(
-            "SELECT a, b, score, inliers, kind FROM matches WHERE a = ? OR b = ?", (image_id, image_id))]
+            "SELECT a, b, inliers, kind FROM matches WHERE a = ? OR b = ?", (image_id, image_id))]
 
     # clusters
     def set_clusters(self, assignment: dict[int, int], at: int = 0,

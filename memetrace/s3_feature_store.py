@@ -204,7 +204,7 @@ def make_client(settings: Settings) -> Any:
         # CRC32 trailers of boto3 >= 1.36.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        max_pool_connections=max(10, 2 * s.workers),
+        max_pool_connections=max(10, 2 * s.prepare_threads),
     )
     session = boto3.session.Session()  # one per client: sessions are not thread-safe
     return session.client(

@@ -1,12 +1,58 @@
-"""All configuration, read once from ``MEMETRACE_*`` environment variables (or a ``.env`` file)."""
+"""All configuration, read once from ``MEMETRACE_*`` environment variables (or a ``.env`` file).
+
+Components never take the whole :class:`Settings`: each builds its own small config from it
+(``FetchPolicy.from_settings``, ``VerifyConfig.from_settings``, ...), next to the component.
+Renamed settings keep their old ``MEMETRACE_*`` names for one release (:data:`RENAMED`), with a
+warning; an unknown ``MEMETRACE_*`` name is warned about with the closest known one.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+PREFIX = "MEMETRACE_"
+
+#: old name -> the names it now sets (accepted until 0.3, with a warning)
+RENAMED: dict[str, tuple[str, ...]] = {
+    "kafka_group_id": ("kafka_ingest_group_id",),
+    "ingest_retry_max_s": ("retry_max_s",),
+    "workers": ("prepare_threads", "match_threads"),
+}
+
+
+class _RenamedEnv(PydanticBaseSettingsSource):
+    """Values of the old ``MEMETRACE_*`` names of renamed settings; the new name wins when both are set."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ answers for every field at once
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for old, new in RENAMED.items():
+            value = os.environ.get(PREFIX + old.upper())
+            if value is None:
+                continue
+            log.warning(f"{PREFIX}{old.upper()} is deprecated: set {' and '.join(PREFIX + n.upper() for n in new)}",
+                        extra={"setting": PREFIX + old.upper()})
+            out.update({n: value for n in new if PREFIX + n.upper() not in os.environ})
+        return out
+
+
+def unknown_env_names(environ: dict[str, str] | None = None) -> dict[str, str | None]:
+    """``MEMETRACE_*`` variables that name no setting -> the closest known name (None if none is close)."""
+    known = [PREFIX + n.upper() for n in (*Settings.model_fields, *RENAMED)]
+    env = os.environ if environ is None else environ
+    return {k: next(iter(difflib.get_close_matches(k.upper(), known, n=1, cutoff=0.75)), None)
+            for k in env if k.upper().startswith(PREFIX) and k.upper() not in known}
 
 
 class Settings(BaseSettings):
@@ -60,7 +106,8 @@ class Settings(BaseSettings):
     same_frame_min_coverage: float = Field(
         0.7, description="same, for both images, when the match is the identity (shared app frames)")
     coverage_radius: float = Field(0.05, description="radius around matched points, share of the longest side")
-    workers: int = Field(2, description="threads for decoding and SIFT")
+    prepare_threads: int = Field(2, ge=1, le=256, description="threads for decoding and SIFT")
+    match_threads: int = Field(2, ge=1, le=256, description="threads verifying candidates (FAISS + RANSAC)")
 
     # clustering
     cluster_algorithm: Literal["components", "louvain"] = "components"
@@ -87,7 +134,7 @@ class Settings(BaseSettings):
     kafka_images_topic: str = "memetrace.images"
     kafka_deadletter_topic: str = "memetrace.deadletter"
     kafka_matches_topic: str = "memetrace.matches"
-    kafka_group_id: str = Field("memetrace-ingest", description="consumer group of the ingest workers")
+    kafka_ingest_group_id: str = Field("memetrace-ingest", description="consumer group of the ingest workers")
     kafka_match_group_id: str = Field("memetrace-match", description="consumer group of the matcher service")
     kafka_cluster_group_id: str = Field("memetrace-cluster", description="consumer group of the clusterer service")
     kafka_topic_partitions: int = Field(6, ge=1, description="partitions of topics the ingest creates if missing")
@@ -96,7 +143,8 @@ class Settings(BaseSettings):
         300_000, description="a batch must finish within this, or the group hands its partitions away")
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     ingest_batch_size: int = Field(32, ge=1, description="posts per poll (bounded buffer: backpressure)")
-    ingest_retry_max_s: float = Field(30.0, gt=0, description="cap of the backoff while Kafka or Milvus is down")
+    retry_max_s: float = Field(30.0, gt=0, description="every service: cap of the backoff while a dependency "
+                                                       "(Kafka, Milvus, S3) is down")
     match_batch_size: int = Field(32, ge=1, description="image events the matcher service verifies per poll")
 
     # downloading post images (ingest.fetch.FetchPolicy)
@@ -119,6 +167,14 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="bearer token the API requires; empty = no auth")
     api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _RenamedEnv(settings_cls), dotenv_settings, file_secret_settings
 
     def resolved_milvus_uri(self) -> str:
         return self.milvus_uri or str(self.data_dir / "milvus.db")

@@ -165,7 +165,7 @@ class StreamWorker(ABC):
 
     def retry(self, target: str, fn: Callable[[], T],
               retry_if: Callable[[BaseException], bool] = lambda e: isinstance(e, TRANSIENT)) -> T:
-        """``fn()`` until it succeeds, backing off up to ``ingest_retry_max_s``; :class:`Abandoned` on stop."""
+        """``fn()`` until it succeeds, backing off up to ``retry_max_s``; :class:`Abandoned` on stop."""
         delay = 0.2
         while True:
             try:
@@ -180,7 +180,7 @@ class StreamWorker(ABC):
                     self._load_collections()
             if self._stop.wait(delay):
                 raise Abandoned(f"stop requested while {target} was failing")
-            delay = min(delay * 2, self.s.ingest_retry_max_s)
+            delay = min(delay * 2, self.s.retry_max_s)
 
     def _load_collections(self) -> None:
         """A restarted Milvus (Lite) serves its collections 'released': load them again (idempotent)."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memetrace.demo import DISTRACTOR_PHOTOS, GROUP_PHOTOS, photo_dir
+from memetrace.cli.demo import DISTRACTOR_PHOTOS, GROUP_PHOTOS, photo_dir
 from memetrace.settings import Settings
 
 PHOTO_SIDE = 480  # the demo corpus' working size: fast, and far above min_side

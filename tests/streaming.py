@@ -29,8 +29,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka_broker import Broker, free_port, stop_process, wait_for_port
 from PIL import Image
 
-from memetrace.cli import main as cli
-from memetrace.demo import GROUP_PHOTOS
+from memetrace.cli.main import main as cli
+from memetrace.cli.demo import GROUP_PHOTOS
 from memetrace.milvus_store import MilvusStore, connect, stored_dim
 from memetrace.settings import Settings
 
@@ -127,7 +127,7 @@ def ingest_env(tmp: Path, broker: Broker, **extra: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:8]
     env = {"MEMETRACE_DATA_DIR": str(tmp / "data"), "MEMETRACE_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
            "MEMETRACE_KAFKA_POSTS_TOPIC": f"posts-{tag}", "MEMETRACE_KAFKA_IMAGES_TOPIC": f"images-{tag}",
-           "MEMETRACE_KAFKA_DEADLETTER_TOPIC": f"dead-{tag}", "MEMETRACE_KAFKA_GROUP_ID": f"group-{tag}",
+           "MEMETRACE_KAFKA_DEADLETTER_TOPIC": f"dead-{tag}", "MEMETRACE_KAFKA_INGEST_GROUP_ID": f"group-{tag}",
            "MEMETRACE_MILVUS_COLLECTION_PREFIX": f"t{tag}", "MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS": "1",
            "MEMETRACE_FETCH_RETRIES": "1", "MEMETRACE_KAFKA_SESSION_TIMEOUT_MS": "2000",
            "MEMETRACE_KAFKA_TOPIC_PARTITIONS": "2", "MEMETRACE_INGEST_BATCH_SIZE": "4",

@@ -31,11 +31,11 @@ from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from api.app import create_app
-from api.search import BODY_SLACK
-from api.server import bind, server_for
-from memetrace.cli import run_index
-from memetrace.context import Context
+from memetrace.api.app import create_app
+from memetrace.api.search import BODY_SLACK
+from memetrace.api.server import bind, server_for
+from memetrace.cli.batch import run_index
+from memetrace.cli.context import Context
 from memetrace.imageio import content_id
 from memetrace.settings import Settings
 from tests.conftest import load_photo, make_settings
@@ -220,7 +220,7 @@ def test_search_upload_finds_the_copies_with_their_cluster(main: Api, corpus: Co
     matches = body["matches"]
     assert {m["image_id"] for m in matches} == {corpus.id_of(n) for n in
                                                 ("astronaut.jpg", "astronaut_crop.jpg", "astronaut_q35.jpg")}
-    assert [m["score"] for m in matches] == sorted((m["score"] for m in matches), reverse=True)
+    assert [m["inliers"] for m in matches] == sorted((m["inliers"] for m in matches), reverse=True)
     assert len({m["cluster_id"] for m in matches}) == 1 and matches[0]["cluster_id"] is not None
     by_path = {Path(m["path"]).name: m for m in matches}
     assert by_path["astronaut_crop.jpg"]["kind"] == "partial" and by_path["astronaut.jpg"]["kind"] == "full"
@@ -453,7 +453,7 @@ def test_aborted_upload_is_no_server_error(main: Api, caplog: pytest.LogCaptureF
     """A client hanging up mid-upload is counted as 499 (client closed), not logged and counted as a 500."""
     body, content_type = _multipart(bytes(100_000))
     labels = {"route": "/v1/search", "method": "POST"}
-    with caplog.at_level(logging.ERROR, logger="api.middleware"):
+    with caplog.at_level(logging.ERROR, logger="memetrace.api.middleware"):
         with _raw_request(main, "POST /v1/search", {"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type,
                                                     "Content-Length": str(len(body))}, body[:1000]):
             time.sleep(0.2)  # the handler is waiting for the rest of the body
@@ -462,7 +462,7 @@ def test_aborted_upload_is_no_server_error(main: Api, caplog: pytest.LogCaptureF
             assert time.monotonic() < deadline, "the aborted upload was not counted as 499"
             time.sleep(0.05)
     assert _value(samples, "memetrace_api_requests_total", status="500", **labels) == 0
-    assert not [r for r in caplog.records if r.name == "api.middleware"]
+    assert not [r for r in caplog.records if r.name == "memetrace.api.middleware"]
 
 
 def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.MonkeyPatch,
@@ -471,10 +471,10 @@ def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.Mo
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(main.ctx.store, "get", broken)
-    with caplog.at_level(logging.ERROR, logger="api.middleware"):
+    with caplog.at_level(logging.ERROR, logger="memetrace.api.middleware"):
         body = _error(main.get("/v1/images/1"), 500, "internal_error")
     assert "disk on fire" not in body["detail"]  # internals stay in the log
-    record = next(r for r in caplog.records if r.name == "api.middleware")
+    record = next(r for r in caplog.records if r.name == "memetrace.api.middleware")
     assert record.exc_info and "disk on fire" in str(record.exc_info[1]) and record.path == "/v1/images/1"
 
 

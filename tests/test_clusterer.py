@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from clusterer.export import CSV_COLUMNS, ClusterRow, cluster_rows, write_csv, write_link_dir
-from clusterer.graph import build_graph, communities, density, stable_ids
-from clusterer.history import diff
-from clusterer.service import recluster
+from memetrace.clusterer.export import CSV_COLUMNS, ClusterRow, cluster_rows, write_csv, write_link_dir
+from memetrace.clusterer.graph import build_graph, communities, density, stable_ids
+from memetrace.clusterer.history import diff
+from memetrace.clusterer.service import recluster
 from memetrace.catalog import Catalog, Match
 
 
 def _m(a: int, b: int, inliers: int = 50) -> Match:
-    return Match(a, b, float(inliers), inliers, "full")
+    return Match(a, b, inliers, "full")
 
 
 def _groups_of(assignment: dict[int, int]) -> dict[int, set[int]]:

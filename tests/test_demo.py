@@ -1,4 +1,4 @@
-"""memetrace.demo: the demo corpus is complete, consistent with its ground truth, and reproducible."""
+"""memetrace.cli.demo: the demo corpus is complete, consistent with its ground truth, and reproducible."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from memetrace.demo import (
+from memetrace.cli.demo import (
     BAD_FILES,
     COPIES_PER_PHOTO,
     CSV_COLUMNS,

@@ -215,7 +215,7 @@ def test_crd_objects_match_a_minimal_schema_and_point_at_real_objects(rendered: 
     env = container_env(docs, target)
     trigger = so["spec"]["triggers"][0]["metadata"]
     assert (trigger["bootstrapServers"], trigger["consumerGroup"], trigger["topic"]) == (
-        env["MEMETRACE_KAFKA_BOOTSTRAP_SERVERS"], env["MEMETRACE_KAFKA_GROUP_ID"], env["MEMETRACE_KAFKA_POSTS_TOPIC"])
+        env["MEMETRACE_KAFKA_BOOTSTRAP_SERVERS"], env["MEMETRACE_KAFKA_INGEST_GROUP_ID"], env["MEMETRACE_KAFKA_POSTS_TOPIC"])
     assert so["spec"]["maxReplicaCount"] <= int(env["MEMETRACE_KAFKA_TOPIC_PARTITIONS"])
     # KEDA makes its own HPA: the CPU one for ingest must be gone, the others stay
     assert set(of_kind(docs, "HorizontalPodAutoscaler")) == {"memetrace-match", "memetrace-serve"}

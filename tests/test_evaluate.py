@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterer.evaluate import evaluate
+from memetrace.clusterer.evaluate import evaluate
 
 SCORE_PY = Path("/work/shared/bench/score.py")
 

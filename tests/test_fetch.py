@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.fetch import Fetcher, FetchPolicy, check_address, is_public_address, resolve_host, sniff_image
+from memetrace.ingest.fetch import Fetcher, FetchPolicy, check_address, is_public_address, resolve_host, sniff_image
 
 LOOPBACK_ONLY = ("127.0.0.1/32",)  # trust the test server's address and nothing else
 HUGE = 100_000_000

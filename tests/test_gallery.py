@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clusterer.export import ClusterRow
-from clusterer.gallery import thumb_name, write_gallery
+from memetrace.clusterer.export import ClusterRow
+from memetrace.clusterer.gallery import thumb_name, write_gallery
 from memetrace.feature_store import MemoryFeatureStore
 
 EVIL = "memes/<script>alert('x')</script>.jpg"

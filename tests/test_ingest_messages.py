@@ -9,20 +9,22 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingest.fetch import FetchPolicy
-from ingest.messages import (H_REASON, H_SOURCE, InvalidMessage, deadletter_headers, deadletter_key, occurrence_key,
+from memetrace.ingest.fetch import FetchPolicy
+from memetrace.messages import (H_REASON, H_SOURCE, InvalidMessage, dead_letter, deadletter_key, occurrence_key,
                              parse_post, source_of)
-from ingest.producer import lines_to_messages
+from memetrace.ingest.producer import lines_to_messages
 from kafka_broker import free_port
-from memetrace.metrics import IngestMetrics, serve
+from memetrace.ingest.metrics import IngestMetrics
+from memetrace.metrics import serve
 from memetrace.settings import Settings
 
 
-def test_valid_post_keeps_every_field() -> None:
+def test_valid_post_keeps_the_fields_memetrace_reads() -> None:
     post = parse_post(json.dumps({"post_id": 42, "url": "https://example.org/a.jpg", "posted_at": "2024-05-01T10:00:00Z",
                                   "platform": "mastodon", "author": "ana", "text": "lol", "meta": {"likes": 3},
                                   "unknown": "ignored"}).encode())
-    assert post.post_id == "42" and post.platform == "mastodon" and post.meta == {"likes": 3}
+    assert post.post_id == "42" and post.platform == "mastodon" and post.author == "ana"
+    assert set(post.model_dump()) == {"v", "post_id", "url", "posted_at", "platform", "author"}  # the rest: unread
     assert post.posted_at_unix() == 1714557600
     assert parse_post(b'{"post_id": "a", "url": "http://h/x"}').posted_at_unix() == -1
 
@@ -52,8 +54,8 @@ def test_keys_are_stable_positive_int64() -> None:
     assert src == "memetrace.posts/1/7"
     for key in (occurrence_key("p1"), deadletter_key(src)):
         assert 0 <= key < 2**63
-    headers = dict(deadletter_headers("http_404", "gone", src, "p1"))
-    assert headers[H_REASON] == b"http_404" and headers[H_SOURCE] == src.encode()
+    value, headers = dead_letter(b"{}", "http_404", "gone", src, "p1")
+    assert value == b"{}" and dict(headers)[H_REASON] == b"http_404" and dict(headers)[H_SOURCE] == src.encode()
 
 
 def test_producer_lines(tmp_path: Path) -> None:

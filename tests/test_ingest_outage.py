@@ -30,7 +30,7 @@ from streaming import (  # noqa: F401
 )
 
 from benchmarks.services import free_port, start_milvus_lite, stop_process
-from memetrace.demo import GROUP_PHOTOS
+from memetrace.cli.demo import GROUP_PHOTOS
 
 
 def committed_total(bootstrap: str, group: str, topic: str) -> int:
@@ -63,7 +63,7 @@ def test_milvus_down_then_back_worker_retries_commits_nothing_then_stores_everyt
     milvus, uri = start_milvus_lite(milvus_dir, port)
     worker: WorkerProcess | None = None
     try:
-        env = ingest_env(tmp_path, kafka_broker, MEMETRACE_MILVUS_URI=uri, MEMETRACE_INGEST_RETRY_MAX_S="1")
+        env = ingest_env(tmp_path, kafka_broker, MEMETRACE_MILVUS_URI=uri, MEMETRACE_RETRY_MAX_S="1")
         s = settings_from(env)
         names = list(GROUP_PHOTOS)
         n = 12  # 3 batches of 4; distinct URLs, 6 distinct images
@@ -85,7 +85,7 @@ def test_milvus_down_then_back_worker_retries_commits_nothing_then_stores_everyt
         retries_while_down = worker.logged("write failed, retrying")
         assert worker.proc.poll() is None, "the worker exited while Milvus was down"
         assert worker.logged("batch stored") == 0
-        committed_down = committed_total(kafka_broker.bootstrap, s.kafka_group_id, s.kafka_posts_topic)
+        committed_down = committed_total(kafka_broker.bootstrap, s.kafka_ingest_group_id, s.kafka_posts_topic)
         assert committed_down == 0, f"offsets committed while Milvus was down: {committed_down}/{n}"
         milvus_retries = [r for r in worker.lines if r.get("msg") == "write failed, retrying"]
         assert all(r.get("target") == "milvus" for r in milvus_retries), milvus_retries[-3:]
@@ -94,7 +94,7 @@ def test_milvus_down_then_back_worker_retries_commits_nothing_then_stores_everyt
         assert uri_again == uri
         t_back = time.monotonic()
         wait_until(f"all {n} offsets committed after the restart",
-                   lambda: committed_total(kafka_broker.bootstrap, s.kafka_group_id, s.kafka_posts_topic) >= n, 60, worker)
+                   lambda: committed_total(kafka_broker.bootstrap, s.kafka_ingest_group_id, s.kafka_posts_topic) >= n, 60, worker)
         resumed_s = time.monotonic() - t_back
         worker.proc.send_signal(signal.SIGTERM)
         totals = worker.finish(timeout=30)
@@ -103,7 +103,7 @@ def test_milvus_down_then_back_worker_retries_commits_nothing_then_stores_everyt
         assert totals["new_images"] == 6 and totals["deadlettered"] == {}, totals
         counts = milvus_counts(s)
         assert counts == {"images": 6, "occurrences": n, "distinct_in_occurrences": 6, "deadletters": {}}, counts
-        assert committed_total(kafka_broker.bootstrap, s.kafka_group_id, s.kafka_posts_topic) == n
+        assert committed_total(kafka_broker.bootstrap, s.kafka_ingest_group_id, s.kafka_posts_topic) == n
         with capsys.disabled():
             print(f"\n[milvus outage] {retries_while_down} retries while down, committed {committed_down}/{n}; "
                   f"all {n} committed {resumed_s:.1f} s after the restart; final: {counts['occurrences']} "

@@ -32,13 +32,13 @@ from streaming import (  # noqa: F401
     write_posts,
 )
 
-from ingest.messages import H_REASON, ImageEvent
-from ingest.worker import IngestWorker
-from memetrace.cli import main as cli
-from memetrace.context import Context
-from memetrace.demo import GROUP_PHOTOS
+from memetrace.messages import H_REASON, ImageEvent
+from memetrace.ingest.worker import IngestWorker
+from memetrace.cli.main import main as cli
+from memetrace.cli.context import Context
+from memetrace.cli.demo import GROUP_PHOTOS
 from memetrace.kafka_clients import ensure_topics
-from memetrace.metrics import IngestMetrics
+from memetrace.ingest.metrics import IngestMetrics
 from memetrace.settings import Settings
 
 # ----------------------------------------------------------------------------- end to end, in-process
@@ -78,9 +78,10 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     assert counts == {"images": 6, "occurrences": 20, "distinct_in_occurrences": 6, "deadletters": expected_dead}
 
     events = [ImageEvent.model_validate_json(r.value) for r in read_topic(s, s.kafka_images_topic, 20)]
-    assert len(events) == 20 and sum(e.new_image for e in events) == 6
+    assert len(events) == 20 and len({e.image_id for e in events}) == 6
     assert {e.post.post_id for e in events} >= {f"p{i}" for i in range(18)}
-    assert all((s.data_dir / "features" / e.features.keypoints).is_file() for e in events)
+    features = Context(s).features
+    assert all(features.get_keypoints(e.image_id) is not None for e in events)
     dead = read_topic(s, s.kafka_deadletter_topic, 8)
     assert len(dead) == 8
     assert b"{this is not json" in {r.value for r in dead}  # the original bytes, untouched
@@ -91,7 +92,7 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     assert metrics.get_sample_value("memetrace_embed_batch_seconds_count") >= 1
 
     # a second group re-reads every message: rows are keyed by content/position, nothing doubles
-    again = run_worker(s.model_copy(update={"kafka_group_id": s.kafka_group_id + "-again"}))
+    again = run_worker(s.model_copy(update={"kafka_ingest_group_id": s.kafka_ingest_group_id + "-again"}))
     assert again.totals.posts == 28 and again.totals.new_images == 0
     assert milvus_counts(s) == counts
 

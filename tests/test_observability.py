@@ -38,8 +38,11 @@ from streaming import (  # noqa: F401
 )
 
 from benchmarks.services import free_port, stop_process, wait_for_port
-from memetrace import metrics as mm
-from memetrace.metrics import IngestMetrics, serve
+from memetrace.api.metrics import ApiMetrics
+from memetrace.clusterer.metrics import ClusterMetrics
+from memetrace.matcher.metrics import MatchMetrics
+from memetrace.ingest.metrics import IngestMetrics
+from memetrace.metrics import serve
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "memetrace.json"
 METRIC_NAME = re.compile(r"\bmemetrace_[a-z0-9_]+")
@@ -75,7 +78,7 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 def registered_metric_names() -> set[str]:
     """Every sample name the services' metric classes can expose (counters' _total, histograms' parts)."""
     names: set[str] = set()
-    for cls in (mm.IngestMetrics, mm.MatchMetrics, mm.ClusterMetrics, mm.ApiMetrics):
+    for cls in (IngestMetrics, MatchMetrics, ClusterMetrics, ApiMetrics):
         registry = CollectorRegistry()
         cls(registry)
         for family in registry.collect():

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from clusterer.evaluate import evaluate
+from memetrace.clusterer.evaluate import evaluate
 from memetrace.catalog import Catalog
-from memetrace.cli import main
-from memetrace.demo import BAD_FILES, COPIES_PER_PHOTO, GROUP_PHOTOS, make_demo_corpus
+from memetrace.cli.main import main
+from memetrace.cli.demo import BAD_FILES, COPIES_PER_PHOTO, GROUP_PHOTOS, make_demo_corpus
 
 
 @dataclass
@@ -68,7 +68,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, embedder):
                 mp.delenv(key)
         mp.chdir(base)  # no stray .env file
         # every Context the CLI builds shares the session's embedder (the model loads once)
-        mp.setattr("memetrace.context.Embedder", lambda settings: embedder)
+        mp.setattr("memetrace.cli.context.Embedder", lambda settings: embedder)
         corpus = base / "corpus"
         images = make_demo_corpus(corpus)
         with (corpus / "ground_truth.csv").open(newline="", encoding="utf-8") as fh:

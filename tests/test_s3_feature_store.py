@@ -27,7 +27,7 @@ from PIL import Image
 pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server")
 
-from memetrace.context import Context  # noqa: E402
+from memetrace.cli.context import Context  # noqa: E402
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore  # noqa: E402
 from memetrace.keypoints import Keypoints  # noqa: E402
 from memetrace.s3_feature_store import S3FeatureStore, S3FeatureStoreError, make_client  # noqa: E402

@@ -23,15 +23,17 @@ from pymilvus.exceptions import MilvusException
 from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, produce, read_topic,  # noqa: F401
                        settings_from, write_posts)
 
-from clusterer.worker import ClusterWorker
-from ingest.worker import IngestWorker
-from matcher.messages import MatchEvent
-from matcher.worker import MatchWorker
+from memetrace.clusterer.worker import ClusterWorker
+from memetrace.ingest.worker import IngestWorker
+from memetrace.messages import MatchEvent
+from memetrace.matcher.worker import MatchWorker
 from memetrace.catalog import Catalog, Match
-from memetrace.context import Context
+from memetrace.cli.context import Context
 from memetrace.imageio import content_id
 from memetrace.kafka_clients import ensure_topics
-from memetrace.metrics import ClusterMetrics, IngestMetrics, MatchMetrics
+from memetrace.clusterer.metrics import ClusterMetrics
+from memetrace.ingest.metrics import IngestMetrics
+from memetrace.matcher.metrics import MatchMetrics
 from memetrace.milvus_store import MilvusStore
 from memetrace.settings import Settings
 from memetrace.stream import Abandoned
@@ -82,8 +84,8 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     tag = "svc"
     env = ingest_env(tmp_path, kafka_broker, MEMETRACE_MILVUS_URI=milvus_server, MEMETRACE_REGIONS="1")
     env.update({"MEMETRACE_KAFKA_MATCHES_TOPIC": env["MEMETRACE_KAFKA_IMAGES_TOPIC"] + "-matches",
-                "MEMETRACE_KAFKA_MATCH_GROUP_ID": env["MEMETRACE_KAFKA_GROUP_ID"] + "-match",
-                "MEMETRACE_KAFKA_CLUSTER_GROUP_ID": env["MEMETRACE_KAFKA_GROUP_ID"] + "-cluster"})
+                "MEMETRACE_KAFKA_MATCH_GROUP_ID": env["MEMETRACE_KAFKA_INGEST_GROUP_ID"] + "-match",
+                "MEMETRACE_KAFKA_CLUSTER_GROUP_ID": env["MEMETRACE_KAFKA_INGEST_GROUP_ID"] + "-cluster"})
     s = settings_from(env)
     ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic])
     extra = _copies(photo_server)
@@ -164,7 +166,7 @@ def test_cluster_worker_stopped_while_milvus_is_down_records_history_once(tmp_pa
     s = make_settings(tmp_path)
     catalog = Catalog(tmp_path / "state.db")
     catalog.add_images([(1, 10), (2, 10)])
-    catalog.add_matches([Match(1, 2, 50.0, 50, "full")])
+    catalog.add_matches([Match(1, 2, 50, "full")])
     worker = ClusterWorker(s, catalog, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
     worker.stop("SIGTERM")
     with pytest.raises(Abandoned):

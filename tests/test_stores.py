@@ -13,7 +13,8 @@ from conftest import make_settings, rgb
 from memetrace.catalog import Catalog, Match
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.milvus_store import (ClusterSummary, DeadLetterRow, ImageRow, MilvusStore, OccurrenceRow, region_key,
+from memetrace.models import ClusterSummary, DeadLetterRow, ImageRow, OccurrenceRow
+from memetrace.milvus_store import (MilvusStore, region_key,
                                     stored_dim)
 from memetrace.settings import Settings
 
@@ -287,10 +288,10 @@ def test_catalog_bad_files(catalog: Catalog) -> None:
 
 
 def test_catalog_matches(catalog: Catalog) -> None:
-    catalog.add_matches([Match(5, 2, 40.0, 40, "full"), Match(2, 9, 12.0, 12, "partial")])
-    catalog.add_matches([Match(2, 5, 41.0, 41, "full")])  # same pair, other order: replaced
+    catalog.add_matches([Match(5, 2, 40, "full"), Match(2, 9, 12, "partial")])
+    catalog.add_matches([Match(2, 5, 41, "full")])  # same pair, other order: replaced
     got = sorted(catalog.matches(), key=lambda m: (m.a, m.b))
-    assert got == [Match(2, 5, 41.0, 41, "full"), Match(2, 9, 12.0, 12, "partial")]
+    assert got == [Match(2, 5, 41, "full"), Match(2, 9, 12, "partial")]
     assert {(m.a, m.b) for m in catalog.matches_of(9)} == {(2, 9)}
     assert len(catalog.matches_of(2)) == 2 and catalog.matches_of(77) == []
 
@@ -311,7 +312,7 @@ def test_catalog_counts(catalog: Catalog) -> None:
     catalog.add_images([(i, 10) for i in range(1, 7)])
     catalog.add_paths([(f"{i}.jpg", i) for i in range(1, 7)] + [("dup.jpg", 1)])
     catalog.add_bad([("x.txt", "not_an_image", "")])
-    catalog.add_matches([Match(1, 2, 1.0, 10, "full"), Match(2, 3, 1.0, 10, "full"), Match(4, 5, 1.0, 10, "full")])
+    catalog.add_matches([Match(1, 2, 10, "full"), Match(2, 3, 10, "full"), Match(4, 5, 10, "full")])
     catalog.set_clusters({1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3})  # 6 is alone: not a cluster
     assert catalog.counts() == {"images": 6, "paths": 7, "bad_files": 1, "matches": 3, "clusters": 2}
 

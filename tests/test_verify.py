@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from conftest import jpeg_roundtrip, make_settings, rgb
-from matcher.verify import Prepared, Verification, Verifier, coverage, rootsift, same_frame
+from memetrace.matcher.verify import Prepared, Verification, Verifier, coverage, rootsift, same_frame
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.settings import Settings
 

@@ -51,7 +51,7 @@ def _service_env(name: str, demo: bool) -> dict[str, str]:
 
 def _demo_posts(data_dir: Path) -> Path:
     """One post per demo file, served from a loopback HTTP server (a platform picked per file)."""
-    from memetrace.demo import make_demo_corpus
+    from memetrace.cli.demo import make_demo_corpus
 
     images = make_demo_corpus(data_dir / "demo-corpus")
     _server, base = serve_folder(images)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
+import logging
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from memetrace import logs
-from memetrace.context import Context
-from memetrace.settings import Settings
+from memetrace.cli.context import Context
+from memetrace.settings import Settings, unknown_env_names
+
+log = logging.getLogger("memetrace")
 
 
 def _context(ctx: click.Context) -> Context:
@@ -27,65 +27,10 @@ def _context(ctx: click.Context) -> Context:
 def main(ctx: click.Context, verbose: int, data_dir: Path | None) -> None:
     """Find every copy of an image, whole or partial, and group the copies into clusters."""
     logs.configure(verbose)
+    for name, closest in unknown_env_names().items():
+        log.warning(f"{name} is not a memetrace setting, ignored" + (f": did you mean {closest}?" if closest else ""))
     settings = Settings(data_dir=data_dir) if data_dir else Settings()
     ctx.obj = Context(settings)
-
-
-def _progress(total: int | None, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-def run_index(c: Context, source: Path) -> dict:
-    """index -> match the new images -> recluster; returns the run summary."""
-    from clusterer.service import recluster
-    from ingest.indexer import Indexer
-    from ingest.sources import iter_directory, iter_list_file
-    from matcher.matching import Matcher
-
-    s = c.settings
-    known = c.catalog.indexed_paths()
-    if source.is_dir():
-        c.catalog.set_meta("root", str(source.resolve()))
-        items = [it for it in iter_directory(source, s.max_file_bytes) if it.key not in known]
-    else:
-        c.catalog.set_meta("root", str(source.resolve().parent))
-        items = [it for it in iter_list_file(source, s.max_file_bytes, _url_reader(s)) if it.key not in known]
-    timings: dict[str, float] = {}
-    started = time.time_ns() // 1_000_000  # compared with Milvus' indexed_at (ms)
-    t0 = time.perf_counter()
-    indexer = Indexer(s, c.embedder, c.extractor, c.store, c.features, c.catalog)
-    with _progress(len(items), "index") as bar:
-        report = indexer.index(items, bar.update)
-    timings["index_s"] = round(time.perf_counter() - t0, 2)
-
-    t0 = time.perf_counter()
-    todo = c.catalog.unmatched()
-    matcher = Matcher(s, c.store, c.features)
-    with _progress(len(todo), "match") as bar:
-        matches = matcher.match_stored(todo, bar.update, all_stored_since=started)
-    c.catalog.add_matches(matches)
-    c.catalog.mark_matched(todo)
-    timings["match_s"] = round(time.perf_counter() - t0, 2)
-
-    t0 = time.perf_counter()
-    recluster(c.catalog, s.cluster_algorithm, publish=c.store.publish_clusters)
-    timings["cluster_s"] = round(time.perf_counter() - t0, 2)
-    return {"inputs": report.seen, "new_images": report.new_images, "duplicates": report.duplicates,
-            "bad_inputs": report.bad, "new_matches": len(matches), **c.catalog.counts(), **timings}
-
-
-def _url_reader(s: Settings):
-    from ingest.fetch import Fetcher, FetchPolicy
-
-    fetcher = Fetcher(FetchPolicy.from_settings(s))
-
-    def read(url: str) -> bytes:
-        res = fetcher.fetch(url)
-        if not res.ok or res.data is None:
-            raise ValueError(f"download failed ({res.reason}): {res.detail}")
-        return res.data
-
-    return read
 
 
 @main.command()
@@ -93,27 +38,10 @@ def _url_reader(s: Settings):
 @click.pass_context
 def index(ctx: click.Context, source: Path) -> None:
     """Index a folder (recursive) or a text file of paths/URLs, match new images, recluster."""
+    from memetrace.cli.batch import run_index
+
     summary = run_index(_context(ctx), source)
     click.echo(json.dumps(summary, indent=2))
-
-
-def _cluster_rows(c: Context):
-    """Cluster rows with paths shown relative to the last indexed folder (PIMMI's CSV)."""
-    from clusterer.export import cluster_rows
-    from clusterer.graph import build_graph
-
-    cat = c.catalog
-    nb_points = cat.images()
-    g = build_graph(nb_points, cat.matches())
-    root = cat.meta("root")
-    paths = {i: [_display_path(p, root) for p in ps] for i, ps in cat.paths_by_image().items()}
-    return cluster_rows(g, cat.clusters(), paths, nb_points)
-
-
-def _display_path(path: str, root: str | None) -> str:
-    if root and path.startswith(root.rstrip("/") + "/"):
-        return path[len(root.rstrip("/")) + 1:]
-    return path
 
 
 @main.command()
@@ -126,10 +54,11 @@ def _display_path(path: str, root: str | None) -> str:
 @click.pass_context
 def clusters(ctx: click.Context, out: Path | None, html_dir: Path | None, link_dir: Path | None) -> None:
     """Write the clusters: PIMMI-style CSV, optional HTML gallery and symlink folders."""
-    from clusterer.export import write_csv, write_link_dir
+    from memetrace.cli.batch import cluster_table
+    from memetrace.clusterer.export import write_csv, write_link_dir
 
     c = _context(ctx)
-    rows = _cluster_rows(c)
+    rows = cluster_table(c)
     out = out or c.settings.data_dir / "clusters.csv"
     write_csv(rows, out)
     click.echo(f"clusters CSV: {out} ({len(rows)} rows)")
@@ -137,7 +66,7 @@ def clusters(ctx: click.Context, out: Path | None, html_dir: Path | None, link_d
         root = Path(c.catalog.meta("root") or ".")
         click.echo(f"link folders: {write_link_dir(rows, root, link_dir)} in {link_dir}")
     if html_dir:
-        from clusterer.gallery import write_gallery
+        from memetrace.clusterer.gallery import write_gallery
 
         page = write_gallery(rows, c.features, html_dir)
         click.echo(f"gallery: {page}")
@@ -149,7 +78,8 @@ def clusters(ctx: click.Context, out: Path | None, html_dir: Path | None, link_d
 @click.pass_context
 def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
     """Copies of the given image(s) among the indexed ones, with scores and cluster ids."""
-    from matcher.query import CopyFinder
+    from memetrace.cli.batch import display_path
+    from memetrace.matcher.query import CopyFinder
     from memetrace.imageio import BadImage
 
     c = _context(ctx)
@@ -157,7 +87,7 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
         raise click.ClickException(f"nothing indexed in {c.settings.data_dir}: run `memetrace index FOLDER` first")
     finder = CopyFinder(c)
     root, clusters = c.catalog.meta("root"), c.catalog.clusters()
-    paths = {i: [_display_path(p, root) for p in ps] for i, ps in c.catalog.paths_by_image().items()}
+    paths = {i: [display_path(p, root) for p in ps] for i, ps in c.catalog.paths_by_image().items()}
     results = []
     for path in images:
         try:
@@ -186,7 +116,7 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
 @click.argument("clusters_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def eval_(ground_truth: Path, clusters_csv: Path) -> None:
     """Score a clusters CSV against a ground truth (PIMMI's cluster P/R/F1, query AP, pairwise F1)."""
-    from clusterer.evaluate import evaluate
+    from memetrace.clusterer.evaluate import evaluate
 
     try:
         click.echo(json.dumps(evaluate(ground_truth, clusters_csv), indent=2))
@@ -219,17 +149,18 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def demo(ctx: click.Context, out: Path | None) -> None:
     """The whole pipeline on a small corpus made from photos shipped with scikit-image."""
-    from clusterer.evaluate import evaluate
-    from clusterer.export import write_csv
-    from clusterer.gallery import write_gallery
-    from memetrace.demo import make_demo_corpus
+    from memetrace.clusterer.evaluate import evaluate
+    from memetrace.clusterer.export import write_csv
+    from memetrace.clusterer.gallery import write_gallery
+    from memetrace.cli.batch import cluster_table, run_index
+    from memetrace.cli.demo import make_demo_corpus
 
     c = _context(ctx)
     corpus = out or c.settings.data_dir / "demo-corpus"
     images = make_demo_corpus(corpus)
     click.echo(f"demo corpus: {images}")
     summary = run_index(c, images)
-    rows = _cluster_rows(c)
+    rows = cluster_table(c)
     csv_path = c.settings.data_dir / "clusters.csv"
     write_csv(rows, csv_path)
     page = write_gallery(rows, c.features, c.settings.data_dir / "gallery")
@@ -267,10 +198,10 @@ _MAX_IDLE = click.option("--max-idle", type=float, default=None,
 @click.pass_context
 def ingest(ctx: click.Context, max_idle: float | None) -> None:
     """Consume posts from Kafka: download, embed, store in Milvus, publish events (prints totals as JSON)."""
-    from ingest.worker import run_worker
+    from memetrace.cli.services import run_ingest
 
-    _worker, totals = run_worker(_context(ctx).settings, max_idle=max_idle)
-    click.echo(json.dumps(totals.as_dict()))
+    worker = run_ingest(_context(ctx).settings, max_idle=max_idle)
+    click.echo(json.dumps(worker.totals.as_dict()))
 
 
 @main.command()
@@ -278,7 +209,7 @@ def ingest(ctx: click.Context, max_idle: float | None) -> None:
 @click.pass_context
 def match(ctx: click.Context, max_idle: float | None) -> None:
     """Consume image events from Kafka, verify their copies, publish edges on the matches topic."""
-    from matcher.worker import run_match
+    from memetrace.cli.services import run_match
 
     worker = run_match(_context(ctx).settings, max_idle=max_idle)
     click.echo(json.dumps({"images_matched": worker.matched, "edges_published": worker.published,
@@ -292,7 +223,7 @@ def match(ctx: click.Context, max_idle: float | None) -> None:
 @click.pass_context
 def cluster(ctx: click.Context, every: float | None, max_idle: float | None) -> None:
     """Consume image and match events, keep the graph, recluster periodically with stable ids."""
-    from clusterer.worker import run_cluster
+    from memetrace.cli.services import run_cluster
 
     s = _context(ctx).settings
     if every is not None and every <= 0:
@@ -309,10 +240,10 @@ def cluster(ctx: click.Context, every: float | None, max_idle: float | None) -> 
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """The query API (OpenAPI docs at /docs) and the cluster gallery, over what is stored."""
-    from api.server import serve as serve_api
+    from memetrace.api.server import serve as serve_api
 
-    s = _context(ctx).settings
-    serve_api(s, host or s.api_host, port or s.api_port)
+    c = _context(ctx)
+    serve_api(c, host or c.settings.api_host, port or c.settings.api_port)
 
 
 @main.command()
@@ -321,7 +252,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.pass_context
 def produce(ctx: click.Context, file: Path, topic: str | None) -> None:
     """Send FILE's lines to Kafka: JSON posts as-is, bare URLs wrapped as {"post_id", "url"}."""
-    from ingest.producer import produce_file
+    from memetrace.ingest.producer import produce_file
 
     s = _context(ctx).settings
     sent = produce_file(s, file, topic)

@@ -1,0 +1,20 @@
+"""The query API's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from memetrace.metrics import ITEM_BUCKETS
+
+
+class ApiMetrics:
+    """The query API (``memetrace serve``); ``route`` is the route template (bounded cardinality)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = r = registry
+        self.requests = Counter("memetrace_api_requests_total", "HTTP requests answered",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("memetrace_api_request_seconds", "one HTTP request, body read included",
+                                         ["route"], buckets=ITEM_BUCKETS, registry=r)
+        self.search_seconds = Histogram("memetrace_search_seconds", "decode + embed + SIFT + Milvus + verify "
+                                        "of one searched image", buckets=ITEM_BUCKETS, registry=r)

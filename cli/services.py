@@ -1,0 +1,45 @@
+"""The streaming services built from settings: the bodies of ``memetrace ingest``, ``match`` and ``cluster``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from memetrace.cli.context import Context
+from memetrace.clusterer.metrics import ClusterMetrics
+from memetrace.clusterer.worker import ClusterWorker
+from memetrace.ingest.metrics import IngestMetrics
+from memetrace.ingest.worker import IngestWorker
+from memetrace.kafka_clients import ensure_topics
+from memetrace.matcher.metrics import MatchMetrics
+from memetrace.matcher.worker import MatchWorker
+from memetrace.settings import Settings
+from memetrace.stream import run_service
+
+
+def run_ingest(settings: Settings, max_idle: float | None = None,
+               registry: CollectorRegistry | None = None) -> IngestWorker:
+    s = settings
+    ensure_topics(s, [s.kafka_posts_topic, s.kafka_images_topic, s.kafka_deadletter_topic])
+    worker = IngestWorker(Context(s), IngestMetrics(registry or CollectorRegistry()))
+    run_service(worker, max_idle)
+    return worker
+
+
+def run_match(settings: Settings, max_idle: float | None = None,
+              registry: CollectorRegistry | None = None) -> MatchWorker:
+    s = settings
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
+    ctx = Context(s)
+    worker = MatchWorker(s, ctx.store, ctx.features, MatchMetrics(registry or CollectorRegistry()))
+    run_service(worker, max_idle)
+    return worker
+
+
+def run_cluster(settings: Settings, every_s: float, max_idle: float | None = None,
+                registry: CollectorRegistry | None = None) -> ClusterWorker:
+    s = settings
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
+    ctx = Context(s)
+    worker = ClusterWorker(s, ctx.catalog, ctx.store, ClusterMetrics(registry or CollectorRegistry()), every_s)
+    run_service(worker, max_idle)
+    return worker

@@ -1,0 +1,34 @@
+"""The clusterer service's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from memetrace.metrics import StreamMetrics, BATCH_BUCKETS
+
+
+class ClusterMetrics(StreamMetrics):
+    """The clusterer service: graph input, and the state after each reclustering run."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        r = registry
+        self.edges_consumed = Counter("memetrace_cluster_edges_consumed_total", "match edges consumed", registry=r)
+        self.posts_consumed = Counter("memetrace_cluster_posts_consumed_total", "image events (posts) consumed",
+                                      registry=r)
+        self.runs = Counter("memetrace_cluster_runs_total", "reclustering runs", registry=r)
+        self.run_seconds = Histogram("memetrace_cluster_run_seconds", "one reclustering run",
+                                     buckets=BATCH_BUCKETS, registry=r)
+        self.clusters = Gauge("memetrace_clusters", "clusters of 2+ images", registry=r)
+        self.images_clustered = Gauge("memetrace_images_clustered", "images in clusters of 2+ images", registry=r)
+        self.largest = Gauge("memetrace_largest_cluster_images", "images in the largest cluster", registry=r)
+        self.new_clusters = Gauge("memetrace_new_clusters_last_run", "clusters created by the last run", registry=r)
+        self.new_clusters_total = Counter("memetrace_new_clusters_total", "clusters created", registry=r)
+        self.events = Counter("memetrace_cluster_events_total", "cluster history events, by kind",
+                              ["event"], registry=r)
+        # bounded cardinality: rank 1..cluster_top_n, the series are replaced on every run
+        self.top_growth = Gauge("memetrace_cluster_growth_posts",
+                                "posts in the last hour of the fastest-growing clusters",
+                                ["rank", "cluster_id"], registry=r)
+        self.top_size = Gauge("memetrace_cluster_size_posts", "posts of the same fastest-growing clusters",
+                              ["rank", "cluster_id"], registry=r)

@@ -1,0 +1,17 @@
+"""The errors a stage sees from its dependencies, whatever client library is behind them.
+
+Each adapter (Milvus, Kafka, S3, the local disk) turns its client's transient failures into one
+:class:`DependencyDown` naming the dependency: the consume loop backs off and retries only that,
+and readiness reports it. Anything else is either a bad input (dead-lettered) or a bug.
+"""
+
+from __future__ import annotations
+
+
+class DependencyDown(Exception):
+    """A dependency did not answer or refused for a reason that may pass (down, overloaded, restarting)."""
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency} is unavailable: {detail}")
+        self.dependency = dependency  # "milvus" | "kafka" | "s3" | ...
+        self.detail = detail

@@ -1,0 +1,227 @@
+"""The Kafka message contracts: every topic's payload, in one place, every field bounded.
+
+``memetrace.posts``       :class:`Post` (JSON, from outside): ``{"post_id", "url", "posted_at"?,
+                          "platform"?, "author"?}``; other fields are ignored. Key: any.
+``memetrace.images``      :class:`ImageEvent`, one per stored post, key = image id (ingest → matcher,
+                          clusterer).
+``memetrace.matches``     :class:`MatchEvent`, one per verified copy relation, key ``"a:b"`` (a < b):
+                          a pair always lands on one partition (matcher → clusterer).
+``memetrace.deadletter``  the message as it came (or, when it is too large for the broker, a bounded
+                          prefix), with the reason, source, size and hash in headers (:func:`dead_letter`).
+
+:func:`parse` is the one way a consumer reads a message: whatever is wrong with it (not JSON,
+nested too deep, too large, a field out of range, an unknown schema version) becomes an
+:class:`InvalidMessage`, which the consume loop dead-letters; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from memetrace.models import Match
+
+SCHEMA_VERSION = 1
+MAX_ID = 2**63 - 1  # Milvus and SQLite keys are signed 64-bit
+ImageId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True)]
+MAX_MESSAGE_BYTES = 1_000_000  # the broker's default max.message.bytes; larger values are refused unread
+MAX_DEPTH = 32  # JSON nesting: a post is two levels deep; deeper is hostile (json recurses per level)
+MAX_DETAIL = 1024
+
+#: dead-letter header names (values are UTF-8)
+H_REASON = "memetrace-reason"
+H_DETAIL = "memetrace-detail"
+H_SOURCE = "memetrace-source"
+H_POST_ID = "memetrace-post-id"
+H_SIZE = "memetrace-original-bytes"
+H_SHA256 = "memetrace-original-sha256"
+H_TRUNCATED = "memetrace-truncated"
+
+
+class InvalidMessage(Exception):
+    """A message that is not what its topic carries; ``reason`` is a short code for the dead letter."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail[:MAX_DETAIL]
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, allow_inf_nan=False)
+
+    v: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION, description="schema version of the message")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+class Post(_Contract):
+    """One social-media post pointing at an image (what the outside world sends)."""
+
+    post_id: str = Field(min_length=1, max_length=1024)
+    url: str = Field(min_length=1, max_length=4096)
+    posted_at: datetime | None = None
+    platform: str = Field("", max_length=64)
+    author: str = Field("", max_length=256)
+
+    @field_validator("post_id", mode="before")
+    @classmethod
+    def _id_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_ID else v
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"url must be an http(s) URL with a host, got {v[:200]!r}")
+        return v
+
+    @field_validator("posted_at")
+    @classmethod
+    def _representable(cls, v: datetime | None) -> datetime | None:
+        if v is not None:
+            v.replace(tzinfo=v.tzinfo or timezone.utc).timestamp()  # raises (OverflowError -> invalid) if not
+        return v
+
+    def posted_at_unix(self) -> int:
+        """Seconds since the epoch, -1 when unknown (naive times are taken as UTC)."""
+        if self.posted_at is None:
+            return -1
+        ts = self.posted_at
+        return int(ts.timestamp()) if ts.tzinfo else int(ts.replace(tzinfo=timezone.utc).timestamp())
+
+
+class PostRef(_Contract):
+    """What the clusterer keeps of a post: its id, time and platform."""
+
+    post_id: str = Field(min_length=1, max_length=1024)
+    posted_at: int = Field(-1, ge=-1, le=2**62, description="unix seconds, -1 = unknown")
+    platform: str = Field("", max_length=64)
+
+
+class ImageEvent(_Contract):
+    """Published on ``memetrace.images`` once the image and its post are stored."""
+
+    image_id: ImageId
+    nb_points: int = Field(ge=0, le=1_000_000, strict=True, description="keypoints stored for the image")
+    post: PostRef
+
+
+class MatchEvent(_Contract):
+    """A verified copy relation; ``a`` < ``b``, never a self-loop."""
+
+    a: ImageId = Field(description="the smaller image id")
+    b: ImageId
+    inliers: int = Field(ge=0, le=1_000_000, strict=True, description="keypoints verified by the geometric check")
+    kind: Literal["full", "partial"] = Field(description="full (same content) or partial (one holds a part of the other)")
+
+    @field_validator("b")
+    @classmethod
+    def _ordered(cls, b: int, info: Any) -> int:
+        a = info.data.get("a")
+        if a is not None and not a < b:
+            raise ValueError(f"a < b is required (a={a}, b={b}): edges are stored once per pair, no self-loops")
+        return b
+
+    @classmethod
+    def of(cls, m: Match) -> MatchEvent:
+        return cls(a=min(m.a, m.b), b=max(m.a, m.b), inliers=m.inliers, kind=m.kind)
+
+    def to_match(self) -> Match:
+        return Match(self.a, self.b, self.inliers, self.kind)
+
+    def key(self) -> bytes:
+        return f"{self.a}:{self.b}".encode()
+
+
+M = TypeVar("M", bound=_Contract)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_OPEN = np.frombuffer(b"[{", np.uint8)
+_CLOSE = np.frombuffer(b"]}", np.uint8)
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of brackets outside strings, counted without parsing (numpy, linear time)."""
+    arr = np.frombuffer(_STRING.sub(b'""', raw), np.uint8)
+    steps = np.isin(arr, _OPEN).astype(np.int32) - np.isin(arr, _CLOSE).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def parse(model: type[M], raw: bytes | None, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Validate one message value as ``model``, or raise :class:`InvalidMessage` saying what to fix."""
+    name = model.__name__
+    if raw is None:
+        raise InvalidMessage("invalid_json", f"empty message value (tombstone); send a JSON {name}")
+    if len(raw) > max_bytes:
+        raise InvalidMessage("too_large", f"{len(raw)} bytes, over {max_bytes}: a {name} is a few hundred bytes")
+    if (depth := json_depth(raw)) > MAX_DEPTH:
+        raise InvalidMessage("too_deep", f"JSON nested {depth} levels deep, over {MAX_DEPTH}; send a flat {name}")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidMessage("invalid_json", f"not JSON ({str(exc)[:200]}); send a JSON {name}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidMessage(f"invalid_{_snake(name)}", f"expected a JSON object ({name}), got {type(doc).__name__}")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in exc.errors())
+        raise InvalidMessage(f"invalid_{_snake(name)}", errors) from exc
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # raised by a validator itself
+        raise InvalidMessage(f"invalid_{_snake(name)}", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def parse_post(raw: bytes | None) -> Post:
+    return parse(Post, raw)
+
+
+# ----------------------------------------------------------------------------- keys and dead letters
+
+
+def stable_key(text: str) -> int:
+    """Positive int64 from a string: the primary key of a post or of a message position."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") & MAX_ID
+
+
+def occurrence_key(post_id: str) -> int:
+    return stable_key(f"post:{post_id}")
+
+
+def source_of(topic: str, partition: int, offset: int) -> str:
+    return f"{topic}/{partition}/{offset}"
+
+
+def deadletter_key(source: str) -> int:
+    return stable_key(f"msg:{source}")
+
+
+def dead_letter(value: bytes | None, reason: str, detail: str, source: str, post_id: str = "",
+                max_bytes: int = MAX_MESSAGE_BYTES // 2) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The dead letter of a message: its value (a prefix of ``max_bytes`` when larger: the broker
+    would refuse the whole) and headers naming the reason, source, original size and hash."""
+    value = value or b""
+    headers = [(H_REASON, reason[:64]), (H_DETAIL, detail[:MAX_DETAIL]), (H_SOURCE, source[:512]),
+               (H_SIZE, str(len(value))), (H_SHA256, hashlib.sha256(value).hexdigest())]
+    if post_id:
+        headers.append((H_POST_ID, post_id[:1024]))
+    if len(value) > max_bytes:
+        headers.append((H_TRUNCATED, "1"))
+        value = value[:max_bytes]
+    return value, [(k, v.encode("utf-8", "replace")) for k, v in headers]
