@@ -5,32 +5,35 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated
 
+import anyio.to_thread
 from anyio import CapacityLimiter
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from memetrace.api.auth import COOKIE, BearerCredentials, TokenCheck
-from memetrace.api.errors import ApiError, error_response, install_error_handlers
+from memetrace.api.errors import ApiError, error_responses, install_error_handlers
 from memetrace.api.gallery import gallery_page
+from memetrace.api.limits import ApiLimits, BodyDeadline, SearchPool
 from memetrace.api.middleware import ObserveRequests
-from memetrace.api.records import Sort, image_record, posts_of, sorted_summaries, summary_record
-from memetrace.api.search import OPENAPI_BODY, read_query_image, search_image
+from memetrace.api.records import posts_of, sorted_summaries, stored_image
+from memetrace.api.schemas import (MAX_ID, MAX_PAGE, MAX_POSTS, MAX_TIMELINE, ClusterDetail, ClusterItem,
+                                   ClusterList, Health, HistoryEvent, ImageResponse, Ready, SearchResponse, Sort)
+from memetrace.api.search import OPENAPI_BODY, discard_body, read_query_image, search_image
 from memetrace.api.warmup import Warmup
-from memetrace.ingest.fetch import Fetcher, FetchPolicy
+from memetrace.fetch import Fetcher, FetchPolicy
 from memetrace.matcher.query import CopyFinder
 from memetrace.components import Components
 from memetrace.api.metrics import ApiMetrics
 
-MAX_ID = 2**63 - 1  # Milvus INT64 primary keys
 ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (content hash), as in search results")]
 ClusterId = Annotated[int, Path(ge=0, le=MAX_ID)]
-MAX_POSTS = 100  # posts listed per image; posts_total says how many there are
-MAX_TIMELINE = 1000
 MILVUS_PING_S = 3.0
+PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+Offset = Annotated[int, Query(ge=0)]
+V1_ERRORS = (401, 422, 503)  # every /v1 route: the token, its parameters, readiness
 # the gallery loads only its own thumbnails and inline CSS
 GALLERY_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -49,6 +52,9 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
     # one fetcher per process: its per-host limits are then global; a URL is held to the upload limit
     fetcher = Fetcher(replace(FetchPolicy.from_settings(s), max_bytes=min(s.max_file_bytes, s.api_max_upload_bytes)))
     downloads = CapacityLimiter(fetcher.policy.max_in_flight)
+    limits = ApiLimits.from_settings(s)
+    searches = SearchPool(limits.search_threads, limits.search_queue)
+    probes = CapacityLimiter(2)  # /readyz's Milvus ping: never behind the shared pool
     auth = TokenCheck(s.api_token)
 
     @asynccontextmanager
@@ -63,36 +69,47 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
                            {"Retry-After": "5"})
 
     app = FastAPI(title="memetrace", description=DESCRIPTION, version="1", lifespan=lifespan)
+    app.state.limits = limits  # read by server_for: uvicorn's own limits
     install_error_handlers(app, s)
+    app.add_middleware(BodyDeadline, timeout_s=limits.body_timeout_s)
     app.add_middleware(ObserveRequests, metrics=metrics)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth.dependency()), Depends(require_ready)])
 
     def thumbnail_url(request: Request, image_id: int) -> str:
         return request.url_for("image_thumbnail", image_id=image_id).path
 
-    @v1.post("/search", tags=["search"], openapi_extra=OPENAPI_BODY)
-    async def search(request: Request) -> dict[str, Any]:
+    @v1.post("/search", tags=["search"], openapi_extra=OPENAPI_BODY,
+             responses=error_responses(400, 408, 413, 415, *V1_ERRORS))
+    async def search(request: Request) -> SearchResponse:
         """Copies of an image: multipart field `image` (a file), or JSON `{"url": "https://..."}`.
 
-        Matches come best first (most `inliers`, the keypoints the geometric check verified); `kind` is full, partial, or
-        identical (these very bytes are stored)."""
+        Matches come best first (most `inliers`, the keypoints the geometric check verified); `kind` is full,
+        partial, or identical (these very bytes are stored). 503 `busy` (with Retry-After) when
+        MEMETRACE_API_SEARCH_CONCURRENCY searches run and MEMETRACE_API_SEARCH_QUEUE more wait."""
+        try:
+            searches.check()  # before the body is parsed
+        except ApiError:
+            await discard_body(request, s.api_max_upload_bytes)
+            raise
         data = await read_query_image(request, s.api_max_upload_bytes, fetcher, downloads)
-        return await run_in_threadpool(search_image, finder, ctx.store, metrics, data)
+        return await searches.run(search_image, finder, ctx, metrics, data)
 
-    @v1.get("/images/{image_id}", tags=["images"])
-    def image(request: Request, image_id: ImageId) -> dict[str, Any]:
+    @v1.get("/images/{image_id}", tags=["images"], responses=error_responses(404, *V1_ERRORS))
+    def image(request: Request, image_id: ImageId) -> ImageResponse:
         """A stored image: path, size, keypoints, cluster, and its posts (oldest first)."""
-        row = ctx.store.get([image_id]).get(image_id)
+        row = ctx.index.get([image_id]).get(image_id)
         if row is None:
             raise ApiError(404, "unknown_image", f"no stored image has id {image_id}; ids come from "
                                                  "POST /v1/search or GET /v1/clusters/{id}")
-        posts = posts_of(ctx.store, [image_id])
-        cluster = ctx.store.clusters_of([image_id]).get(image_id)
-        return {**image_record(row, cluster, thumbnail_url(request, image_id)), "posts": posts[:MAX_POSTS],
-                "posts_total": len(posts)}
+        posts = posts_of(ctx.occurrences, [image_id])
+        cluster = ctx.board.clusters_of([image_id]).get(image_id)
+        record = stored_image(row, cluster, thumbnail_url(request, image_id))
+        return ImageResponse(**dict(record), posts=posts[:MAX_POSTS], posts_total=len(posts))
 
-    @v1.get("/images/{image_id}/thumbnail", name="image_thumbnail", tags=["images"],
-            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    @v1.get("/images/{image_id}/thumbnail", name="image_thumbnail", tags=["images"], response_class=Response,
+            responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "a JPEG of at most 160 pixels a side"},
+                       **error_responses(404, *V1_ERRORS)})
     def thumbnail(image_id: ImageId) -> Response:
         """The stored image's JPEG thumbnail."""
         data = ctx.features.get_thumbnail(image_id)
@@ -102,30 +119,29 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         # an image id is a hash of its bytes: the thumbnail never changes
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400, immutable"})
 
-    @v1.get("/clusters", tags=["clusters"])
-    def clusters(sort: Sort = "size", limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-                 offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+    @v1.get("/clusters", tags=["clusters"], responses=error_responses(*V1_ERRORS))
+    def clusters(sort: Sort = "size", limit: PageSize = 50, offset: Offset = 0) -> ClusterList:
         """Clusters of 2+ images: `size` (most images), `growth` (most posts in the last hour, then
         day) or `recent` (last seen) first."""
-        ordered = sorted_summaries(ctx.store.all_cluster_summaries(), sort)
-        return {"sort": sort, "total": len(ordered), "offset": offset, "limit": limit,
-                "clusters": [summary_record(c) for c in ordered[offset:offset + limit]]}
+        ordered = sorted_summaries(ctx.board.summaries(), sort)
+        return ClusterList(sort=sort, total=len(ordered), offset=offset, limit=limit,
+                           clusters=[ClusterItem.of(c) for c in ordered[offset:offset + limit]])
 
-    @v1.get("/clusters/{cluster_id}", tags=["clusters"])
-    def cluster(request: Request, cluster_id: ClusterId, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+    @v1.get("/clusters/{cluster_id}", tags=["clusters"], responses=error_responses(404, *V1_ERRORS))
+    def cluster(request: Request, cluster_id: ClusterId, limit: PageSize = 100, offset: Offset = 0) -> ClusterDetail:
         """A cluster: its summary and history, a page of its members, and their posts in time order."""
-        summary = ctx.store.cluster_summary(cluster_id)
+        summary = ctx.board.summary(cluster_id)
         if summary is None:
             raise ApiError(404, "unknown_cluster", f"no cluster {cluster_id} (of 2 or more images); list them "
                                                    "with GET /v1/clusters")
-        members = ctx.store.cluster_members([cluster_id])[cluster_id]
+        members = ctx.board.members([cluster_id])[cluster_id]
         page = members[offset:offset + limit]
-        rows = ctx.store.get(page)
-        timeline = posts_of(ctx.store, page)
-        return {**summary_record(summary), "history": summary.history, "members_total": len(members),
-                "members": [image_record(rows[i], cluster_id, thumbnail_url(request, i)) for i in page if i in rows],
-                "timeline": timeline[:MAX_TIMELINE], "timeline_total": len(timeline)}
+        rows = ctx.index.get(page)
+        timeline = posts_of(ctx.occurrences, page)
+        return ClusterDetail(
+            **dict(ClusterItem.of(summary)), history=[HistoryEvent(**e) for e in summary.history],
+            members_total=len(members), timeline=timeline[:MAX_TIMELINE], timeline_total=len(timeline),
+            members=[stored_image(rows[i], cluster_id, thumbnail_url(request, i)) for i in page if i in rows])
 
     app.include_router(v1)
 
@@ -133,7 +149,10 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
     def root() -> RedirectResponse:
         return RedirectResponse("gallery")
 
-    @app.get("/gallery", response_class=HTMLResponse, tags=["gallery"])
+    # response_class=Response, not HTMLResponse: FastAPI would then describe the JSON errors as text/html
+    @app.get("/gallery", response_class=Response, tags=["gallery"], responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "the page"},
+        **error_responses(401, 422, 503)})
     def gallery(request: Request, creds: BearerCredentials, sort: Sort = "size",
                 limit: Annotated[int, Query(ge=1, le=500)] = 50, token: str | None = None) -> Response:
         """The clusters as an HTML page; `?token=` stores the API token in a cookie for the browser."""
@@ -147,26 +166,32 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
             return redirect
         auth.require(request, creds)
         require_ready()
-        return HTMLResponse(gallery_page(ctx.store, sort, limit), headers={"Content-Security-Policy": GALLERY_CSP})
+        return HTMLResponse(gallery_page(ctx.board, ctx.index, sort, limit),
+                            headers={"Content-Security-Policy": GALLERY_CSP})
 
-    @app.get("/healthz", tags=["operations"])
-    def healthz() -> dict[str, str]:
-        """200 while the process serves (liveness)."""
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["operations"], responses=error_responses())
+    async def healthz() -> Health:
+        """200 while the process serves (liveness). On the event loop: no thread pool to wait for."""
+        return Health()
 
-    @app.get("/readyz", tags=["operations"], responses={503: {"description": "what is not ready yet"}})
-    def readyz() -> Any:
+    def ping_milvus() -> None:
+        ctx.index.ping(MILVUS_PING_S)
+
+    @app.get("/readyz", tags=["operations"], responses=error_responses(503))
+    async def readyz() -> Ready:
         """200 when the model is loaded and Milvus answers (readiness), else 503 saying what is missing."""
         if problem := warmup.problem():
-            return error_response(503, "not_ready", problem)
+            raise ApiError(503, "not_ready", problem)
         try:
-            ctx.store.client.has_collection(ctx.store.images, timeout=MILVUS_PING_S)
+            await anyio.to_thread.run_sync(ping_milvus, limiter=probes)
         except Exception as exc:  # noqa: BLE001 - whatever the client raises, Milvus is not answering
-            return error_response(503, "not_ready", f"Milvus at {s.resolved_milvus_uri()} does not answer ({exc}); "
-                                                    "check that it is up and MEMETRACE_MILVUS_URI points to it")
-        return {"status": "ready"}
+            raise ApiError(503, "not_ready", f"Milvus at {s.resolved_milvus_uri()} does not answer ({exc}); "
+                                             "check that it is up and MEMETRACE_MILVUS_URI points to it") from None
+        return Ready()
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+              "description": "Prometheus text exposition format"}, **error_responses()})
     def prometheus() -> Response:
         """Prometheus metrics of this process (the API's own registry)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

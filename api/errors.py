@@ -1,4 +1,5 @@
-"""Every error the API answers is JSON ``{"error": code, "detail": what is wrong and how to fix it}``."""
+"""Every error the API answers is JSON ``{"error": code, "detail": what is wrong and how to fix it}``
+(:class:`~memetrace.api.schemas.ErrorBody`), declared for every route in the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -8,24 +9,39 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pymilvus.exceptions import MilvusException
 from starlette.exceptions import HTTPException
 
+from memetrace.api.schemas import ErrorBody
+from memetrace.errors import DependencyDown
 from memetrace.settings import Settings
+
+MAX_DETAIL = 4096  # ErrorBody.detail: a dependency's message could be longer
+
+# the error responses of the OpenAPI document; each route declares those it can answer
+_MEANINGS = {400: "unreadable request (bad JSON, empty file)", 401: "missing or wrong token",
+             404: "unknown id", 408: "the body did not arrive in time", 413: "body too large",
+             415: "unsupported Content-Type", 422: "invalid parameters, not an image, or a failed download",
+             500: "unexpected server error (logged)", 503: "not ready yet, busy, or Milvus down: see Retry-After"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route answering these errors (and 500, which any route can)."""
+    return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in sorted({*statuses, 500})}
 
 
 class ApiError(Exception):
-    """Raised by handlers; ``extra`` adds fields next to error and detail (e.g. a download's reason)."""
+    """Raised by handlers; ``reason`` is a failed download's (next to error and detail)."""
 
     def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+                 reason: str | None = None) -> None:
         super().__init__(f"{status} {error}: {detail}")
-        self.status, self.error, self.detail, self.headers, self.extra = status, error, detail, headers, extra
+        self.status, self.error, self.detail, self.headers, self.reason = status, error, detail, headers, reason
 
 
 def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status, headers=headers)
+                   reason: str | None = None) -> JSONResponse:
+    body = ErrorBody(error=error, detail=detail[:MAX_DETAIL], reason=reason)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> str:
@@ -38,7 +54,7 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     (Anything else is a bug: :class:`api.middleware.ObserveRequests` logs it and answers 500.)"""
 
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.error, exc.detail, exc.headers, **exc.extra)
+        return error_response(exc.status, exc.error, exc.detail, exc.headers, exc.reason)
 
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid_request", f"{describe_validation(list(exc.errors()))} (see /docs)")
@@ -53,12 +69,14 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
         return error_response(exc.status_code, code, detail, exc.headers)
 
-    async def milvus_down(_: Request, exc: MilvusException) -> JSONResponse:
+    async def dependency_down(_: Request, exc: DependencyDown) -> JSONResponse:
+        if exc.dependency != "milvus":
+            return error_response(503, f"{exc.dependency}_unavailable", f"{exc}; /readyz says when it answers")
         return error_response(503, "milvus_unavailable",
-                              f"Milvus at {settings.resolved_milvus_uri()} failed: {exc.message}; check that it "
+                              f"Milvus at {settings.resolved_milvus_uri()} failed: {exc.detail}; check that it "
                               "is up and MEMETRACE_MILVUS_URI points to it (/readyz says when it answers)")
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(MilvusException, milvus_down)
+    app.add_exception_handler(DependencyDown, dependency_down)

@@ -1,4 +1,4 @@
-"""``GET /gallery``: the clusters published in Milvus as the HTML page of ``memetrace clusters --html``
+"""``GET /gallery``: the clusters on the cluster board as the HTML page of ``memetrace clusters --html``
 (same cards, same CSS), with thumbnails served by ``/v1/images/{id}/thumbnail``."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import html
 import time
 
 from memetrace.api.records import Sort, sorted_summaries
-from memetrace.clusterer.gallery import render_card, render_page, stat
-from memetrace.milvus_store import MilvusStore
+from memetrace.gallery_html import render_card, render_page, stat
+from memetrace.cluster_board import ClusterBoard
 from memetrace.models import ClusterSummary
+from memetrace.vector_index import VectorIndex
 
 THUMBS_PER_CARD = 12
 SORT_LABELS: dict[str, str] = {"size": "largest", "growth": "fastest-growing", "recent": "most recent"}
@@ -48,12 +49,12 @@ def _header(shown: list[ClusterSummary], total: int, sort: Sort) -> str:
             f"<b>{sum(c.images for c in shown)}</b> images · <b>{sum(c.posts for c in shown)}</b> posts</p>\n{nav}")
 
 
-def gallery_page(store: MilvusStore, sort: Sort, limit: int) -> str:
+def gallery_page(board: ClusterBoard, index: VectorIndex, sort: Sort, limit: int) -> str:
     """The page of the first ``limit`` clusters in ``sort`` order, up to THUMBS_PER_CARD images each."""
-    summaries = sorted_summaries(store.all_cluster_summaries(), sort)
+    summaries = sorted_summaries(board.summaries(), sort)
     shown = summaries[:limit]
-    members = {c: ids[:THUMBS_PER_CARD] for c, ids in store.cluster_members([c.cluster_id for c in shown]).items()}
-    rows = store.get([i for ids in members.values() for i in ids])
+    members = {c: ids[:THUMBS_PER_CARD] for c, ids in board.members([c.cluster_id for c in shown]).items()}
+    rows = index.get([i for ids in members.values() for i in ids])
     cards = [render_card(c.cluster_id, _stats(c),
                          [(i, [_name(rows[i]["path"]) if i in rows else str(i)]) for i in members[c.cluster_id]],
                          c.images, _thumb_url)

@@ -6,9 +6,9 @@ import logging
 import time
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from memetrace.api.errors import error_response
 from memetrace.api.metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,8 @@ class ObserveRequests:
             log.error("unhandled error", exc_info=True, extra={"method": scope["method"], "path": scope["path"]})
             if responded:
                 raise  # half a response is out: the server can only drop the connection
-            await JSONResponse({"error": "internal_error", "detail": "unexpected server error (logged with its "
-                                "traceback); retry, and report it if it persists"}, status_code=500)(
-                scope, receive, send_observed)
+            await error_response(500, "internal_error", "unexpected server error (logged with its traceback); "
+                                 "retry, and report it if it persists")(scope, receive, send_observed)
         finally:
             self._record(scope, status, time.perf_counter() - started)
 

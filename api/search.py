@@ -1,10 +1,9 @@
 """``POST /v1/search``: take the query image (an upload, or a URL downloaded through the SSRF-guarded
-fetcher) within the size limit, find its copies, describe them from Milvus."""
+fetcher) within the size limit, find its copies, describe them from the stores."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import anyio.to_thread
 from anyio import CapacityLimiter
@@ -15,15 +14,16 @@ from starlette.types import Message, Receive
 
 from memetrace.api.errors import ApiError, describe_validation
 from memetrace.api.records import posts_of
-from memetrace.ingest.fetch import Fetcher
+from memetrace.api.schemas import POSTS_PER_MATCH, Post, QueryImage, SearchMatch, SearchResponse
+from memetrace.fetch import Fetcher
 from memetrace.matcher.query import Copy, CopyFinder
 from memetrace.imageio import BadImage, DecodedImage
 from memetrace.api.metrics import ApiMetrics
-from memetrace.milvus_store import MilvusStore
+from memetrace.components import Components
 
 FIELD = "image"
 BODY_SLACK = 64 * 1024  # multipart boundaries and part headers around the image bytes
-POSTS_PER_MATCH = 10
+JSON_MAX_BYTES = 16 * 1024  # {"url": ...} with a URL of at most 4096 characters, and room to spare
 FORMATS_HINT = "upload a JPEG, PNG, GIF, WebP, BMP or TIFF image"
 
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
@@ -78,13 +78,32 @@ async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher, d
         if media_type == "multipart/form-data":
             return await _uploaded(body, max_bytes)
         if media_type == "application/json" or media_type.endswith("+json"):
-            query = _parse_url_query(await body.body())
+            query = _parse_url_query(await _json_body(request))
             return await anyio.to_thread.run_sync(_download, fetcher, query.url, limiter=downloads)
     except _TooLarge:
         raise _too_large(max_bytes) from None
     raise ApiError(415, "unsupported_media_type",
                    f"Content-Type {media_type or '(none)'} is not accepted: send multipart/form-data with the "
                    f'file in field "{FIELD}" (curl -F {FIELD}=@photo.jpg), or application/json {{"url": "..."}}')
+
+
+async def discard_body(request: Request, max_bytes: int) -> None:
+    """Read the body to its end without parsing it: an early refusal still answers a client that is
+    sending (closing under it would reset the connection, answer included)."""
+    try:
+        async for _ in Request(request.scope, _limited(request.receive, max_bytes + BODY_SLACK)).stream():
+            pass
+    except _TooLarge:
+        raise _too_large(max_bytes) from None
+
+
+async def _json_body(request: Request) -> bytes:
+    """The JSON body, held to JSON_MAX_BYTES: a URL query has no reason to be megabytes long."""
+    try:
+        return await Request(request.scope, _limited(request.receive, JSON_MAX_BYTES)).body()
+    except _TooLarge:
+        raise ApiError(413, "too_large", f"a JSON search body is at most {JSON_MAX_BYTES} bytes: send "
+                                         '{"url": "https://..."} and nothing else') from None
 
 
 async def _uploaded(body: Request, max_bytes: int) -> bytes:
@@ -128,7 +147,7 @@ def _download(fetcher: Fetcher, url: str) -> bytes:
                    f'or upload the file in the multipart field "{FIELD}"', reason=res.reason)
 
 
-def search_image(finder: CopyFinder, store: MilvusStore, metrics: ApiMetrics, data: bytes) -> dict[str, Any]:
+def search_image(finder: CopyFinder, ctx: Components, metrics: ApiMetrics, data: bytes) -> SearchResponse:
     """Find the copies of the image in ``data`` and describe them (blocking: run it in a thread)."""
     started = time.perf_counter()
     try:
@@ -136,24 +155,24 @@ def search_image(finder: CopyFinder, store: MilvusStore, metrics: ApiMetrics, da
     except BadImage as exc:
         raise ApiError(400 if exc.reason == "empty" else 422, exc.reason,
                        f"the image cannot be searched: {exc.detail or exc.reason}; {FORMATS_HINT}") from None
-    result = _describe(store, image, copies)
+    result = _describe(ctx, image, copies)
     metrics.search_seconds.observe(time.perf_counter() - started)
     return result
 
 
-def _describe(store: MilvusStore, image: DecodedImage, copies: list[Copy]) -> dict[str, Any]:
+def _describe(ctx: Components, image: DecodedImage, copies: list[Copy]) -> SearchResponse:
     ids = [c.image_id for c in copies]
-    rows, clusters = store.get(ids), store.clusters_of(ids)
-    posts_by_image: dict[int, list[dict[str, Any]]] = {}
-    for post in posts_of(store, ids):  # one query for every match
-        posts_by_image.setdefault(post["image_id"], []).append(post)
+    rows, clusters = ctx.index.get(ids), ctx.board.clusters_of(ids)
+    posts_by_image: dict[int, list[Post]] = {}
+    for post in posts_of(ctx.occurrences, ids):  # one query for every match
+        posts_by_image.setdefault(post.image_id, []).append(post)
     matches = []
     for c in copies:
         posts = posts_by_image.get(c.image_id, [])
-        matches.append({"image_id": c.image_id, "inliers": c.inliers, "kind": c.kind,
-                        "similarity": c.similarity, "mirrored": c.mirrored, "cluster_id": clusters.get(c.image_id),
-                        "path": rows.get(c.image_id, {}).get("path"), "posts": posts[:POSTS_PER_MATCH],
-                        "posts_total": len(posts)})
-    return {"query": {"image_id": image.image_id, "width": image.width, "height": image.height,
-                      "stored": bool(store.existing([image.image_id]))},
-            "matches": matches}
+        matches.append(SearchMatch(image_id=c.image_id, inliers=c.inliers, kind=c.kind, similarity=c.similarity,
+                                   mirrored=c.mirrored, cluster_id=clusters.get(c.image_id),
+                                   path=rows.get(c.image_id, {}).get("path"), posts=posts[:POSTS_PER_MATCH],
+                                   posts_total=len(posts)))
+    query = QueryImage(image_id=image.image_id, width=image.width, height=image.height,
+                       stored=bool(ctx.index.existing([image.image_id])))
+    return SearchResponse(query=query, matches=matches)

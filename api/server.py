@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from functools import partial
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from memetrace.api.app import create_app
 from memetrace.api.auth import TokenCheck
+from memetrace.api.limits import ApiLimits
 from memetrace.components import Components
 
 log = logging.getLogger(__name__)
 
 # in-flight searches get this long to finish after SIGTERM: under Kubernetes' default 30 s grace period
 GRACEFUL_SHUTDOWN_S = 20
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's default, stated)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -28,10 +35,51 @@ def bind(host: str, port: int) -> socket.socket:
                       "MEMETRACE_API_PORT / MEMETRACE_API_HOST") from exc
 
 
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for each request's head: uvicorn itself times a
+    connection out only while it is idle, so a client that sends half a header line would hold its
+    socket for ever. The body has its deadline in the app (:class:`memetrace.api.limits.BodyDeadline`)."""
+
+    def __init__(self, *args: Any, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        self._arm_head_deadline()  # before: a pipelined request started by super() must not be timed
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        waiting_after = self.cycle  # the request before the one whose head is awaited (None: the first)
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue, waiting_after)
+
+    def _head_overdue(self, waiting_after: object) -> None:
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            self.transport.close()  # no complete head yet: nothing to answer
+
+
 def server_for(app: FastAPI) -> uvicorn.Server:
-    """uvicorn with our logging left alone (JSON lines; requests logged at info by the app itself)."""
-    return uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
-                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on"))
+    """uvicorn with our logging left alone (JSON lines; requests logged at info by the app itself), a
+    deadline on request heads, and the app's connection limit: beyond it uvicorn answers 503 before
+    reading a request."""
+    limits: ApiLimits = app.state.limits
+    protocol = partial(HeadDeadline, head_timeout_s=limits.body_timeout_s)
+    return uvicorn.Server(uvicorn.Config(app, http=protocol,  # type: ignore[arg-type] # a protocol factory
+                                         log_config=None, access_log=False, server_header=False,
+                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
+                                         limit_concurrency=limits.max_connections, timeout_keep_alive=KEEP_ALIVE_S,
+                                         h11_max_incomplete_event_size=MAX_HEAD_BYTES))
 
 
 def serve(components: Components, host: str | None = None, port: int | None = None) -> None:

@@ -42,7 +42,7 @@ class Warmup:
         while not self._stop.is_set():
             try:
                 c = self.ctx
-                c.embedder, c.extractor, c.store, c.features  # noqa: B018 - built on first access
+                _ = c.embedder, c.extractor, c.index, c.occurrences, c.board, c.features  # built on first access
             except Exception as exc:  # noqa: BLE001 - Milvus may come up later; keep /healthz alive meanwhile
                 self._error = f"{type(exc).__name__}: {exc}"
                 log.error("API warm-up failed", exc_info=True,

@@ -18,7 +18,7 @@ consume -> commit is that span; start-up (imports, model load, Milvus connect, g
 decoded, embedded, written) / span. Match: image ids verified / span (every image is already stored
 when the matcher starts, so this is matching throughput, not a race with the ingest). Cluster: its
 span covers storing the events in SQLite and the periodic reclusterings in between; each reclustering
-is timed on its own ("reclustered" log lines). The clusterer's catalog then gives the streaming
+is timed on its own ("reclustered" log lines). The clusterer's state then gives the streaming
 clusters, written as the pipeline's clusters CSV (image ids mapped back to file names through
 ``content_id`` of the served bytes) and scored with the benchmark's score.py when the ground truth is
 known: against the whole split, or against its rows for the ingested files when only some were posted.
@@ -165,7 +165,7 @@ def run_ingest_bench(images: Path, count: int | None = None, clusters_csv: Path 
         match_totals, match_lines, match_timing = _run_worker(["match"], env, work, timeout)
         cluster_totals, cluster_lines, cluster_timing = _run_worker(
             ["cluster", "--every", str(RECLUSTER_EVERY_S)], env, work, timeout)
-        exported = _export_clusters(work / "data" / "catalog.db", files, clusters_csv)
+        exported = _export_clusters(work / "data" / "cluster-state.db", files, clusters_csv)
     finally:
         if http is not None:
             http.shutdown()
@@ -222,25 +222,25 @@ def _cluster_figures(totals: dict[str, Any], lines: list[dict], timing: dict[str
             "largest": runs[-1]["largest"], "stopped_by": totals["stopped_by"]}
 
 
-def _export_clusters(catalog_path: Path, files: list[Path], out: Path) -> dict[str, Any]:
-    """The clusterer's catalog as the pipeline's clusters CSV, one row per served file (exact
+def _export_clusters(state_path: Path, files: list[Path], out: Path) -> dict[str, Any]:
+    """The clusterer's state as the pipeline's clusters CSV, one row per served file (exact
     duplicates share an image id, hence a cluster)."""
     from memetrace.clusterer.export import cluster_rows, write_csv
     from memetrace.clusterer.graph import build_graph
-    from memetrace.catalog import Catalog
+    from memetrace.clusterer.state import SqliteGraphState
     from memetrace.imageio import content_id
 
     names: dict[int, list[str]] = {}
     for f in files:
         names.setdefault(content_id(f.read_bytes()), []).append(f.name)
-    catalog = Catalog(catalog_path)
+    state = SqliteGraphState(state_path)
     try:
-        nb_points = catalog.images()
-        assignment = catalog.clusters()
-        edges = catalog.matches()
+        nb_points = state.images()
+        assignment = state.clusters()
+        edges = state.matches()
         rows = cluster_rows(build_graph(nb_points, edges), assignment, names, nb_points)
     finally:
-        catalog.close()
+        state.close()
     write_csv(rows, out)
     return {"csv": str(out), "rows": len(rows), "files": len(files), "distinct_ids": len(names),
             "edges_stored": len(edges),  # distinct pairs: both sides of a pair may publish it
@@ -273,16 +273,14 @@ def _score(ground_truth: Path, files: list[Path], clusters_csv: Path) -> dict[st
 
 def _milvus_counts(uri: str, data_dir: Path) -> dict[str, int]:
     """What the worker left in Milvus: the figures are only worth something if everything is there."""
-    from memetrace.milvus_store import MilvusStore, connect, stored_dim
+    from memetrace.cli.context import Context
     from memetrace.settings import Settings
 
-    s = Settings(_env_file=None, data_dir=data_dir, milvus_uri=uri)
-    client = connect(s)
+    c = Context(Settings(_env_file=None, data_dir=data_dir, milvus_uri=uri))
     try:
-        store = MilvusStore(s, stored_dim(client, s) or 1, client)
-        return {"images": store.count(), "occurrences": store.count_occurrences()}
+        return {"images": c.index.count(), "occurrences": c.occurrences.count_occurrences()}
     finally:
-        client.close()
+        c.milvus.close()
 
 
 def _setting_default(name: str) -> int:
@@ -330,7 +328,7 @@ def format_ingest(r: dict[str, Any]) -> str:
         parts.append(f"  streaming clusters (score.py, {q['scored_against']}): cluster F1 {s['cluster_f1']:.4f}, "
                      f"P {s['cluster_precision']:.4f}, R {s['cluster_recall']:.4f}; query AP "
                      f"{s['query_average_precision']:.4f}; {r['stream_clusters']['files_not_clustered']} files "
-                     f"not in the catalog")
+                     f"not in the clusterer state")
         if not q["evaluate_cross_check"]["agrees"]:
             parts.append(f"  WARNING: clusterer.evaluate disagrees with score.py: "
                          f"{q['evaluate_cross_check']['mismatches']}")

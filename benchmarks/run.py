@@ -269,10 +269,10 @@ def run_pipeline(images: Path, data_dir: Path, clusters_csv: Path) -> dict[str, 
     cpu0 = _self_cpu_s()
     start = time.perf_counter()
 
-    # the embedded stores in data_dir whatever MEMETRACE_MILVUS_URI / _CATALOG_PATH say: a fresh run
-    settings = Settings(data_dir=data_dir, milvus_uri="", catalog_path=None)
+    # the embedded stores in data_dir whatever MEMETRACE_MILVUS_URI / _CLUSTER_STATE_PATH say: a fresh run
+    settings = Settings(data_dir=data_dir, milvus_uri="", cluster_state_path=None)
     context = Context(settings)
-    _ = context.embedder, context.extractor, context.store, context.features, context.catalog
+    _ = context.embedder, context.extractor, context.index, context.features, context.catalog, context.graph_state
     setup_s = round(time.perf_counter() - start, 2)
     rss_after_setup = _self_peak_rss_mib()
 
@@ -290,10 +290,11 @@ def run_pipeline(images: Path, data_dir: Path, clusters_csv: Path) -> dict[str, 
     machine_busy = (busy1 - busy0) / tick
     device = str(context.embedder.device)
     try:
-        context.store.client.close()
+        context.milvus.close()
     except Exception:  # closing is best effort: the figures are taken
         pass
     context.catalog.close()
+    context.graph_state.close()
 
     n = int(summary["inputs"])
     stages = {

@@ -11,6 +11,7 @@ import click
 from memetrace import logs
 from memetrace.cli.context import Context
 from memetrace.settings import Settings, unknown_env_names
+from memetrace.sqlite_file import IncompatibleFile
 
 log = logging.getLogger("memetrace")
 
@@ -19,7 +20,15 @@ def _context(ctx: click.Context) -> Context:
     return ctx.obj
 
 
-@click.group()
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except IncompatibleFile as exc:  # a store file of an older format: one line, not a traceback
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", count=True, help="-v: info logs, -vv: debug logs (JSON on stderr)")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="where the stores live (default: MEMETRACE_DATA_DIR or ./memetrace-data)")
@@ -86,7 +95,7 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
     if not c.catalog.images():
         raise click.ClickException(f"nothing indexed in {c.settings.data_dir}: run `memetrace index FOLDER` first")
     finder = CopyFinder(c)
-    root, clusters = c.catalog.meta("root"), c.catalog.clusters()
+    root, clusters = c.catalog.meta("root"), c.graph_state.clusters()
     paths = {i: [display_path(p, root) for p in ps] for i, ps in c.catalog.paths_by_image().items()}
     results = []
     for path in images:
@@ -129,8 +138,10 @@ def eval_(ground_truth: Path, clusters_csv: Path) -> None:
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
     """Counts: images, paths, bad files (by reason), matches, clusters."""
+    from memetrace.cli.batch import counts as store_counts
+
     c = _context(ctx)
-    counts = c.catalog.counts()
+    counts = store_counts(c)
     reasons: dict[str, int] = {}
     for _, reason, _ in c.catalog.bad_files():
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -173,19 +184,18 @@ def demo(ctx: click.Context, out: Path | None) -> None:
 
 def _ingest_counts(s: Settings) -> dict:
     """Streaming-ingest counts, kept in Milvus (shared by every worker): occurrences, dead letters."""
-    from memetrace.milvus_store import MilvusStore, connect, stored_dim
+    from memetrace.milvus import stored_dim
 
     empty = {"occurrences": 0, "deadlettered": 0, "deadlettered_by_reason": {}}
     uri = s.resolved_milvus_uri()
     if "://" not in uri and not Path(uri).exists():
         return empty
-    client = connect(s)
-    dim = stored_dim(client, s)
-    if dim is None:
+    c = Context(s)
+    if stored_dim(c.milvus, c.milvus_config) is None:
         return empty
-    store = MilvusStore(s, dim, client)
-    return {"occurrences": store.count_occurrences(), "deadlettered": store.count_deadletters(),
-            "deadlettered_by_reason": store.deadletters_by_reason()}
+    posts = c.occurrences
+    return {"occurrences": posts.count_occurrences(), "deadlettered": posts.count_dead_letters(),
+            "deadlettered_by_reason": posts.dead_letters_by_reason()}
 
 
 _MAX_IDLE = click.option("--max-idle", type=float, default=None,

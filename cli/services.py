@@ -20,17 +20,23 @@ def run_ingest(settings: Settings, max_idle: float | None = None,
                registry: CollectorRegistry | None = None) -> IngestWorker:
     s = settings
     ensure_topics(s, [s.kafka_posts_topic, s.kafka_images_topic, s.kafka_deadletter_topic])
-    worker = IngestWorker(Context(s), IngestMetrics(registry or CollectorRegistry()))
+    worker = ingest_worker(Context(s), IngestMetrics(registry or CollectorRegistry()))
     run_service(worker, max_idle)
     return worker
+
+
+def ingest_worker(ctx: Context, metrics: IngestMetrics) -> IngestWorker:
+    """An ingest worker on the components of ``ctx``."""
+    return IngestWorker(ctx.settings, metrics, embedder=ctx.embedder, extractor=ctx.extractor, index=ctx.index,
+                        occurrences=ctx.occurrences, features=ctx.features)
 
 
 def run_match(settings: Settings, max_idle: float | None = None,
               registry: CollectorRegistry | None = None) -> MatchWorker:
     s = settings
-    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic])
     ctx = Context(s)
-    worker = MatchWorker(s, ctx.store, ctx.features, MatchMetrics(registry or CollectorRegistry()))
+    worker = MatchWorker(s, ctx.index, ctx.features, MatchMetrics(registry or CollectorRegistry()))
     run_service(worker, max_idle)
     return worker
 
@@ -38,8 +44,8 @@ def run_match(settings: Settings, max_idle: float | None = None,
 def run_cluster(settings: Settings, every_s: float, max_idle: float | None = None,
                 registry: CollectorRegistry | None = None) -> ClusterWorker:
     s = settings
-    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic])
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic])
     ctx = Context(s)
-    worker = ClusterWorker(s, ctx.catalog, ctx.store, ClusterMetrics(registry or CollectorRegistry()), every_s)
+    worker = ClusterWorker(s, ctx.graph_state, ctx.board, ClusterMetrics(registry or CollectorRegistry()), every_s)
     run_service(worker, max_idle)
     return worker

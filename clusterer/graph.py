@@ -17,10 +17,13 @@ from memetrace.models import Match
 
 
 def build_graph(nodes: Iterable[int], matches: Iterable[Match]) -> nx.Graph:
+    """The graph of ``nodes`` and the ``matches`` between two of them; an edge touching an image
+    not (yet) in ``nodes`` is held back (the stream may deliver an edge before an image event)."""
     g = nx.Graph()
     g.add_nodes_from(nodes)
     for m in matches:
-        g.add_edge(m.a, m.b, weight=float(m.inliers), kind=m.kind)
+        if m.a in g and m.b in g and m.a != m.b:
+            g.add_edge(m.a, m.b, weight=float(m.inliers), kind=m.kind)
     return g
 
 

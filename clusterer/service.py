@@ -1,12 +1,13 @@
 """One reclustering run: matches → communities with stable ids → history, per-cluster stats → published.
 
-The same run serves ``memetrace index`` (batch) and the clusterer service (every N seconds)::
+The same run serves ``memetrace index`` (batch) and the clusterer service (every N seconds), on the
+clusterer's :class:`~memetrace.clusterer.state.GraphState`::
 
-    catalog.images + catalog.matches ─► communities ─► stable_ids(previous) ─► diff ─► events
-                                                                                  │
-    catalog.posts + catalog.paths ─► occurrence stats per cluster ─► summaries ◄──┘
+    state.images + state.matches ─► communities ─► stable_ids(previous) ─► diff ─► events
+                                                                                │
+    state.posts (posts and files) ─► occurrence stats per cluster ─► summaries ◄┘
                                                                         │
-    catalog.clusters, cluster_events ◄── written ──┬── published ──► Milvus (the API reads there)
+    state.clusters, history ◄── saved (changes only) ──┬── published ──► the API's store
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 
 from memetrace.clusterer.graph import build_graph, communities, stable_ids
 from memetrace.clusterer.history import ClusterEvent, diff, multi_image_clusters
-from memetrace.catalog import Catalog
+from memetrace.clusterer.state import GraphState
 from memetrace.models import ClusterSummary
 
-#: publish(changed assignment, summaries, removed cluster ids), e.g. MilvusStore.publish_clusters
+#: publish(changed assignment, summaries, removed cluster ids), e.g. ClusterBoard.publish
 Publish = Callable[[dict[int, int], list[ClusterSummary], list[int]], None]
 
 HISTORY = 20  # latest events per cluster in its summary
@@ -45,25 +46,26 @@ class ClusterRun:
         return sorted(self.summaries, key=ClusterSummary.growth_rank)[:n]
 
 
-def recluster(catalog: Catalog, algorithm: str, publish: Publish | None = None, now: float | None = None,
+def recluster(state: GraphState, algorithm: str, publish: Publish | None = None, now: float | None = None,
               publish_all: bool = False) -> ClusterRun:
     """Recompute the clusters; ``publish`` gets the assignments that changed (all if ``publish_all``)."""
     t0 = time.perf_counter()
     now = time.time() if now is None else now
-    previous = catalog.clusters()
-    assignment = stable_ids(communities(build_graph(catalog.images(), catalog.matches()), algorithm), previous)
+    previous = state.clusters()
+    assignment = stable_ids(communities(build_graph(state.images(), state.matches()), algorithm), previous)
+    changed = {i: c for i, c in assignment.items() if previous.get(i) != c}  # images never leave the graph
     events = diff(previous, assignment)
     groups = multi_image_clusters(assignment)
-    summaries = summarize(catalog, groups, now, events)
-    if publish is not None:  # before the catalog moves on: a failed publish is redone by the next run
-        changed = assignment if publish_all else {i: c for i, c in assignment.items() if previous.get(i) != c}
-        publish(changed, summaries, sorted(set(multi_image_clusters(previous)) - set(groups)))
-    catalog.set_clusters(assignment, int(now), [e.as_row() for e in events])  # only now: a failed run records no event
+    summaries = summarize(state, groups, now, events)
+    if publish is not None:  # before the state moves on: a failed publish is redone by the next run
+        publish(assignment if publish_all else changed, summaries,
+                sorted(set(multi_image_clusters(previous)) - set(groups)))
+    state.save_run(changed, int(now), [e.as_row() for e in events])  # only now: a failed run records no event
     return ClusterRun(int(now), time.perf_counter() - t0, len(groups), sum(map(len, groups.values())),
                       max(map(len, groups.values()), default=0), events, summaries)
 
 
-def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float,
+def summarize(state: GraphState, groups: dict[int, set[int]], now: float,
               events: Sequence[ClusterEvent] = ()) -> list[ClusterSummary]:
     """Size in images and posts, first/last seen, growth over the last hour and day, platforms, and
     history: the recorded events, then ``events`` (this run's, recorded once it is published)."""
@@ -73,7 +75,7 @@ def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float,
     cluster_of = {image: cid for cid, images in groups.items() for image in images}
     acc: dict[int, dict] = defaultdict(lambda: {"posts": 0, "first": None, "last": None, "hour": 0, "day": 0,
                                                 "platforms": defaultdict(int)})
-    for image, platform, posts, first, last, hour, day in catalog.occurrence_stats(now):
+    for image, platform, posts, first, last, hour, day in state.occurrence_stats(now):
         cid = cluster_of.get(image)
         if cid is None:
             continue
@@ -84,7 +86,7 @@ def summarize(catalog: Catalog, groups: dict[int, set[int]], now: float,
         a["hour"] += hour
         a["day"] += day
         a["platforms"][platform or "unknown"] += posts
-    recorded = catalog.cluster_histories(HISTORY)
+    recorded = state.cluster_histories(HISTORY)
     out = []
     for cid, images in sorted(groups.items()):
         a = acc[cid]

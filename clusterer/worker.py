@@ -1,13 +1,17 @@
 """The clusterer service: ``memetrace cluster --every SECONDS``.
 
 One consumer (group ``kafka_cluster_group_id``) of ``memetrace.images`` and ``memetrace.matches``;
-run a single replica: it owns the graph. Its state is the catalog (SQLite, ``MEMETRACE_CATALOG_PATH``)::
+run a single replica: it owns the graph. Its state is a GraphState (SQLite, ``MEMETRACE_CLUSTER_STATE_PATH``)::
 
-    poll ─► image events ─► catalog.images + catalog.posts   (INSERT OR IGNORE: redelivery-safe)
-         └► match events ─► catalog.matches                  (keyed by pair)
+    poll ─► image events ─► state.images + state.posts       (first row kept: redelivery-safe)
+         └► match events ─► state.matches                    (keyed by pair)
          ─► commit offsets (the SQLite transactions are durable)
     every N seconds: recluster ─► history events, per-cluster stats ─► Milvus (the API reads them)
                                ─► gauges: clusters, images clustered, largest, new, top growing
+
+Events that are not valid contracts (bad JSON, ids out of range, ``a`` ≥ ``b``...) are
+dead-lettered by the consume loop (:mod:`memetrace.stream`); an edge whose images were never seen
+as image events is kept but left out of the graph until both are (:func:`~memetrace.clusterer.graph.build_graph`).
 
 The first run after a start publishes every assignment again, healing a publish that a crash
 interrupted; later runs publish what changed.
@@ -21,19 +25,14 @@ from collections.abc import Sequence
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
-from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
-from memetrace.clusterer.service import ClusterRun, recluster
-from memetrace.messages import ImageEvent
-from memetrace.messages import MatchEvent
-from memetrace.catalog import Catalog
-from memetrace.cli.context import Context
-from memetrace.kafka_clients import ensure_topics
+from memetrace.cluster_board import ClusterBoard
 from memetrace.clusterer.metrics import ClusterMetrics
-from memetrace.milvus_store import MilvusStore
+from memetrace.clusterer.service import ClusterRun, recluster
+from memetrace.clusterer.state import GraphState
+from memetrace.messages import ImageEvent, MatchEvent
 from memetrace.settings import Settings
-from memetrace.stream import Abandoned, StreamWorker, run_service
+from memetrace.stream import Abandoned, DeadLetter, StreamWorker
 
 log = logging.getLogger(__name__)
 
@@ -45,37 +44,32 @@ class ClusterWorker(StreamWorker):
 
     name = "cluster"
 
-    def __init__(self, settings: Settings, catalog: Catalog, store: MilvusStore, metrics: ClusterMetrics,
+    def __init__(self, settings: Settings, state: GraphState, board: ClusterBoard, metrics: ClusterMetrics,
                  every_s: float, consumer: KafkaConsumer | None = None) -> None:
         s = settings
         super().__init__(s, metrics, [s.kafka_images_topic, s.kafka_matches_topic], s.kafka_cluster_group_id,
-                         BATCH, consumer, store=store)
+                         BATCH, consumer)
         self.metrics: ClusterMetrics = metrics
-        self.catalog = catalog
+        self.board = board
+        self.state = state
         self.every_s = every_s
         self.last_run: ClusterRun | None = None
         self._next_run = 0.0  # monotonic; 0 = at the first tick
         self._dirty = True
 
-    def process(self, records: Sequence[ConsumerRecord]) -> None:
-        images, posts, matches = [], [], []
-        for r in records:
-            try:
-                if r.topic == self.s.kafka_matches_topic:
-                    matches.append(MatchEvent.model_validate_json(r.value or b"").to_match())
-                else:
-                    e = ImageEvent.model_validate_json(r.value or b"")
-                    images.append((e.image_id, e.nb_points))
-                    posts.append((e.post.post_id, e.image_id, e.post.posted_at, e.post.platform))
-            except ValidationError as exc:  # written by our own services: a bug to report, not to retry
-                log.warning("unreadable event, skipped", extra={
-                    "source": f"{r.topic}/{r.partition}/{r.offset}", "error": str(exc)[:500]})
-        self.catalog.add_images(images, matched=True)
-        self.catalog.add_posts(posts)
-        self.catalog.add_matches(matches)
+    def process(self, records: Sequence[ConsumerRecord]) -> list[DeadLetter]:
+        edges, dead = self.parse(MatchEvent, [r for r in records if r.topic == self.s.kafka_matches_topic])
+        events, dead_images = self.parse(ImageEvent, [r for r in records if r.topic != self.s.kafka_matches_topic])
+        matches = [e.to_match() for _, e in edges]
+        images = [(e.image_id, e.nb_points) for _, e in events]
+        posts = [(e.post.post_id, e.image_id, e.post.posted_at, e.post.platform) for _, e in events]
+        self.state.add_images(images)
+        self.state.add_posts(posts)
+        self.state.add_matches(matches)
         self.metrics.posts_consumed.inc(len(posts))
         self.metrics.edges_consumed.inc(len(matches))
         self._dirty = True
+        return dead + dead_images
 
     def tick(self) -> None:
         if time.monotonic() >= self._next_run:
@@ -92,8 +86,8 @@ class ClusterWorker(StreamWorker):
     def run_once(self) -> ClusterRun:
         """Recluster now, publish to Milvus (retried while it is down), update the gauges."""
         first = self.last_run is None
-        run = recluster(self.catalog, self.s.cluster_algorithm, now=time.time(), publish_all=first,
-                        publish=lambda *a: self.retry("milvus", lambda: self.store.publish_clusters(*a)))
+        run = recluster(self.state, self.s.cluster_algorithm, now=time.time(), publish_all=first,
+                        publish=lambda *a: self.retry("milvus", lambda: self.board.publish(*a)))
         self.last_run, self._dirty = run, False
         self._next_run = time.monotonic() + self.every_s
         self._observe(run)

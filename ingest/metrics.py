@@ -20,8 +20,6 @@ class IngestMetrics(StreamMetrics):
         self.occurrences = Counter("memetrace_occurrences_total", "post occurrences written", registry=r)
         self.download_failures = Counter("memetrace_download_failures_total", "failed downloads by reason",
                                          ["reason"], registry=r)
-        self.deadlettered = Counter("memetrace_deadlettered_total", "messages sent to the dead-letter topic",
-                                    ["reason"], registry=r)
         self.downloaded_bytes = Counter("memetrace_downloaded_bytes_total", "image bytes downloaded", registry=r)
         self.download_seconds = Histogram("memetrace_download_seconds", "one URL, retries included",
                                           buckets=ITEM_BUCKETS, registry=r)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from memetrace.kafka_clients import ensure_topics, make_producer
+from memetrace.kafka_clients import Message, ensure_topics, make_producer, publish
 from memetrace.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,9 @@ def produce_file(s: Settings, path: Path, topic: str | None = None) -> int:
     ensure_topics(s, [topic])
     producer = make_producer(s)
     try:
-        futures = [producer.send(topic, key=k, value=v) for k, v in lines_to_messages(path)]
-        producer.flush()
-        for fut in futures:
-            fut.get(timeout=30)  # raises the broker's error for a message that did not land
-        log.info("produced", extra={"topic": topic, "count": len(futures), "file": str(path)})
-        return len(futures)
+        messages: list[Message] = [(topic, k, v, []) for k, v in lines_to_messages(path)]
+        publish(producer, messages)  # raises DependencyDown or Refused for a message that did not land
+        log.info("produced", extra={"topic": topic, "count": len(messages), "file": str(path)})
+        return len(messages)
     finally:
         producer.close()

@@ -1,4 +1,4 @@
-"""Find the verified copies of images already stored: Milvus candidates -> Verifier -> matches.
+"""Find the verified copies of images already stored: VectorIndex candidates -> Verifier -> matches.
 
 Used by ``memetrace index`` for the images a run added, by ``memetrace query`` for outside
 images, and by the streaming matcher service for each new image event.
@@ -8,26 +8,45 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Self
 
 import faiss
 import numpy as np
 
-from memetrace.matcher.verify import Prepared, Verifier
-from memetrace.models import Match
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.milvus_store import MilvusStore
-from memetrace.models import Candidate
+from memetrace.matcher.verify import Prepared, Verifier, VerifyConfig
+from memetrace.models import Candidate, Match
 from memetrace.settings import Settings
+from memetrace.vector_index import VectorIndex
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How many candidates to verify and how: the settings of the same names describe them."""
+
+    candidates_k: int
+    candidate_min_similarity: float
+    match_threads: int
+    verify: VerifyConfig
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        return cls(candidates_k=s.candidates_k, candidate_min_similarity=s.candidate_min_similarity,
+                   match_threads=s.match_threads, verify=VerifyConfig.from_settings(s))
 
 
 class Matcher:
-    def __init__(self, settings: Settings, store: MilvusStore, features: FeatureStore) -> None:
-        self.s = settings
-        self.store = store
+    """``verifier``: default one built from ``config.verify`` (a test may hand a recording one)."""
+
+    def __init__(self, config: MatchConfig, index: VectorIndex, features: FeatureStore,
+                 verifier: Verifier | None = None) -> None:
+        self.config = config
+        self.index = index
         self.features = features
-        self.verifier = Verifier(settings)
+        self.verifier = verifier or Verifier(config.verify)
         self.prepared = lru_cache(maxsize=4096)(self._load)
         faiss.omp_set_num_threads(1)  # parallelism comes from our threads, one query each
 
@@ -36,7 +55,7 @@ class Matcher:
         return Prepared(kp) if kp is not None else None
 
     def _keep(self, cands: list[Candidate]) -> list[Candidate]:
-        return [c for c in cands if c.similarity >= self.s.candidate_min_similarity]
+        return [c for c in cands if c.similarity >= self.config.candidate_min_similarity]
 
     def _verify(self, query: Prepared, cands: Sequence[Candidate]) -> list[tuple[Candidate, object]]:
         loaded = [(c, self.prepared(c.image_id)) for c in cands]
@@ -46,9 +65,10 @@ class Matcher:
 
     def _candidates_of(self, image_ids: Sequence[int], since: int | None) -> tuple[list[int], list[list[Candidate]]]:
         # regions are only searched against images stored before ``since``: none, no regions needed
-        with_regions = since is None or self.store.stored_before(since)
-        ids, glob, regs = self.store.vectors(image_ids, with_regions=with_regions)
-        return ids, self.store.candidates_many(glob, regs, self.s.candidates_k, ids, regions_vs_stored_before=since)
+        with_regions = since is None or self.index.stored_before(since)
+        ids, glob, regs = self.index.vectors(image_ids, with_regions=with_regions)
+        return ids, self.index.candidates_many(glob, regs, self.config.candidates_k, ids,
+                                               regions_vs_stored_before=since)
 
     def match_stored(self, image_ids: Sequence[int], on_progress: Callable[[int], None] = lambda n: None,
                      chunk: int = 64, all_stored_since: int | None = None) -> list[Match]:
@@ -56,12 +76,12 @@ class Matcher:
 
         ``all_stored_since``: every image stored since that time (unix ms) is among ``image_ids``
         (a batch run), which lets candidate search skip work the other side of each pair does anyway.
-        Milvus answers the next chunk's searches (in its own process) while this one verifies.
+        The index answers the next chunk's searches (Milvus: in its own process) while this one verifies.
         """
         done: set[tuple[int, int]] = set()
         matches: list[Match] = []
         chunks = [image_ids[i:i + chunk] for i in range(0, len(image_ids), chunk)]
-        with ThreadPoolExecutor(self.s.match_threads) as pool, ThreadPoolExecutor(1) as search:
+        with ThreadPoolExecutor(self.config.match_threads) as pool, ThreadPoolExecutor(1) as search:
             ahead = search.submit(self._candidates_of, chunks[0], all_stored_since) if chunks else None
             for k in range(len(chunks)):
                 ids, cand_lists = ahead.result()
@@ -83,5 +103,5 @@ class Matcher:
     def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints,
                       exclude: int = -1) -> list[tuple[Candidate, object]]:
         """Verified copies of an image that need not be stored (``memetrace query``, the API)."""
-        cands = self._keep(self.store.candidates(vector, regions, self.s.candidates_k, exclude))
+        cands = self._keep(self.index.candidates(vector, regions, self.config.candidates_k, exclude))
         return self._verify(Prepared(keypoints), cands)

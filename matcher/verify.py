@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Self
 
 import cv2
 import faiss
@@ -92,14 +93,33 @@ def same_frame(model: np.ndarray, a: Prepared, b: Prepared, tol: float = 0.03) -
             and abs(a.width - b.width) <= tol * a.width and abs(a.height - b.height) <= tol * a.height)
 
 
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What makes a pair a copy (the module docstring says how each threshold is used; the
+    settings of the same names describe them)."""
+
+    ratio_test: float
+    min_inliers: int
+    ransac_reproj_px: float
+    min_coverage: float
+    same_frame_min_coverage: float
+    coverage_radius: float  # share of the longest side
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        return cls(ratio_test=s.ratio_test, min_inliers=s.min_inliers, ransac_reproj_px=s.ransac_reproj_px,
+                   min_coverage=s.min_coverage, same_frame_min_coverage=s.same_frame_min_coverage,
+                   coverage_radius=s.coverage_radius)
+
+
 class Verifier:
-    def __init__(self, settings: Settings) -> None:
-        self.s = settings
+    def __init__(self, config: VerifyConfig) -> None:
+        self.config = config
 
     def _matches(self, dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ratio-test matches (query idx, candidate idx) from each candidate point's 2 nearest
         query points; at most one per query point (the closest)."""
-        ok = dist[:, 0] < (self.s.ratio_test ** 2) * dist[:, 1]
+        ok = dist[:, 0] < (self.config.ratio_test ** 2) * dist[:, 1]
         c_idx = np.flatnonzero(ok)
         q_idx = idx[ok, 0]
         order = np.argsort(dist[ok, 0], kind="stable")
@@ -109,10 +129,10 @@ class Verifier:
 
     def _geometry(self, q_xy: np.ndarray, c_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(2x3 similarity transform query -> candidate, inlier mask), or None."""
-        if len(q_xy) < self.s.min_inliers:
+        if len(q_xy) < self.config.min_inliers:
             return None
         model, mask = cv2.estimateAffinePartial2D(q_xy, c_xy, method=cv2.RANSAC,
-                                                  ransacReprojThreshold=self.s.ransac_reproj_px,
+                                                  ransacReprojThreshold=self.config.ransac_reproj_px,
                                                   maxIters=2000, confidence=0.995)
         if model is None or mask is None:
             return None
@@ -120,7 +140,7 @@ class Verifier:
         if not 0.05 < scale < 20.0:
             return None
         mask = mask.ravel().astype(bool)
-        return (model, mask) if mask.sum() >= self.s.min_inliers else None
+        return (model, mask) if mask.sum() >= self.config.min_inliers else None
 
     def _accept(self, query: Prepared, q_xy: np.ndarray, cand: Prepared, q_idx: np.ndarray,
                 c_idx: np.ndarray) -> tuple[int, float, float] | None:
@@ -129,21 +149,21 @@ class Verifier:
         if found is None:
             return None
         model, mask = found
-        radius = self.s.coverage_radius
+        radius = self.config.coverage_radius
         cov_q = coverage(q_xy, q_xy[q_idx[mask]], radius * max(query.width, query.height))
         cov_c = coverage(cand.xy, cand.xy[c_idx[mask]], radius * max(cand.width, cand.height))
         if same_frame(model, query, cand):
-            accepted = min(cov_q, cov_c) >= self.s.same_frame_min_coverage
+            accepted = min(cov_q, cov_c) >= self.config.same_frame_min_coverage
         else:
-            accepted = max(cov_q, cov_c) >= self.s.min_coverage
+            accepted = max(cov_q, cov_c) >= self.config.min_coverage
         return (int(mask.sum()), cov_q, cov_c) if accepted else None
 
     def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
         """The candidates that are copies of the query (tried as is, then mirrored)."""
-        if len(query) < self.s.min_inliers:
+        if len(query) < self.config.min_inliers:
             return []
         out = []
-        pending = [i for i, c in enumerate(candidates) if len(c) >= self.s.min_inliers]
+        pending = [i for i, c in enumerate(candidates) if len(c) >= self.config.min_inliers]
         for mirrored in (False, True):
             if not pending:
                 break

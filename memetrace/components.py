@@ -1,18 +1,21 @@
 """What a stage is handed to work with: the shared components, built by the composition root.
 
 ``memetrace.cli.context.Context`` builds them lazily from settings; a test hands in-memory
-stores or a session-wide embedder instead. Stages depend on this protocol, never on how it is built.
+stores (``MemoryVectorIndex``, ``MemoryOccurrenceLog``, ``MemoryClusterBoard``, ``MemoryFeatureStore``) or a
+session-wide embedder instead. Stages depend on this protocol, never on how it is built.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from memetrace.cluster_board import ClusterBoard
 from memetrace.embedder import Embedder
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import KeypointExtractor
-from memetrace.milvus_store import MilvusStore
+from memetrace.occurrence_log import OccurrenceLog
 from memetrace.settings import Settings
+from memetrace.vector_index import VectorIndex
 
 
 class Components(Protocol):
@@ -28,7 +31,13 @@ class Components(Protocol):
     def extractor(self) -> KeypointExtractor: ...
 
     @property
-    def store(self) -> MilvusStore: ...
+    def index(self) -> VectorIndex: ...
+
+    @property
+    def occurrences(self) -> OccurrenceLog: ...
+
+    @property
+    def board(self) -> ClusterBoard: ...
 
     @property
     def features(self) -> FeatureStore: ...

@@ -10,9 +10,13 @@ L2-normalised, so inner product = cosine.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -80,17 +84,78 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """fp16 on GPUs; bf16 only on CPUs with native bf16 (emulated bf16 is ~5x slower than fp32)."""
-    if setting == "fp32":
-        return torch.float32
-    if setting == "fp16":
-        return torch.float16
-    if setting == "bf16":
-        return torch.bfloat16
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_CANDIDATES = ("fp32", "bf16")
+PROBE_BATCH = 8
+PROBE_REPEATS = 3
+
+#: seconds one embedding batch takes in a precision ("fp32", "bf16"), measured on this machine
+Probe = Callable[[str], float]
+
+
+def pick_dtype(setting: str, device: torch.device, probe: Probe | None = None) -> torch.dtype:
+    """An explicit setting wins; ``auto`` is fp16 on GPUs and, on a CPU, whichever of fp32 and bf16
+    ``probe`` measures faster: bf16 autocast is several times faster than fp32 on CPUs with native
+    bf16 (AVX512-BF16, AMX) and several times slower where it is emulated (AVX2), so only a
+    measurement on the machine itself can tell."""
+    if setting != "auto":
+        return _DTYPES[setting]
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if probe is None:
+        return torch.float32
+    seconds = {name: probe(name) for name in CPU_CANDIDATES}
+    best = min(seconds, key=seconds.__getitem__)
+    log.info("precision measured", extra={"seconds_per_batch": seconds, "chosen": best})
+    return _DTYPES[best]
+
+
+def machine_key(model_name: str, size: int) -> str:
+    """What a precision measurement depends on: the CPU (model and flags), torch, threads, the model."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+        cpu = "\n".join(sorted({line for line in cpu.splitlines() if line.startswith(("model name", "flags"))}))
+    except OSError:
+        cpu = ""
+    text = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}|{model_name}|{size}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class PrecisionCache:
+    """The measured choice per machine key, in a small JSON file (unwritable: measured each start)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, key: str) -> str | None:
+        try:
+            value = json.loads(self.path.read_text()).get(key)
+        except (OSError, ValueError):
+            return None
+        return value if value in CPU_CANDIDATES else None
+
+    def put(self, key: str, value: str) -> None:
+        try:
+            known = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({**known, key: value}))
+        except (OSError, ValueError) as exc:
+            log.info("precision choice not cached", extra={"path": str(self.path), "error": str(exc)})
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    """One image as the network sees it: whole and content-box crops, already at the input sizes
+    (a few hundred KB whatever the image's size, so images waiting for a batch hold little)."""
+
+    whole: np.ndarray  # image_size x image_size x 3, uint8
+    crops: tuple[np.ndarray, ...]  # box_image_size x box_image_size x 3, uint8, one per content box
+
+
+def _square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize to size x size, always a new array (one already that size is copied as is, so
+    a crop never keeps its whole image alive, and resizing twice gives what resizing once does)."""
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
 def gem(fmap: torch.Tensor, p: float) -> torch.Tensor:
@@ -101,26 +166,53 @@ def gem(fmap: torch.Tensor, p: float) -> torch.Tensor:
 class Embedder:
     """Batched descriptors: ``embed(images) -> (global N x D, [regional R_i x D per image])``."""
 
-    def __init__(self, settings: Settings, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, settings: Settings, model: torch.nn.Module | None = None, probe: Probe | None = None,
+                 cache: PrecisionCache | None = None) -> None:
+        """``probe``: how ``precision=auto`` measures a CPU precision (default: time this model);
+        ``cache``: where the choice is kept per machine (default: ``data_dir/precision.json``)."""
         self.settings = settings
         self.device = pick_device(settings.device)
-        self.dtype = pick_dtype(settings.precision, self.device)
         model = model if model is not None else load_backbone(settings.model_name, settings.model_weights)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            self.model = self.model.to(self.dtype)  # inputs are cast to the same type
         self.size = settings.image_size
         self._frozen_by_size: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.dtype = self._choose_dtype(probe or self._time_batch, cache or PrecisionCache(
+            settings.data_dir / "precision.json"))
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            self.model = self.model.to(self.dtype)  # inputs are cast to the same type
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.size, self.size, device=self.device)
             self.dim = int(self._features(probe).shape[1])
         log.info("embedder ready", extra={"model": settings.model_name, "device": str(self.device),
                                           "dtype": str(self.dtype), "dim": self.dim})
 
+    def _choose_dtype(self, probe: Probe, cache: PrecisionCache) -> torch.dtype:
+        if self.settings.precision != "auto" or self.device.type != "cpu":
+            return pick_dtype(self.settings.precision, self.device)
+        key = machine_key(self.settings.model_name, self.size)
+        if (known := cache.get(key)) is not None:
+            return _DTYPES[known]
+        dtype = pick_dtype("auto", self.device, probe)
+        cache.put(key, next(name for name, d in _DTYPES.items() if d == dtype))
+        return dtype
+
+    @torch.inference_mode()
+    def _time_batch(self, precision: str) -> float:
+        """Best of a few timed forwards of one batch in ``precision``, after a warm-up (which also
+        traces the frozen fp32 model: that cost is paid once per process either way)."""
+        self.dtype = _DTYPES[precision]
+        batch = torch.rand(PROBE_BATCH, 3, self.size, self.size)
+        self._features(batch)
+        best = float("inf")
+        for _ in range(PROBE_REPEATS):
+            t0 = time.perf_counter()
+            self._features(batch)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
     def preprocess(self, rgb: np.ndarray, size: int | None = None) -> torch.Tensor:
         """Whole image to size x size (bicubic), scaled to [-1, 1] (mean = std = 0.5)."""
-        size = size or self.size
-        im = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
+        im = _square(rgb, size or self.size)
         return torch.from_numpy(im).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
     def _last_stage(self, batch: torch.Tensor) -> torch.Tensor:
@@ -172,18 +264,28 @@ class Embedder:
 
         ``boxes``: each image's content boxes when the caller has them already.
         """
+        per_image = boxes if boxes is not None else [None] * len(images)
+        return self.embed_inputs([self.inputs(im, bs) for im, bs in zip(images, per_image)])
+
+    def inputs(self, rgb: np.ndarray, boxes: Sequence[Box] | None = None) -> EmbedInput:
+        """What :meth:`embed_inputs` needs of ``rgb``; its content boxes are found when not given."""
         if not self.settings.regions:
-            boxes = [[] for _ in images]
+            boxes = []
         elif boxes is None:
-            boxes = [content_boxes(im) for im in images]
-        crops = [crop(im, b) for im, bs in zip(images, boxes) for b in bs]
-        glob, grid = self._embed_all(list(images), with_grid=self.settings.regions)
+            boxes = content_boxes(rgb)
+        side = self.settings.box_image_size
+        return EmbedInput(_square(rgb, self.size), tuple(_square(crop(rgb, b), side) for b in boxes))
+
+    def embed_inputs(self, inputs: Sequence[EmbedInput]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`embed` of images already reduced to their :meth:`inputs`."""
+        glob, grid = self._embed_all([x.whole for x in inputs], with_grid=self.settings.regions)
+        crops = [c for x in inputs for c in x.crops]
         box_vecs, _ = self._embed_all(crops, with_grid=False, size=self.settings.box_image_size)
         regions, k = [], 0
-        for i, bs in enumerate(boxes):
-            regions.append(np.concatenate([grid[i], box_vecs[k:k + len(bs)]]) if self.settings.regions
+        for i, x in enumerate(inputs):
+            regions.append(np.concatenate([grid[i], box_vecs[k:k + len(x.crops)]]) if self.settings.regions
                            else np.zeros((0, self.dim), np.float32))
-            k += len(bs)
+            k += len(x.crops)
         return glob, regions
 
     def _embed_all(self, images: list[np.ndarray], with_grid: bool, size: int | None = None

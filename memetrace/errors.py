@@ -15,3 +15,13 @@ class DependencyDown(Exception):
         super().__init__(f"{dependency} is unavailable: {detail}")
         self.dependency = dependency  # "milvus" | "kafka" | "s3" | ...
         self.detail = detail
+
+
+class Refused(Exception):
+    """A dependency refused this input for good (too large for it, not representable): retrying the
+    same message cannot help, so the consume loop dead-letters it as poison at once."""
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency} refused the message: {detail}")
+        self.dependency = dependency
+        self.detail = detail

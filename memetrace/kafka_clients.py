@@ -1,14 +1,25 @@
-"""Kafka clients every memetrace service shares: connection settings, a durable producer, topics."""
+"""Kafka clients every memetrace service shares: connection settings, a durable producer, topics,
+and :func:`publish`, which turns Kafka's errors into the two a consume loop acts on:
+:class:`DependencyDown` ("kafka", retried with backoff) and :class:`Refused` (this message can never
+be sent, e.g. over ``max_request_size``: dead-lettered as poison)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import (
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 
+from memetrace.errors import DependencyDown, Refused
 from memetrace.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,9 +32,42 @@ def client_config(s: Settings) -> dict[str, Any]:
 
 
 def make_producer(s: Settings) -> KafkaProducer:
-    """Durable producer: every send waits for all in-sync replicas; retries keep order per partition."""
+    """Durable producer: every send waits for all in-sync replicas; retries keep order per partition.
+    A send blocks at most 10 s for a broker (not kafka-python's 60 s): the consume loop's retry then
+    reports the outage (readiness red) and backs off."""
     return KafkaProducer(**client_config(s), acks="all", retries=5, linger_ms=5,
-                         max_in_flight_requests_per_connection=1)
+                         max_in_flight_requests_per_connection=1, max_block_ms=10_000)
+
+
+#: (topic, key, value, headers) of one record to send
+Message = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
+SEND_TIMEOUT_S = 10  # like max_block_ms: an outage shows (readiness red) within seconds
+_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
+
+
+def kafka_error(exc: BaseException) -> DependencyDown | Refused | None:
+    """What a Kafka client error means to a consume loop; None when it is neither (a bug or a
+    configuration error: let it stop the worker)."""
+    if isinstance(exc, _REFUSED):
+        return Refused("kafka", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, KafkaError) and exc.retriable:
+        return DependencyDown("kafka", f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def publish(producer: KafkaProducer, messages: Sequence[Message]) -> None:
+    """Send ``messages``, flush, and return once the broker acknowledged every one of them."""
+    try:
+        futures = [producer.send(topic, key=key, value=value, headers=headers or None)
+                   for topic, key, value, headers in messages]
+        producer.flush(timeout=SEND_TIMEOUT_S)
+        for fut in futures:
+            fut.get(timeout=SEND_TIMEOUT_S)
+    except KafkaError as exc:
+        meant = kafka_error(exc)
+        if meant is None:
+            raise
+        raise meant from exc
 
 
 def ensure_topics(s: Settings, topics: list[str], partitions: int | None = None) -> list[str]:

@@ -39,6 +39,10 @@ class StreamMetrics:
         self.batch_size = Histogram("memetrace_batch_size", "messages per batch", buckets=SIZE_BUCKETS, registry=r)
         self.consumer_lag = Gauge("memetrace_consumer_lag", "high-water mark minus position, per partition",
                                   ["topic", "partition"], registry=r)
+        self.deadlettered = Counter("memetrace_deadlettered_total", "messages sent to the dead-letter topic",
+                                    ["reason"], registry=r)
+        self.poison = Counter("memetrace_poison_messages_total", "messages dead-lettered because a write of "
+                              "theirs kept failing while the dependency answered", ["dependency"], registry=r)
 
 
 
@@ -47,17 +51,23 @@ class StreamMetrics:
 
 
 
-def health_app(registry: CollectorRegistry, ready: Callable[[], bool] = lambda: True):
+#: what a readiness callback answers: ready or not, or (ready, why not)
+Readiness = Callable[[], bool | tuple[bool, str]]
+
+
+def health_app(registry: CollectorRegistry, ready: Readiness = lambda: True):
     """WSGI app: ``/metrics`` of ``registry``, ``/healthz`` (200 while the process serves),
-    ``/readyz`` (200 when ``ready()``, else 503: the probe Kubernetes uses to route work)."""
+    ``/readyz`` (200 when ``ready()``, else 503 with the reason ``ready()`` gave: the probe
+    Kubernetes uses to route work)."""
     metrics = make_wsgi_app(registry)
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path in ("/healthz", "/readyz"):
-            ok = path == "/healthz" or ready()
+            answer = True if path == "/healthz" else ready()
+            ok, why = answer if isinstance(answer, tuple) else (answer, "")
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"not ready\n"]
+            return [b"ok\n" if ok else f"not ready{': ' + why if why else ''}\n".encode("utf-8", "replace")]
         if path == "/metrics":
             return metrics(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -72,7 +82,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0",
-          ready: Callable[[], bool] = lambda: True) -> WSGIServer | None:
+          ready: Readiness = lambda: True) -> WSGIServer | None:
     """Serve :func:`health_app` from a daemon thread; ``port`` 0 = off (returns None)."""
     if port == 0:
         return None

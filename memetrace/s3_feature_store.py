@@ -3,7 +3,9 @@
 Objects live under ``<s3_prefix>/<key>`` with the same keys as the local store. The bucket is
 created on first use when missing. Retries and timeouts are botocore's (``standard`` retry mode,
 ``s3_max_attempts`` attempts in all), so transient 5xx, throttling and dropped connections are
-retried without any loop here. Errors that a person must fix (wrong endpoint, wrong credentials,
+retried without any loop here; when they outlast those attempts, a read or write raises
+:class:`~memetrace.errors.DependencyDown` ("s3"), which the consume loop backs off from like a
+Milvus outage. Errors that a person must fix (wrong endpoint, wrong credentials,
 no access to the bucket) are raised as :class:`S3FeatureStoreError` naming the setting to change.
 
 boto3 is an optional dependency: ``pip install 'memetrace[s3]'``.
@@ -19,16 +21,19 @@ try:
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        ConnectionClosedError,
         ConnectTimeoutError,
         EndpointConnectionError,
         NoCredentialsError,
         PartialCredentialsError,
+        ReadTimeoutError,
     )
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "feature_store='s3' needs boto3, which is not installed: pip install 'memetrace[s3]'"
     ) from exc
 
+from memetrace.errors import DependencyDown
 from memetrace.feature_store import FeatureStore
 
 if TYPE_CHECKING:
@@ -39,6 +44,9 @@ CREDENTIAL_SETTINGS = f"{ENV}S3_ACCESS_KEY_ID / {ENV}S3_SECRET_ACCESS_KEY"
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
            "ExpiredToken", "InvalidClientTokenId", "AllAccessDisabled"}
+_UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+              "RequestTimeout", "ServiceUnavailable", "InternalError"}
 
 
 class S3FeatureStoreError(RuntimeError):
@@ -51,6 +59,13 @@ def _code(err: ClientError) -> str:
 
 def _status(err: ClientError) -> int:
     return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _transient(err: Exception) -> bool:
+    """Unreachable, timed out, overloaded or failing server-side: it may pass."""
+    if isinstance(err, _UNREACHABLE):
+        return True
+    return isinstance(err, ClientError) and (_code(err) in _THROTTLED or _status(err) == 429 or _status(err) >= 500)
 
 
 class S3FeatureStore(FeatureStore):
@@ -108,6 +123,13 @@ class S3FeatureStore(FeatureStore):
             return S3FeatureStoreError(f"S3 error while trying to {action} {where}: {code}: {err}")
         return S3FeatureStoreError(f"S3 error while trying to {action} {where}: {err}")
 
+    def _io_error(self, action: str, err: Exception) -> Exception:
+        """A read or write failure: :class:`DependencyDown` when it may pass, else as :meth:`_fail`."""
+        if _transient(err):
+            return DependencyDown("s3", f"cannot {action} bucket {self.bucket!r} at {self.endpoint}: "
+                                        f"{type(err).__name__}: {err}")
+        return self._fail(action, err)
+
     # --- bucket ------------------------------------------------------------------------------
 
     def ensure_bucket(self) -> None:
@@ -153,7 +175,7 @@ class S3FeatureStore(FeatureStore):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=bytes(data))
         except (ClientError, BotoCoreError) as err:
-            raise self._fail(f"write {key!r} to", err) from err
+            raise self._io_error(f"write {key!r} to", err) from err
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -161,14 +183,14 @@ class S3FeatureStore(FeatureStore):
         except ClientError as err:
             if _code(err) in _MISSING:
                 return None
-            raise self._fail(f"read {key!r} from", err) from err
+            raise self._io_error(f"read {key!r} from", err) from err
         except BotoCoreError as err:
-            raise self._fail(f"read {key!r} from", err) from err
+            raise self._io_error(f"read {key!r} from", err) from err
         body = resp["Body"]
         try:
             return body.read()
         except BotoCoreError as err:
-            raise self._fail(f"read {key!r} from", err) from err
+            raise self._io_error(f"read {key!r} from", err) from err
         finally:
             body.close()
 
@@ -179,9 +201,9 @@ class S3FeatureStore(FeatureStore):
         except ClientError as err:
             if _code(err) in _MISSING:
                 return False
-            raise self._fail(f"look up {key!r} in", err) from err
+            raise self._io_error(f"look up {key!r} in", err) from err
         except BotoCoreError as err:
-            raise self._fail(f"look up {key!r} in", err) from err
+            raise self._io_error(f"look up {key!r} in", err) from err
 
 
 def make_client(settings: Settings) -> Any:

@@ -26,6 +26,7 @@ RENAMED: dict[str, tuple[str, ...]] = {
     "kafka_group_id": ("kafka_ingest_group_id",),
     "ingest_retry_max_s": ("retry_max_s",),
     "workers": ("prepare_threads", "match_threads"),
+    "catalog_path": ("cluster_state_path",),
 }
 
 
@@ -65,10 +66,12 @@ class Settings(BaseSettings):
     milvus_token: str = ""
     milvus_collection_prefix: str = "memetrace"
     milvus_index_type: str = "FLAT"
-    milvus_metric: Literal["IP", "COSINE", "L2"] = "IP"
-    catalog_path: Path | None = Field(
-        None, description="SQLite catalog, also the clusterer's state store (matches, clusters, their "
-                          "history); empty = data_dir/catalog.db")
+    milvus_metric: Literal["IP", "COSINE"] = Field(
+        "IP", description="vector similarity; descriptors are L2-normalised, so IP and COSINE rank alike "
+                          "(a distance metric such as L2 would invert MEMETRACE_CANDIDATE_MIN_SIMILARITY)")
+    cluster_state_path: Path | None = Field(
+        None, description="the clusterer's SQLite state (images, matches, occurrences, clusters, their "
+                          "history); empty = data_dir/cluster-state.db (the batch catalog is data_dir/catalog.db)")
 
     # embedder
     model_name: str = "tf_efficientnet_lite0"
@@ -91,10 +94,23 @@ class Settings(BaseSettings):
     sift_flat_max: float = Field(0.35, description="drop keypoints whose patch is flatter than this (text, UI)")
     thumbnail_side: int = 160
 
-    # decoding guards
+    # decoding guards (memetrace.imageio.DecodeLimits, memetrace.decode_budget.DecodeBudget)
     max_pixels: int = 60_000_000
     min_side: int = 32
     max_file_bytes: int = 50_000_000
+    max_jpeg_scans: int = Field(
+        100, ge=1, description="refuse progressive JPEGs with more scans than this (each scan is one more "
+                               "pass over the image: thousands cost minutes of CPU); raise it only if real "
+                               "photos are refused as too_many_scans")
+    decode_max_side: int = Field(
+        1280, ge=32, description="longest side images are decoded and kept at (JPEG draft mode, then area "
+                                 "resampling): lower saves memory and CPU, higher keeps detail for content-box "
+                                 "crops (448 lost 0.008 cluster F1 on the benchmark, collages and screenshots "
+                                 "first; 1280, its largest side, changes nothing there)")
+    decode_budget_pixels: int = Field(
+        120_000_000, ge=1, description="pixels decompressed at once per process, all threads together "
+                                       "(about 4 bytes each while decoding): lower it when a pod nears its "
+                                       "memory limit, raise it for more parallel decodes of large images")
 
     # matching
     candidates_k: int = 8
@@ -145,9 +161,15 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(32, ge=1, description="posts per poll (bounded buffer: backpressure)")
     retry_max_s: float = Field(30.0, gt=0, description="every service: cap of the backoff while a dependency "
                                                        "(Kafka, Milvus, S3) is down")
+    poison_after_retries: int = Field(
+        5, ge=1, description="every service: a write failing this many times in a row on the same message "
+                             "while its dependency answers other calls makes the message poison (dead-lettered)")
+    fault_kill_before_commit: int = Field(
+        0, ge=0, description="TEST ONLY fault injection: SIGKILL the service just before its N-th offset commit "
+                             "(outputs flushed, offsets not committed); 0 = off, never set it in production")
     match_batch_size: int = Field(32, ge=1, description="image events the matcher service verifies per poll")
 
-    # downloading post images (ingest.fetch.FetchPolicy)
+    # downloading post images (memetrace.fetch.FetchPolicy)
     fetch_allow_private_networks: bool = Field(
         False, description="1 = allow loopback/private addresses (tests, demos); never in production")
     fetch_trusted_networks: list[str] = Field(default_factory=list, description='JSON list of CIDRs, e.g. ["10.1.0.0/16"]')
@@ -167,6 +189,10 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="bearer token the API requires; empty = no auth")
     api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
+    api_search_concurrency: int = Field(2, ge=1, description="searches (decode, embed, SIFT, verify) run at once")
+    api_search_queue: int = Field(8, ge=0, description="searches waiting for a slot; beyond, 503 busy at once")
+    api_body_timeout_s: float = Field(15.0, gt=0, description="a request body must arrive within this, else 408")
+    api_max_connections: int = Field(512, ge=1, description="open connections; beyond, uvicorn answers 503")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -179,5 +205,5 @@ class Settings(BaseSettings):
     def resolved_milvus_uri(self) -> str:
         return self.milvus_uri or str(self.data_dir / "milvus.db")
 
-    def resolved_catalog_path(self) -> Path:
-        return self.catalog_path or self.data_dir / "catalog.db"
+    def resolved_cluster_state_path(self) -> Path:
+        return self.cluster_state_path or self.data_dir / "cluster-state.db"

@@ -2,50 +2,114 @@
 
 A service is a :class:`StreamWorker` with its own :meth:`~StreamWorker.process`::
 
-    subscribe(topics, group) ──► poll ≤ batch records ──► process(records) ──► commit ──┐
-          ▲                        │ nothing for max_idle s: exit         (sinks flushed) │
-          │                        ▼                                                     │
-          │                     tick()  (periodic work, e.g. reclustering)               │
-          └──────────────────────────────────────────────────────────────────────────────┘
+    subscribe(topics, group) ──► poll ≤ batch records ──► process(records) ──► dead letters ──► commit ──┐
+          ▲                        │ nothing for max_idle s: exit    (sinks flushed)   (acked)              │
+          │                        ▼                                                                      │
+          │                     tick()  (periodic work, e.g. reclustering)                                │
+          └───────────────────────────────────────────────────────────────────────────────────────────────┘
 
-``process`` returns only once every sink (Milvus, Kafka producer, SQLite) acknowledged; only
-then are the batch's offsets committable (quixstreams' checkpoint rule), so a crash redelivers
-the batch and sinks must be idempotent. Writes to a dependency that is down go through
-:meth:`~StreamWorker.retry`: capped exponential backoff, nothing committed meanwhile.
+**One rule: every consumed message is processed or dead-lettered with a reason.** ``process``
+returns the :class:`DeadLetter` of each record it refuses (parse with :meth:`StreamWorker.parse`:
+whatever is wrong with a value becomes one); every other record counts as processed. The loop
+publishes the dead letters on ``kafka_deadletter_topic`` (headers by
+:func:`memetrace.messages.dead_letter`: reason, source, size and hash; a bounded prefix of a large
+value), then commits. Offsets are committable only once every sink, the dead-letter producer
+included, acknowledged (quixstreams' checkpoint rule): a crash redelivers, so sinks must be idempotent.
+
+Failures, decided by :meth:`StreamWorker.retry` (use it around each write, so a retry does not
+compute again; the loop also wraps ``process`` in it):
+
+- :class:`~memetrace.errors.DependencyDown` (and Kafka's retriable errors): capped exponential
+  backoff up to ``retry_max_s``, nothing committed, ``/readyz`` red with the reason meanwhile.
+- The same write failing ``poison_after_retries`` times in a row, each time while its dependency
+  answers a probe (``self.probes[dependency]``; none registered = assume an outage, keep waiting),
+  makes the batch *poison*; so does :class:`~memetrace.errors.Refused` (e.g. a record over the
+  producer's ``max_request_size``) at once. The loop then processes the batch record by record:
+  the valid ones are stored, the failing one is dead-lettered as ``poison_<dependency>`` and
+  counted in ``memetrace_poison_messages_total``; the partition moves on. When *every* record of
+  a batch fails alike, the dependency is at fault, not a message: the loop waits and tries again.
+- A full disk (``ENOSPC``, ``EDQUOT``) waits as dependency ``disk`` (space can be freed: the
+  worker resumes by itself), logged as an error naming the path. A permission error (``EACCES``,
+  ``EPERM``, ``EROFS``) cannot pass by waiting: it is logged with the path and the fix, and the
+  worker stops (:class:`StorageDenied`, nothing of the batch committed).
+- A :class:`~memetrace.messages.InvalidMessage` escaping ``process`` is dead-lettered like a
+  poison message (record by record). Anything else is a bug and stops the worker.
+
 SIGTERM/SIGINT: stop polling, finish (or abandon, uncommitted) the batch in hand, commit what
 is durable, exit. A partition revoked by a rebalance gets its durable offsets committed first.
+
+Test-only fault injection: ``MEMETRACE_FAULT_KILL_BEFORE_COMMIT=N`` SIGKILLs the process right
+before the N-th batch commit (outputs and dead letters flushed, offsets not committed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import signal
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
-from pymilvus.exceptions import MilvusException
 
-from memetrace.kafka_clients import client_config
+from memetrace.errors import DependencyDown, Refused
+from memetrace.kafka_clients import Message, client_config, kafka_error, make_producer, publish
+from memetrace.messages import InvalidMessage, dead_letter, parse, source_of
 from memetrace.metrics import StreamMetrics, serve
-from memetrace.milvus_store import MilvusStore
 from memetrace.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M")
 
-# what a dependency being down looks like; anything else is a bug and stops the worker
-TRANSIENT = (MilvusException, KafkaError, ConnectionError, TimeoutError, OSError)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A consumed record that will not be processed, and why (``reason``: a short code)."""
+
+    record: ConsumerRecord
+    reason: str
+    detail: str
+    post_id: str = ""
+
+    @property
+    def source(self) -> str:
+        return source_of(self.record.topic, self.record.partition, self.record.offset)
 
 
 class Abandoned(Exception):
     """The batch was given up (stop requested while a write kept failing); nothing was committed."""
+
+
+class Poison(Exception):
+    """A write of this batch cannot succeed (refused, or failing while its dependency answers)."""
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency}: {detail}")
+        self.dependency = dependency
+        self.detail = detail
+
+
+class StorageDenied(Exception):
+    """The local disk refused a write for a reason waiting cannot fix (permissions, read-only)."""
+
+
+@dataclass
+class _Stuck:
+    dependency: str
+    since: float  # monotonic
+    detail: str
 
 
 class StreamWorker(ABC):
@@ -54,37 +118,65 @@ class StreamWorker(ABC):
     name = "stream"
 
     def __init__(self, settings: Settings, metrics: StreamMetrics, topics: Sequence[str], group_id: str,
-                 batch_size: int, consumer: KafkaConsumer | None = None, store: MilvusStore | None = None) -> None:
+                 batch_size: int, consumer: KafkaConsumer | None = None,
+                 producer: KafkaProducer | None = None) -> None:
         s = self.s = settings
         self.metrics = metrics
         self.topics = list(topics)
         self.group_id = group_id
         self.batch_size = batch_size
-        self.store = store  # reloaded after a Milvus restart, when given
         self.consumer = consumer or KafkaConsumer(
             **client_config(s), group_id=group_id, enable_auto_commit=False,
             auto_offset_reset=s.kafka_auto_offset_reset, max_poll_records=batch_size,
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 3),
             max_poll_interval_ms=s.kafka_max_poll_interval_ms)
+        self.producer = producer  # outputs and dead letters; made on first use when not given
+        #: dependency -> a cheap call that raises unless it answers: tells poison from outage
+        self.probes: dict[str, Callable[[], object]] = {}
         self.stopped_by = ""
         self.partitions: set[str] = set()  # every partition this worker was assigned
         self.joined_at: float | None = None  # monotonic time of the first assignment (maybe empty)
         self.running = threading.Event()  # set while polling: what /readyz reports
         self._stop = threading.Event()
+        self._stuck: _Stuck | None = None
+        self._commits = 0
         self._durable: dict[TopicPartition, OffsetAndMetadata] = {}  # stored, not yet committed
 
     # ------------------------------------------------------------------ what a service defines
 
     @abstractmethod
-    def process(self, records: Sequence[ConsumerRecord]) -> None:
-        """Write one batch to every sink; return only when all acknowledged."""
+    def process(self, records: Sequence[ConsumerRecord]) -> Sequence[DeadLetter] | None:
+        """Write one batch to every sink, return only when all acknowledged; return the dead
+        letter of each record refused (None or empty: all processed)."""
+
+    def store_dead_letters(self, dead: Sequence[DeadLetter]) -> None:
+        """A sink of the service's own for dead letters (before they are published); default none."""
 
     def tick(self) -> None:
         """Called after every poll, records or not (periodic work)."""
 
     def close(self) -> None:
-        """Release the service's own clients (producers...)."""
+        """Release the service's own clients (the loop closes ``producer`` and the consumer)."""
+
+    # ------------------------------------------------------------------ helpers for process()
+
+    def parse(self, model: type[M], records: Sequence[ConsumerRecord]) -> tuple[list[tuple[ConsumerRecord, M]],
+                                                                                list[DeadLetter]]:
+        """Each record's value as a ``model`` contract, or its dead letter."""
+        ok: list[tuple[ConsumerRecord, M]] = []
+        dead: list[DeadLetter] = []
+        for r in records:
+            try:
+                ok.append((r, parse(model, r.value)))
+            except InvalidMessage as exc:
+                dead.append(DeadLetter(r, exc.reason, exc.detail))
+        return ok, dead
+
+    def send(self, messages: Sequence[Message]) -> None:
+        """Publish and wait for every acknowledgement, retried while Kafka is down."""
+        if messages:
+            self.retry("kafka", lambda: publish(self._producer(), messages))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -94,8 +186,17 @@ class StreamWorker(ABC):
             self.stopped_by = why
             self._stop.set()
 
+    def readiness(self) -> tuple[bool, str]:
+        """What /readyz answers: polling and not stuck retrying a dependency."""
+        stuck = self._stuck
+        if stuck is not None:
+            return False, f"retrying {stuck.dependency} for {time.monotonic() - stuck.since:.0f} s: {stuck.detail}"
+        if not self.running.is_set():
+            return False, f"{self.name} is not polling (starting or stopping)"
+        return True, ""
+
     def run(self, max_idle: float | None = None) -> None:
-        """Poll → process → commit until stopped, or until ``max_idle`` seconds pass without a message.
+        """Poll → process → dead letters → commit until stopped, or ``max_idle`` s without a message.
 
         The idle clock starts when the group first assigns partitions: joining a group can take
         longer than ``max_idle`` (about 5 s on Tansu), and a worker must not quit before it could read.
@@ -115,8 +216,9 @@ class StreamWorker(ABC):
                 records = sorted((r for rs in polled.values() for r in rs), key=lambda r: (r.partition, r.offset))
                 if records:
                     t0 = time.perf_counter()
-                    self.process(records)
+                    self._dead_letter(self._handle(records))
                     self._mark_durable(records)
+                    self._fault_point()
                     self.commit()
                     self._observe_batch(len(records), time.perf_counter() - t0)
                     last_message = time.monotonic()  # idle = waiting, not working
@@ -130,11 +232,75 @@ class StreamWorker(ABC):
             self.commit()
             self.consumer.close(autocommit=False)
             self.close()
+            if self.producer is not None:
+                self.producer.close(timeout=10)
         log.info(f"{self.name} stopped", extra={"stopped_by": self.stopped_by})
+
+    # ------------------------------------------------------------------ one batch
+
+    def _handle(self, records: Sequence[ConsumerRecord]) -> list[DeadLetter]:
+        """``process(records)``; when that is poison, record by record so only the culprit is dead."""
+        while True:
+            try:
+                return list(self.retry("batch", lambda: self.process(records)) or ())
+            except (Poison, InvalidMessage) as exc:
+                if len(records) == 1:
+                    return [self._refused(records[0], exc)]
+                log.warning("a batch kept failing: processing it record by record", extra={
+                    "service": self.name, "records": len(records), "error": str(exc)[:500]})
+            outcomes = [self._one(r) for r in records]
+            if not all(isinstance(o, Poison) for o in outcomes):
+                return [d for r, o in zip(records, outcomes, strict=True)
+                        for d in ([self._refused(r, o)] if isinstance(o, Exception) else o)]
+            # every record fails alike: that is the dependency, not one message; wait as for an outage
+            log.warning("every record of the batch fails: waiting for the dependency", extra={
+                "service": self.name, "records": len(records), "error": str(outcomes[0])[:500]})
+            if self._stop.wait(self.s.retry_max_s):
+                raise Abandoned("stop requested while every record of a batch was failing")
+
+    def _one(self, record: ConsumerRecord) -> list[DeadLetter] | Poison | InvalidMessage:
+        try:
+            return list(self.retry("record", lambda: self.process([record])) or ())
+        except (Poison, InvalidMessage) as exc:
+            return exc
+
+    def _refused(self, record: ConsumerRecord, exc: Poison | InvalidMessage) -> DeadLetter:
+        if isinstance(exc, InvalidMessage):
+            return DeadLetter(record, exc.reason, exc.detail)
+        self.metrics.poison.labels(exc.dependency).inc()
+        return DeadLetter(record, f"poison_{exc.dependency}", exc.detail)
+
+    def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
+        """Every dead letter in the service's sink and on the dead-letter topic, acknowledged."""
+        if not dead:
+            return
+        self.retry("dead letters", lambda: self.store_dead_letters(dead), poison=False)  # nowhere left to put them
+        topic = self.s.kafka_deadletter_topic
+        letters = [(d, *dead_letter(d.record.value, d.reason, d.detail, d.source, d.post_id)) for d in dead]
+        try:
+            self.send([(topic, d.record.key, value, headers) for d, value, headers in letters])
+        except Poison:  # a letter the broker still refuses (a huge key, a lower broker limit): without its value
+            self.send([(topic, None, b"", headers) for _, _, headers in letters])
+        for d in dead:
+            self.metrics.deadlettered.labels(d.reason).inc()
+            log.info("dead-lettered", extra={"service": self.name, "source": d.source, "reason": d.reason,
+                                             "detail": d.detail[:300]})
+
+    def _producer(self) -> KafkaProducer:
+        if self.producer is None:
+            self.producer = make_producer(self.s)
+        return self.producer
 
     def _mark_durable(self, records: Sequence[ConsumerRecord]) -> None:
         for r in records:
             self._durable[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "", -1)
+
+    def _fault_point(self) -> None:
+        """Test-only: die between the flushed outputs and the commit (``fault_kill_before_commit``)."""
+        self._commits += 1
+        if self._commits == self.s.fault_kill_before_commit:
+            log.warning("fault injection: SIGKILL before commit", extra={"commit": self._commits})
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _observe_batch(self, size: int, seconds: float) -> None:
         self.metrics.batches.inc()
@@ -153,7 +319,7 @@ class StreamWorker(ABC):
         if not todo:
             return
         try:
-            self.retry("kafka", lambda: self.consumer.commit(offsets=todo), retry_if=_commit_retryable)
+            self.retry("kafka", lambda: self.consumer.commit(offsets=todo), poison=False)
         except CommitFailedError as exc:
             log.warning("commit refused (partitions moved to another worker); they will be redelivered there",
                         extra={"partitions": [str(tp) for tp in todo], "error": str(exc)})
@@ -163,35 +329,67 @@ class StreamWorker(ABC):
             if self._durable.get(tp) is todo[tp]:
                 del self._durable[tp]
 
-    def retry(self, target: str, fn: Callable[[], T],
-              retry_if: Callable[[BaseException], bool] = lambda e: isinstance(e, TRANSIENT)) -> T:
-        """``fn()`` until it succeeds, backing off up to ``retry_max_s``; :class:`Abandoned` on stop."""
-        delay = 0.2
+    def retry(self, target: str, fn: Callable[[], T], poison: bool = True) -> T:
+        """``fn()`` until it succeeds, backing off up to ``retry_max_s`` while a dependency is down.
+
+        ``target`` names the write in logs; the metric and readiness name the dependency that failed.
+        Raises :class:`Poison` (see the module docstring) when ``poison``, :class:`Abandoned` on stop,
+        :class:`StorageDenied` for a disk that refuses, and anything that is no dependency error as is.
+        """
+        delay, failures, answered = min(0.2, self.s.retry_max_s), 0, 0
         while True:
+            started = time.monotonic()
             try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - filtered just below
-                if not retry_if(exc):
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - sorted just below
+                down = _dependency_error(exc)
+                if isinstance(down, Refused):
+                    if not poison:
+                        raise
+                    raise Poison(down.dependency, down.detail) from exc
+                if down is None:
                     raise
-                self.metrics.retries.labels(target).inc()
-                log.warning("write failed, retrying", extra={"target": target, "error": f"{type(exc).__name__}: "
-                                                             f"{exc}", "retry_in_s": delay})
-                if target == "milvus" and _not_loaded(exc):
-                    self._load_collections()
+                failures += 1
+                self._retrying(target, down, failures, delay, started)
+                # only failures while the dependency answers its probe count: a restarting one must not
+                # turn the messages in hand into poison
+                answered = answered + 1 if poison and self._answers(down.dependency) else 0
+                if answered >= self.s.poison_after_retries:
+                    self._stuck = None
+                    raise Poison(down.dependency, f"{down.detail} (failed {answered} times in a row while "
+                                                  f"{down.dependency} answered)") from exc
+            else:
+                self._stuck = None
+                return result
             if self._stop.wait(delay):
+                self._stuck = None
                 raise Abandoned(f"stop requested while {target} was failing")
             delay = min(delay * 2, self.s.retry_max_s)
 
-    def _load_collections(self) -> None:
-        """A restarted Milvus (Lite) serves its collections 'released': load them again (idempotent)."""
-        st = self.store
-        if st is None:
-            return
+    def _retrying(self, target: str, down: DependencyDown, failures: int, delay: float, started: float) -> None:
+        if self._stuck is None or self._stuck.dependency != down.dependency:
+            self._stuck = _Stuck(down.dependency, started, down.detail[:300])  # a failed call may take long
+        self._stuck.detail = down.detail[:300]
+        self.metrics.retries.labels(down.dependency).inc()
+        extra = {"target": down.dependency, "write": target, "error": down.detail[:500], "failures": failures,
+                 "retry_in_s": delay}
+        if down.dependency == "disk":  # not an outage that passes by itself: someone must act
+            log.error("disk full, waiting for space", extra=extra)
+        else:
+            log.warning("write failed, retrying", extra=extra)
+
+    def _answers(self, dependency: str) -> bool:
+        """Whether ``dependency`` answers its probe (unknown = no: never drop messages in an outage)."""
+        probe = self.probes.get(dependency)
+        if probe is None:
+            return False
         try:
-            for name in (st.images, st.regions, st.occurrences, st.deadletters, st.clusters, st.cluster_summaries):
-                st.client.load_collection(name)
-        except TRANSIENT as exc:  # still down: the next retry tries again
-            log.warning("reloading Milvus collections failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+            probe()
+        except Exception as exc:  # noqa: BLE001 - any failure means it does not answer
+            log.info("probe failed: an outage, not a poison message", extra={
+                "target": dependency, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            return False
+        return True
 
     def _observe_lag(self) -> None:
         for tp in self.consumer.assignment():
@@ -203,13 +401,21 @@ class StreamWorker(ABC):
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
 
 
-def _not_loaded(exc: BaseException) -> bool:
-    """Milvus refused a collection that is not loaded (code 101: e.g. after a Milvus Lite restart)."""
-    return isinstance(exc, MilvusException) and (getattr(exc, "code", None) == 101 or "call load()" in str(exc))
-
-
-def _commit_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT) and not isinstance(exc, CommitFailedError)
+def _dependency_error(exc: BaseException) -> DependencyDown | Refused | None:
+    """What ``exc`` means to the loop: a dependency down, a refused message, or None (not ours)."""
+    if isinstance(exc, (DependencyDown, Refused)):
+        return exc
+    if isinstance(exc, KafkaError):
+        return None if isinstance(exc, CommitFailedError) else kafka_error(exc)
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return DependencyDown("disk", f"no space left writing {exc.filename or 'a local file'} ({exc.strerror}): "
+                                      "free space on that volume or raise its quota; the worker resumes by itself")
+    if isinstance(exc, OSError) and exc.errno in DISK_DENIED:
+        what = exc.filename or "a local file"
+        log.error("disk refuses writes", extra={"path": str(what), "error": exc.strerror})
+        raise StorageDenied(f"cannot write {what} ({exc.strerror}): make MEMETRACE_DATA_DIR (or the path's "
+                            "setting) writable by this user, or point it at a writable volume") from exc
+    return None
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -239,9 +445,9 @@ def _stop_from_signal(worker: StreamWorker, signum: int) -> None:
 
 
 def run_service(worker: StreamWorker, max_idle: float | None = None) -> None:
-    """Serve /metrics, /healthz, /readyz (ready while polling), stop on SIGTERM/SIGINT, run ``worker``."""
+    """Serve /metrics, /healthz, /readyz (ready while polling and not stuck), stop on SIGTERM/SIGINT, run."""
     s = worker.s
-    server = serve(worker.metrics.registry, s.metrics_port, s.metrics_host, ready=worker.running.is_set)
+    server = serve(worker.metrics.registry, s.metrics_port, s.metrics_host, ready=worker.readiness)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: _stop_from_signal(worker, signum))

@@ -92,3 +92,13 @@ def milvus_server_uri() -> Iterator[str]:
             yield uri
         finally:
             stop_process(proc, MILVUS_STOP_GRACE)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def graph_state(request: pytest.FixtureRequest, tmp_path: Path):
+    """The clusterer's GraphState on each backend: contract and clusterer tests run on both."""
+    from memetrace.clusterer.state import MemoryGraphState, SqliteGraphState
+
+    state = SqliteGraphState(tmp_path / "deep" / "state.db") if request.param == "sqlite" else MemoryGraphState()
+    yield state
+    state.close()

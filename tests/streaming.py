@@ -29,9 +29,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka_broker import Broker, free_port, stop_process, wait_for_port
 from PIL import Image
 
-from memetrace.cli.main import main as cli
+from memetrace.cli.context import Context
 from memetrace.cli.demo import GROUP_PHOTOS
-from memetrace.milvus_store import MilvusStore, connect, stored_dim
+from memetrace.cli.main import main as cli
 from memetrace.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,12 +167,11 @@ def read_topic(s: Settings, topic: str, expected: int, timeout: float = 20) -> l
 
 
 def milvus_counts(s: Settings) -> dict:
-    client = connect(s)
-    store = MilvusStore(s, stored_dim(client, s) or 1, client)
-    ids = store.image_ids_of_occurrences()
-    out = {"images": store.count(), "occurrences": store.count_occurrences(), "distinct_in_occurrences": len(set(ids)),
-           "deadletters": store.deadletters_by_reason()}
-    client.close()
+    c = Context(s)  # the workers created the collections: their size is known
+    ids = c.occurrences.image_ids_of_occurrences()
+    out = {"images": c.index.count(), "occurrences": c.occurrences.count_occurrences(),
+           "distinct_in_occurrences": len(set(ids)), "deadletters": c.occurrences.dead_letters_by_reason()}
+    c.milvus.close()
     return out
 
 

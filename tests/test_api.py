@@ -26,12 +26,17 @@ from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, Thread
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from memetrace.api.app import create_app
+from memetrace.api.errors import ApiError
+from memetrace.api.limits import SearchPool
+from memetrace.api.schemas import (ClusterDetail, ClusterList, ErrorBody, Health, ImageResponse, Ready,
+                                   SearchResponse)
 from memetrace.api.search import BODY_SLACK
 from memetrace.api.server import bind, server_for
 from memetrace.cli.batch import run_index
@@ -132,7 +137,8 @@ def _raw_request(api: Api, request_line: str, headers: dict[str, str], body: byt
 def _api_context(settings: Settings, indexed: Context) -> Context:
     """A Context sharing the indexing run's model and stores (one Milvus Lite file has one owner)."""
     ctx = Context(settings)
-    ctx.embedder, ctx.store, ctx.features = indexed.embedder, indexed.store, indexed.features
+    ctx.embedder, ctx.features = indexed.embedder, indexed.features
+    ctx.index, ctx.occurrences, ctx.board = indexed.index, indexed.occurrences, indexed.board
     return ctx
 
 
@@ -205,6 +211,7 @@ def _error(reply: Reply, status: int, error: str) -> dict:
     assert reply.status == status, (reply.status, reply.body[:300])
     body = reply.json()
     assert body["error"] == error and body["detail"], body
+    ErrorBody.model_validate(body)
     return body
 
 
@@ -244,7 +251,8 @@ def test_search_by_url_through_the_fetcher(main: Api, corpus: Corpus) -> None:
 
 def test_search_by_url_refused_by_the_ssrf_guard(strict: Api, corpus: Corpus) -> None:
     body = _error(strict.search_url(f"{corpus.images_url}/astronaut.jpg"), 422, "download_failed")
-    assert body["reason"] == "private_address" and "127.0.0.1 is not a public address" in body["detail"]
+    assert body["reason"] == "private_address"
+    assert "127.0.0.1 is a loopback address, not a public address" in body["detail"]
 
 
 def test_search_by_url_that_fails(main: Api, corpus: Corpus) -> None:
@@ -470,7 +478,7 @@ def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.Mo
     def broken(image_ids: list[int]) -> dict:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(main.ctx.store, "get", broken)
+    monkeypatch.setattr(main.ctx.index, "get", broken)
     with caplog.at_level(logging.ERROR, logger="memetrace.api.middleware"):
         body = _error(main.get("/v1/images/1"), 500, "internal_error")
     assert "disk on fire" not in body["detail"]  # internals stay in the log
@@ -479,5 +487,115 @@ def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.Mo
 
 
 def test_api_never_opened_the_catalog(main: Api, strict: Api) -> None:
-    """API replicas have no SQLite catalog: everything comes from Milvus and the feature store."""
-    assert "catalog" not in vars(main.ctx) and "catalog" not in vars(strict.ctx)
+    """API replicas have no SQLite store (batch catalog, clusterer state): everything comes from Milvus and
+    the feature store."""
+    assert not {"catalog", "graph_state"} & (vars(main.ctx).keys() | vars(strict.ctx).keys())
+
+
+# ------------------------------------------------------------------------------- response models
+
+
+MEDIA_TYPES = {"/v1/images/{image_id}/thumbnail": "image/jpeg", "/gallery": "text/html", "/metrics": "text/plain"}
+
+
+def test_openapi_describes_every_response(main: Api) -> None:
+    """Every route's 200 is a component schema (or, for the binary and text routes, its media type),
+    and every error it declares is the ErrorBody."""
+    paths = main.get("/openapi.json").json()["paths"]
+    assert set(paths) == {"/v1/search", "/v1/images/{image_id}", "/v1/images/{image_id}/thumbnail", "/v1/clusters",
+                          "/v1/clusters/{cluster_id}", "/gallery", "/healthz", "/readyz", "/metrics"}
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            responses = op["responses"]
+            ok = responses["200"]["content"]
+            if path in MEDIA_TYPES:
+                assert [t for t in ok if t.startswith(MEDIA_TYPES[path])], (method, path, ok)
+            else:
+                assert list(ok) == ["application/json"], (method, path, ok)
+                assert ok["application/json"]["schema"]["$ref"].startswith("#/components/schemas/"), (method, path)
+            errors = {status: r for status, r in responses.items() if status[0] in "45"}
+            assert "500" in errors and (path in ("/healthz", "/metrics") or "503" in errors), (method, path)
+            for status, r in errors.items():
+                assert r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, \
+                    (method, path, status)
+
+
+def test_responses_validate_against_their_models(main: Api, corpus: Corpus) -> None:
+    """Each route's JSON is exactly its model (the models forbid fields they do not declare)."""
+    found = SearchResponse.model_validate_json(main.upload(corpus.files["astronaut.jpg"]).body)
+    image = ImageResponse.model_validate_json(main.get(f"/v1/images/{found.matches[0].image_id}").body)
+    listed = ClusterList.model_validate_json(main.get("/v1/clusters").body)
+    detail = ClusterDetail.model_validate_json(main.get(f"/v1/clusters/{image.cluster_id}").body)
+    assert image.cluster_id == found.matches[0].cluster_id == detail.cluster_id
+    assert detail.cluster_id in {c.cluster_id for c in listed.clusters}
+    assert [e.event for e in detail.history] == ["created"]
+    Health.model_validate_json(main.get("/healthz").body)
+    Ready.model_validate_json(main.get("/readyz").body)
+
+
+def test_search_pool_refuses_beyond_its_queue() -> None:
+    """1 search running and 1 waiting: a third is refused at once with 503 busy and Retry-After; once
+    they finish, searches are accepted again."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocked() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    async def scenario() -> list[str]:
+        pool = SearchPool(threads=1, queue=1)
+        results: list[str] = []
+
+        async def run() -> None:
+            results.append(await pool.run(blocked))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            tg.start_soon(run)
+            await anyio.to_thread.run_sync(started.wait, 10)
+            with pytest.raises(ApiError) as refused:
+                await pool.run(blocked)
+            assert refused.value.status == 503 and refused.value.error == "busy"
+            assert int((refused.value.headers or {})["Retry-After"]) > 0
+            release.set()
+        results.append(await pool.run(lambda: "again"))
+        return results
+
+    assert anyio.run(scenario) == ["done", "done", "again"]
+
+
+IMPATIENT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def impatient(indexed: Context) -> Iterator[Api]:
+    """A server whose requests must arrive within IMPATIENT_S (MEMETRACE_API_BODY_TIMEOUT_S)."""
+    yield from _serve(_api_context(indexed.settings.model_copy(update={"api_body_timeout_s": IMPATIENT_S}), indexed))
+
+
+def test_stalled_body_is_cut_with_408(impatient: Api) -> None:
+    """Headers, then half the body, then nothing: 408 after MEMETRACE_API_BODY_TIMEOUT_S, connection closed."""
+    body, content_type = _multipart(bytes(10_000))
+    started = time.monotonic()
+    with _raw_request(impatient, "POST /v1/search", {"Content-Type": content_type,
+                                                     "Content-Length": str(len(body))}, body[:5_000]) as sock:
+        reply = sock.makefile("rb").read()  # to the end: the server closes the connection
+    assert IMPATIENT_S <= time.monotonic() - started < 5
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.split()[1] == b"408", reply[:300]
+    assert ErrorBody.model_validate_json(rest.partition(b"\r\n\r\n")[2]).error == "body_timeout"
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nHost: a",
+                                  b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /he"])
+def test_stalled_request_head_is_closed(impatient: Api, sent: bytes) -> None:
+    """Nothing, half a head, or half the next head after a keep-alive answer: closed after the deadline."""
+    base = urllib.parse.urlsplit(impatient.base)
+    started = time.monotonic()
+    with socket.create_connection((base.hostname, base.port), timeout=10) as sock:
+        sock.sendall(sent)
+        reply = sock.makefile("rb").read()  # returns when the server closes
+    assert IMPATIENT_S <= time.monotonic() - started < 5
+    assert reply.count(b"HTTP/1.1 200") == sent.count(b"\r\n\r\n"), reply

@@ -1,4 +1,7 @@
-"""clusterer: communities, stable cluster ids across runs, CSV and symlink exports, recluster."""
+"""clusterer: communities, stable cluster ids across runs, CSV and symlink exports, recluster.
+
+``recluster`` runs on every GraphState backend (the ``graph_state`` fixture) and publishes to a
+MemoryClusterBoard or a recording function."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from memetrace.clusterer.export import CSV_COLUMNS, ClusterRow, cluster_rows, wr
 from memetrace.clusterer.graph import build_graph, communities, density, stable_ids
 from memetrace.clusterer.history import diff
 from memetrace.clusterer.service import recluster
-from memetrace.catalog import Catalog, Match
+from memetrace.cluster_board import MemoryClusterBoard
+from memetrace.clusterer.state import GraphState, MemoryGraphState, SqliteGraphState
+from memetrace.models import Match
 
 
 def _m(a: int, b: int, inliers: int = 50) -> Match:
@@ -111,46 +116,42 @@ def test_new_groups_get_fresh_ids() -> None:
     assert all(c > 5 for c in fresh)  # never an id some earlier cluster had
 
 
-def test_two_waves_through_recluster(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.db")
+def test_two_waves_through_recluster(graph_state: GraphState) -> None:
     published: list[tuple[dict, list, list]] = []
-    try:
-        catalog.add_images([(i, 100) for i in range(1, 7)])
-        catalog.add_matches([_m(1, 2), _m(2, 3), _m(4, 5)])
-        run1 = recluster(catalog, "components", publish=lambda *a: published.append(a), now=1000)
-        first = catalog.clusters()
-        assert run1.clusters == 2 and run1.images_clustered == 5 and run1.largest == 3 and run1.new_clusters == 2
-        assert published[0][0] == first  # everything is new, so everything is published
-        # wave 2: 7 joins {1,2,3}; {4,5} grows into a bigger group with 8-10; 11-12 are new
-        catalog.add_images([(i, 100) for i in range(7, 13)])
-        catalog.add_matches([_m(3, 7), _m(5, 8), _m(8, 9), _m(9, 10), _m(11, 12)])
-        catalog.add_matches([_m(8, 10)])
-        run2 = recluster(catalog, "components", publish=lambda *a: published.append(a), now=2000)
-        second = catalog.clusters()
-        assert second[7] == second[1] == first[1]
-        assert second[4] == second[8] == second[10] == first[4]  # only {4,5} had an id: it is kept
-        assert second[11] == second[12] and second[11] not in first.values()
-        assert second[6] == first[6]
-        assert {(e.event, e.cluster_id) for e in run2.events} == {
-            ("grew", first[1]), ("grew", first[4]), ("created", second[11])}
-        changed, summaries, removed = published[1]
-        assert changed == {i: second[i] for i in (7, 8, 9, 10, 11, 12)} and removed == []
-        assert {c.cluster_id: c.images for c in summaries} == {first[1]: 4, first[4]: 5, second[11]: 2}
-        history = next(c.history for c in summaries if c.cluster_id == first[1])
-        assert [(h["at"], h["event"]) for h in history] == [(1000, "created"), (2000, "grew")]
-        run3 = recluster(catalog, "components", now=3000)
-        assert catalog.clusters() == second and run3.events == []  # nothing new: nothing changes
-        # wave 3: a bridge merges {1,2,3,7} (4 images) into {4,5,8,9,10} (5): the larger keeps its id
-        catalog.add_matches([_m(7, 8)])
-        published.clear()
-        run4 = recluster(catalog, "components", publish=lambda *a: published.append(a), now=4000)
-        third = catalog.clusters()
-        assert third[1] == third[4] == first[4]
-        assert [(e.event, e.cluster_id, e.clusters) for e in run4.events] == [
-            ("merged", first[4], tuple(sorted((first[1], first[4]))))]
-        assert published[0][2] == [first[1]]  # the absorbed cluster's summary is removed
-    finally:
-        catalog.close()
+    graph_state.add_images([(i, 100) for i in range(1, 7)])
+    graph_state.add_matches([_m(1, 2), _m(2, 3), _m(4, 5)])
+    run1 = recluster(graph_state, "components", publish=lambda *a: published.append(a), now=1000)
+    first = graph_state.clusters()
+    assert run1.clusters == 2 and run1.images_clustered == 5 and run1.largest == 3 and run1.new_clusters == 2
+    assert published[0][0] == first  # everything is new, so everything is published
+    # wave 2: 7 joins {1,2,3}; {4,5} grows into a bigger group with 8-10; 11-12 are new
+    graph_state.add_images([(i, 100) for i in range(7, 13)])
+    graph_state.add_matches([_m(3, 7), _m(5, 8), _m(8, 9), _m(9, 10), _m(11, 12)])
+    graph_state.add_matches([_m(8, 10)])
+    run2 = recluster(graph_state, "components", publish=lambda *a: published.append(a), now=2000)
+    second = graph_state.clusters()
+    assert second[7] == second[1] == first[1]
+    assert second[4] == second[8] == second[10] == first[4]  # only {4,5} had an id: it is kept
+    assert second[11] == second[12] and second[11] not in first.values()
+    assert second[6] == first[6]
+    assert {(e.event, e.cluster_id) for e in run2.events} == {
+        ("grew", first[1]), ("grew", first[4]), ("created", second[11])}
+    changed, summaries, removed = published[1]
+    assert changed == {i: second[i] for i in (7, 8, 9, 10, 11, 12)} and removed == []
+    assert {c.cluster_id: c.images for c in summaries} == {first[1]: 4, first[4]: 5, second[11]: 2}
+    history = next(c.history for c in summaries if c.cluster_id == first[1])
+    assert [(h["at"], h["event"]) for h in history] == [(1000, "created"), (2000, "grew")]
+    run3 = recluster(graph_state, "components", now=3000)
+    assert graph_state.clusters() == second and run3.events == []  # nothing new: nothing changes
+    # wave 3: a bridge merges {1,2,3,7} (4 images) into {4,5,8,9,10} (5): the larger keeps its id
+    graph_state.add_matches([_m(7, 8)])
+    published.clear()
+    run4 = recluster(graph_state, "components", publish=lambda *a: published.append(a), now=4000)
+    third = graph_state.clusters()
+    assert third[1] == third[4] == first[4]
+    assert [(e.event, e.cluster_id, e.clusters) for e in run4.events] == [
+        ("merged", first[4], tuple(sorted((first[1], first[4]))))]
+    assert published[0][2] == [first[1]]  # the absorbed cluster's summary is removed
 
 
 def test_history_of_a_split_keeps_the_id_with_the_larger_part() -> None:
@@ -174,61 +175,110 @@ def test_history_of_a_dissolved_cluster() -> None:
     assert [(e.event, e.cluster_id) for e in diff({1: 3, 2: 3}, {1: 3, 2: 4})] == [("dissolved", 3)]
 
 
-def test_a_failed_publish_records_no_history(tmp_path: Path) -> None:
+def test_a_failed_publish_records_no_history(graph_state: GraphState) -> None:
     """A run whose publish fails (Milvus down, or SIGTERM while retrying) is redone by the next one:
     its events must be recorded once, by the run that succeeds."""
-    catalog = Catalog(tmp_path / "catalog.db")
 
     def down(*_: object) -> None:
         raise ConnectionError("milvus down")
 
+    graph_state.add_images([(1, 10), (2, 10)])
+    graph_state.add_matches([_m(1, 2)])
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            recluster(graph_state, "components", publish=down, now=1000)
+    assert graph_state.clusters() == {}
+    published: list[tuple[dict, list, list]] = []
+    run = recluster(graph_state, "components", publish=lambda *a: published.append(a), now=1100)
+    cid = graph_state.clusters()[1]
+    expected = [{"at": 1100, "event": "created", "clusters": []}]
+    assert published[0][1][0].history == expected  # this run's event is in what it publishes
+    assert graph_state.cluster_histories() == {cid: expected} and [e.event for e in run.events] == ["created"]
+
+
+def test_a_post_dated_in_the_future_counts_when_seen(graph_state: GraphState) -> None:
+    now = time.time()
+    graph_state.add_images([(1, 10), (2, 10)])
+    graph_state.add_matches([_m(1, 2)])
+    graph_state.add_posts([("p1", 1, int(now) - 3 * 86400, "x"), ("p2", 2, int(now) + 50 * 365 * 86400, "x")])
+    (c,) = recluster(graph_state, "components", now=now + 30 * 86400).summaries  # a month later
+    assert (c.growth_hour, c.growth_day) == (0, 0)
+    assert c.last_seen <= now + 1
+
+
+def test_summaries_count_posts_files_growth_and_platforms(graph_state: GraphState) -> None:
+    now = 1_000_000
+    graph_state.add_images([(1, 10), (2, 10), (3, 10)])
+    graph_state.add_matches([_m(1, 2)])
+    graph_state.add_posts([("p1", 1, now - 30, "x"), ("p2", 2, now - 7200, "x"), ("p3", 2, now - 200_000, "y"),
+                       ("p4", 3, now - 10, "x")])
+    graph_state.add_posts([("p1", 1, now - 5, "z")])  # redelivered: the first row stays
+    run = recluster(graph_state, "components", now=now)
+    (c,) = run.summaries
+    assert (c.images, c.posts, c.first_seen, c.last_seen) == (2, 3, now - 200_000, now - 30)
+    assert (c.growth_hour, c.growth_day, c.platforms) == (1, 2, {"x": 2, "y": 1})
+    assert run.fastest_growing(5) == [c]
+
+
+def test_recluster_publishes_what_the_api_reads_on_the_board(graph_state: GraphState) -> None:
+    board = MemoryClusterBoard()
+    graph_state.add_images([(i, 10) for i in range(1, 6)])
+    graph_state.add_matches([_m(1, 2), _m(3, 4), _m(4, 5)])
+    graph_state.add_posts([("p1", 1, 100, "x"), ("p2", 3, 200, "y")])
+    recluster(graph_state, "components", publish=board.publish, now=1000)
+    first = graph_state.clusters()
+    a, b = first[1], first[3]
+    assert board.clusters_of([1, 2, 3, 4, 5]) == first and board.members([a]) == {a: [1, 2]}
+    assert (board.summary(a).posts, board.summary(a).platforms) == (1, {"x": 1})
+    graph_state.add_matches([_m(2, 3)])  # {1,2} merges into {3,4,5}: the larger keeps its id
+    recluster(graph_state, "components", publish=board.publish, now=2000)
+    assert board.clusters_of([1, 2, 3, 4, 5]) == dict.fromkeys(range(1, 6), b) == graph_state.clusters()
+    assert board.summary(a) is None  # absorbed: its summary is gone
+    summary = board.summary(b)
+    assert [(h["at"], h["event"], h["clusters"]) for h in summary.history] == [
+        (1000, "created", []), (2000, "merged", sorted([a, b]))]
+    assert (summary.images, summary.posts, summary.platforms) == (5, 2, {"x": 1, "y": 1})
+
+
+class _RecordingState(MemoryGraphState):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[dict[int, int]] = []
+
+    def save_run(self, changed, at, events=()) -> None:  # type: ignore[no-untyped-def]
+        self.saved.append(dict(changed))
+        super().save_run(changed, at, events)
+
+
+def test_recluster_saves_only_the_assignments_that_changed() -> None:
+    state = _RecordingState()
+    state.add_images([(i, 10) for i in range(1, 5)])
+    state.add_matches([_m(1, 2)])
+    recluster(state, "components", now=1000)
+    state.add_matches([_m(2, 3)])
+    recluster(state, "components", now=2000)
+    recluster(state, "components", now=3000)
+    first, second, third = state.saved
+    assert set(first) == {1, 2, 3, 4}  # the first run assigns every image
+    assert second == {3: state.clusters()[1]} and third == {}  # later ones write only what moved
+
+
+def test_a_restarted_state_keeps_ids_and_history(tmp_path: Path) -> None:
+    state = SqliteGraphState(tmp_path / "state.db")
+    state.add_images([(1, 10), (2, 10), (3, 10)])
+    state.add_matches([_m(1, 2)])
+    recluster(state, "components", now=1000)
+    before = state.clusters()
+    state.close()
+    again = SqliteGraphState(tmp_path / "state.db")
     try:
-        catalog.add_images([(1, 10), (2, 10)])
-        catalog.add_matches([_m(1, 2)])
-        for _ in range(2):
-            with pytest.raises(ConnectionError):
-                recluster(catalog, "components", publish=down, now=1000)
-        assert catalog.clusters() == {}
-        published: list[tuple[dict, list, list]] = []
-        run = recluster(catalog, "components", publish=lambda *a: published.append(a), now=1100)
-        cid = catalog.clusters()[1]
-        expected = [{"at": 1100, "event": "created", "clusters": []}]
-        assert published[0][1][0].history == expected  # this run's event is in what it publishes
-        assert catalog.cluster_histories() == {cid: expected} and [e.event for e in run.events] == ["created"]
+        again.add_matches([_m(2, 3)])
+        run = recluster(again, "components", now=2000)
+        assert again.clusters() == dict.fromkeys((1, 2, 3), before[1])
+        assert [(e.event, e.cluster_id) for e in run.events] == [("grew", before[1])]
+        assert [h["event"] for h in again.cluster_histories()[before[1]]] == ["created", "grew"]
     finally:
-        catalog.close()
-
-
-def test_a_post_dated_in_the_future_counts_when_seen(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.db")
-    try:
-        now = time.time()
-        catalog.add_images([(1, 10), (2, 10)])
-        catalog.add_matches([_m(1, 2)])
-        catalog.add_posts([("p1", 1, int(now) - 3 * 86400, "x"), ("p2", 2, int(now) + 50 * 365 * 86400, "x")])
-        (c,) = recluster(catalog, "components", now=now + 30 * 86400).summaries  # a month later
-        assert (c.growth_hour, c.growth_day) == (0, 0)
-        assert c.last_seen <= now + 1
-    finally:
-        catalog.close()
-
-
-def test_summaries_count_posts_files_growth_and_platforms(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.db")
-    try:
-        now = 1_000_000
-        catalog.add_images([(1, 10), (2, 10), (3, 10)])
-        catalog.add_matches([_m(1, 2)])
-        catalog.add_posts([("p1", 1, now - 30, "x"), ("p2", 2, now - 7200, "x"), ("p3", 2, now - 200_000, "y"),
-                           ("p4", 3, now - 10, "x")])
-        catalog.add_posts([("p1", 1, now - 5, "z")])  # redelivered: the first row stays
-        run = recluster(catalog, "components", now=now)
-        (c,) = run.summaries
-        assert (c.images, c.posts, c.first_seen, c.last_seen) == (2, 3, now - 200_000, now - 30)
-        assert (c.growth_hour, c.growth_day, c.platforms) == (1, 2, {"x": 2, "y": 1})
-        assert run.fastest_growing(5) == [c]
-    finally:
-        catalog.close()
+        again.close()
 
 
 # ----------------------------------------------------------------------------- exports
@@ -295,16 +345,3 @@ def test_write_link_dir_keeps_absolute_paths(tmp_path: Path) -> None:
     link = names[str(target).replace("/", "__")]
     assert os.readlink(link) == str(target) and link.read_bytes() == b"x"
     assert names["rel.jpg"].read_bytes() == b"y"
-
-
-def test_cluster_histories_keep_the_latest_events_of_each_cluster(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.db")
-    try:
-        catalog.set_clusters({}, 1, [("created", 1, ()), ("created", 2, ())])
-        catalog.set_clusters({}, 2, [("grew", 1, ())])
-        catalog.set_clusters({}, 3, [("merged", 1, (1, 3))])
-        assert catalog.cluster_histories(limit=2) == {
-            1: [{"at": 2, "event": "grew", "clusters": []}, {"at": 3, "event": "merged", "clusters": [1, 3]}],
-            2: [{"at": 1, "event": "created", "clusters": []}]}
-    finally:
-        catalog.close()

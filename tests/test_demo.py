@@ -22,7 +22,7 @@ from memetrace.cli.demo import (
     TRANSFORMS,
     make_demo_corpus,
 )
-from memetrace.imageio import BadImage, decode
+from memetrace.imageio import BadImage, DecodeLimits, decode
 from memetrace.settings import Settings
 
 
@@ -102,16 +102,16 @@ def test_every_group_has_its_original_and_copies(corpus: tuple[Path, Path, float
 def test_every_file_decodes_as_ground_truth_says(corpus: tuple[Path, Path, float]) -> None:
     """Photos decode with the default guards; bad files fail with the reason the CSV names."""
     out_dir, _, _ = corpus
-    s = Settings()
+    limits = DecodeLimits.from_settings(Settings())
     by_id: dict[int, str] = {}
     for r in _rows(out_dir):
         data = (out_dir / r["path"]).read_bytes()
         if r["role"] == "bad":
             with pytest.raises(BadImage) as info:
-                decode(data, max_pixels=s.max_pixels, min_side=s.min_side)
+                decode(data, limits)
             assert info.value.reason == r["transform"]
             continue
-        img = decode(data, max_pixels=s.max_pixels, min_side=s.min_side)
+        img = decode(data, limits)
         assert min(img.height, img.width) >= 100
         assert img.image_id not in by_id, f"{r['path']} has the same bytes as {by_id.get(img.image_id)}"
         by_id[img.image_id] = r["path"]

@@ -39,7 +39,7 @@ from pymilvus.exceptions import MilvusException
 
 from benchmarks.services import free_port
 from memetrace import metrics
-from memetrace.milvus_store import MilvusStore
+from memetrace.milvus import IVF_NLIST, MilvusConfig, index_params, search_params
 from memetrace.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,11 +257,11 @@ def test_references_between_objects_resolve(rendered: dict, variant: str) -> Non
     # the clusterer: one writer, its SQLite state on the PVC
     cluster = deps["memetrace-cluster"]
     assert cluster["spec"]["replicas"] == 1 and cluster["spec"]["strategy"] == {"type": "Recreate"}
-    catalog = Path(container_env(docs, cluster)["MEMETRACE_CATALOG_PATH"])
+    state = Path(container_env(docs, cluster)["MEMETRACE_CLUSTER_STATE_PATH"])
     spec = cluster["spec"]["template"]["spec"]
     pvc_volumes = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     mounts = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] in pvc_volumes]
-    assert any(catalog.is_relative_to(m["mountPath"]) for m in mounts), "catalog not on the PVC"
+    assert any(state.is_relative_to(m["mountPath"]) for m in mounts), "clusterer state not on the PVC"
     assert not any("persistentVolumeClaim" in v for d in deps.values() if d is not cluster
                    for v in d["spec"]["template"]["spec"].get("volumes", []))
 
@@ -339,7 +339,7 @@ def test_compose_services_wiring() -> None:
     cluster_env = compose_settings(ours["cluster"])
     (mount,) = ours["cluster"]["volumes"]
     volume, target = mount.split(":")[:2]
-    assert volume in spec["volumes"] and cluster_env.catalog_path.is_relative_to(target)
+    assert volume in spec["volumes"] and cluster_env.cluster_state_path.is_relative_to(target)
     named = {m.split(":")[0] for s in services.values() for m in s.get("volumes", []) if not m.startswith(".")}
     assert named == set(spec["volumes"])
     # topics the brokers auto-create match those the ingest creates
@@ -503,13 +503,8 @@ def test_grafana_provisioning_matches_the_compose_mounts() -> None:
 INDEX_TYPES = ("HNSW", "IVF_SQ8", "DISKANN")  # the README's sizing choices
 
 
-def store_for(index_type: str, client: MilvusClient | None, tmp_path: Path) -> MilvusStore:
-    """A MilvusStore for its index and search parameters only: MilvusStore() would also create its
-    record collections, about 3 s each on a server."""
-    store = object.__new__(MilvusStore)
-    store.settings = make_settings(tmp_path, milvus_index_type=index_type)
-    store.client = client
-    return store
+def config_for(index_type: str, tmp_path: Path) -> MilvusConfig:
+    return MilvusConfig.from_settings(make_settings(tmp_path, milvus_index_type=index_type))
 
 
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
@@ -517,18 +512,18 @@ def test_milvus_search_params_stay_in_the_documented_ranges(index_type: str, tmp
     """Milvus' documented ranges: HNSW ef in [limit, 32768]; IVF nprobe in [1, nlist], nlist in
     [1, 65536]; DISKANN search_list in [limit, 200] for limit <= 20, else [limit, 10 x limit]
     (Milvus 2.3; later releases only ask for >= limit)."""
-    store = store_for(index_type, None, tmp_path)
+    config = config_for(index_type, tmp_path)
     for limit in range(1, 301):
-        params = store._search_params(limit)
-        assert params["metric_type"] == store.settings.milvus_metric
+        params = search_params(config, limit)
+        assert params["metric_type"] == config.metric
         p = params["params"]
         if index_type == "HNSW":
             assert limit <= p["ef"] <= 32768
         elif index_type == "IVF_SQ8":
-            assert 1 <= p["nprobe"] <= store._IVF_NLIST <= 65536
+            assert 1 <= p["nprobe"] <= IVF_NLIST <= 65536
         else:
             assert limit <= p["search_list"] <= (200 if limit <= 20 else min(10 * limit, 65535))
-    assert "params" not in store_for("FLAT", None, tmp_path)._search_params(9)
+    assert "params" not in search_params(config_for("FLAT", tmp_path), 9)
 
 
 @pytest.mark.milvus_server
@@ -542,14 +537,14 @@ def test_milvus_server_builds_and_searches_the_index_types(milvus_server_uri: st
     vectors = np.random.default_rng(0).normal(size=(n, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     client = MilvusClient(uri=milvus_server_uri)
-    stores = {f"deploy_{t.lower()}": store_for(t, client, tmp_path) for t in INDEX_TYPES}
+    configs = {f"deploy_{t.lower()}": config_for(t, tmp_path) for t in INDEX_TYPES}
     try:
-        for name, store in stores.items():
+        for name, config in configs.items():
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=32)
             client.create_collection(name, schema=schema)  # unloaded: loaded once its index is built
-            client.create_index(name, store._index_params())
+            client.create_index(name, index_params(client, config))
             if name != "deploy_diskann":
                 client.insert(name, [{"id": i, "vector": v} for i, v in enumerate(vectors)])
                 client.flush(name)
@@ -563,11 +558,11 @@ def test_milvus_server_builds_and_searches_the_index_types(milvus_server_uri: st
             client.load_collection(name)
             for limit in (9, 27):
                 hits = client.search(name, data=query, limit=limit, consistency_level="Strong",
-                                     search_params=stores[name]._search_params(limit))
+                                     search_params=search_params(configs[name], limit))
                 assert hits[0][0]["id"] == 0 and len(hits[0]) == limit, name
         with pytest.raises(MilvusException, match="ef"):
             client.search("deploy_hnsw", data=query, limit=27, search_params={"metric_type": "IP", "params": {"ef": 5}})
     finally:
-        for name in stores:
+        for name in configs:
             client.drop_collection(name)
         client.close()

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import jpeg_roundtrip, make_settings, rgb
 from memetrace.embedder import (
     Embedder,
+    PrecisionCache,
     default_weights_path,
     gem,
     load_backbone,
@@ -132,23 +133,39 @@ def test_gem_pooling() -> None:
     assert gem(torch.full((1, 1, 2, 2), -5.0), 3.0).item() == pytest.approx(1e-6, rel=1e-3)  # clamped
 
 
-def test_pick_dtype_never_bf16_without_native_support(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("seconds", "chosen"), [({"fp32": 1.0, "bf16": 0.18}, torch.bfloat16),  # native bf16
+                                                   ({"fp32": 0.2, "bf16": 1.0}, torch.float32)])  # emulated
+def test_auto_precision_follows_the_measurement(seconds: dict[str, float], chosen: torch.dtype) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert pick_dtype("auto", cpu) == torch.float32
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert pick_dtype("auto", cpu) == torch.bfloat16
-    # GPUs: fp16 whatever the CPU can do; explicit settings always win
-    assert pick_dtype("auto", torch.device("cuda")) == torch.float16
-    assert pick_dtype("fp32", cpu) == torch.float32
-    assert pick_dtype("fp16", torch.device("cuda")) == torch.float16
-    assert pick_dtype("bf16", cpu) == torch.bfloat16
+    assert pick_dtype("auto", cpu, seconds.__getitem__) == chosen
+    # GPUs: fp16; explicit settings always win, unmeasured
+    assert pick_dtype("auto", torch.device("cuda"), seconds.__getitem__) == torch.float16
+    assert pick_dtype("fp32", cpu, seconds.__getitem__) == torch.float32
+    assert pick_dtype("bf16", cpu, seconds.__getitem__) == torch.bfloat16
 
 
-def test_embedder_on_cpu_without_bf16_runs_fp32(monkeypatch: pytest.MonkeyPatch, embedder: Embedder) -> None:
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    e = Embedder(embedder.settings.model_copy(update={"precision": "auto", "device": "cpu"}), model=embedder.model)
-    assert e.dtype == torch.float32
+def test_embedder_measures_auto_precision_once_per_machine(tmp_path: Path, embedder: Embedder) -> None:
+    settings = embedder.settings.model_copy(update={"precision": "auto", "device": "cpu", "data_dir": tmp_path})
+    calls: list[str] = []
+
+    def slow_bf16(precision: str) -> float:
+        calls.append(precision)
+        return {"fp32": 0.1, "bf16": 0.5}[precision]
+
+    cache = PrecisionCache(tmp_path / "precision.json")
+    assert Embedder(settings, model=embedder.model, probe=slow_bf16, cache=cache).dtype == torch.float32
+    assert sorted(calls) == ["bf16", "fp32"]
+    # the next start on this machine reads the cached choice instead of measuring again
+    assert Embedder(settings, model=embedder.model, probe=slow_bf16, cache=cache).dtype == torch.float32
+    assert len(calls) == 2
+
+
+def test_the_real_probe_times_both_precisions(tmp_path: Path, embedder: Embedder) -> None:
+    settings = embedder.settings.model_copy(update={"precision": "auto", "device": "cpu", "data_dir": tmp_path})
+    e = Embedder(settings, model=embedder.model, cache=PrecisionCache(tmp_path / "none" / "precision.json"))
+    seconds = {p: e._time_batch(p) for p in ("fp32", "bf16")}
+    assert all(0 < s < 60 for s in seconds.values()), seconds
+    assert e.dtype in (torch.float32, torch.bfloat16)
 
 
 def test_pick_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""ingest.fetch against a real local server. Sockets go to 127.0.0.1 only, never anywhere else."""
+"""memetrace.fetch against a real local server. Sockets go to 127.0.0.1 only, never anywhere else."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memetrace.ingest.fetch import Fetcher, FetchPolicy, check_address, is_public_address, resolve_host, sniff_image
+from memetrace.fetch import Fetcher, FetchPolicy, check_address, is_public_address, resolve_host, sniff_image
 
 LOOPBACK_ONLY = ("127.0.0.1/32",)  # trust the test server's address and nothing else
 HUGE = 100_000_000
@@ -92,6 +92,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, PNG, "text/plain")
             elif path == "/truncated.jpg":
                 self._send(200, JPEG[: len(JPEG) // 2])
+            elif path == "/cut-body":  # declares the whole photo, sends half, hangs up
+                self._send_cut()
+            elif path == "/cut-once":  # a network cut, then the whole photo
+                self._send_cut() if hit == 1 else self._send(200, JPEG)
             elif path == "/page.html":
                 self._send(200, b"<!doctype html><html><body>" + b"x" * 5000 + b"</body></html>", "image/jpeg")
             elif path == "/empty":
@@ -155,6 +159,15 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(404, b"", "text/plain")
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             pass  # the client hung up on purpose (too_large, timeout)
+
+    def _send_cut(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(JPEG)))
+        self.end_headers()
+        self.wfile.write(JPEG[: len(JPEG) // 2])
+        self.wfile.flush()
+        self.close_connection = True
 
     def _stream_huge(self, declare: bool) -> None:
         """100 MB generated lazily; counts what was really written before the client gave up."""
@@ -314,6 +327,28 @@ def test_check_address_refuses_if_any_resolved_address_is_private(monkeypatch: p
     assert check_address("mixed.example", trusted_networks=["10.0.0.0/8"]) is None
 
 
+def test_refusals_name_the_rule_not_the_resolved_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"intranet.example": "10.20.30.40", "metadata.example": "169.254.169.254", "lo.example": "127.0.0.7"}
+
+    def fake_getaddrinfo(host: str, port: object, *args: object, **kw: object) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    f = Fetcher(FetchPolicy(retries=0))
+    for host, rule in (("intranet.example", "a private address"), ("metadata.example", "a link-local address"),
+                       ("lo.example", "a loopback address")):
+        r = f.fetch(f"http://{host}/photo.jpg")
+        assert (r.ok, r.reason) == (False, "private_address")
+        assert f"{host} resolves to {rule}, not a public address" in r.detail
+        assert answers[host] not in r.detail and answers[host] not in r.final_url
+
+
+def test_refusal_of_an_address_literal_names_the_rule() -> None:
+    r = Fetcher(FetchPolicy(retries=0)).fetch("http://0x7f.1/photo.jpg")
+    assert (r.ok, r.reason) == (False, "private_address")
+    assert r.detail.startswith("0x7f.1 is a loopback address, not a public address")
+
+
 def test_is_public_address_and_sniff() -> None:
     assert is_public_address("93.184.216.34") and not is_public_address("192.168.0.1")
     assert sniff_image(JPEG) == "jpeg" and sniff_image(PNG) == "png"
@@ -349,6 +384,16 @@ def test_truncated_jpeg_is_returned(server: tuple[str, State]) -> None:
     base, _ = server
     r = fetcher().fetch(f"{base}/truncated.jpg")
     assert r.ok and r.data == JPEG[: len(JPEG) // 2]  # decoding (and refusing) is imageio's job
+
+
+def test_body_shorter_than_its_content_length_is_a_retried_connection_error(server: tuple[str, State]) -> None:
+    base, st = server
+    r = fetcher(retries=2).fetch(f"{base}/cut-body")
+    assert (r.ok, r.reason, r.attempts, r.data) == (False, "connection_error", 3, None)
+    assert f"{len(JPEG) // 2} of its {len(JPEG)} bytes" in r.detail
+    assert st.hits["/cut-body"] == 3
+    again = fetcher(retries=2).fetch(f"{base}/cut-once")
+    assert again.ok and again.attempts == 2 and again.data == JPEG
 
 
 def test_private_server_refused_before_any_request(server: tuple[str, State]) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from memetrace.imageio import BadImage, DecodedImage, content_id, decode
+from memetrace.decode_budget import DecodeBudget
+from memetrace.imageio import BadImage, DecodedImage, DecodeLimits, content_id, decode, jpeg_scans
 
 MAX_PIXELS = 60_000_000  # the Settings default
 MIN_SIDE = 32
@@ -59,7 +60,7 @@ def _noise_png(tmp_path: Path) -> bytes:
 
 
 def _decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> DecodedImage:
-    return decode(data, max_pixels=max_pixels, min_side=min_side)
+    return decode(data, DecodeLimits(max_pixels=max_pixels, min_side=min_side))
 
 
 def _reason(data: bytes, **kwargs: int) -> str:
@@ -339,3 +340,109 @@ def test_content_id(tmp_path: Path) -> None:
     assert img.image_id == content_id(a)
     assert img.nbytes == len(a)
     assert _decode(same).image_id == img.image_id
+
+
+# --------------------------------------------------------------------------- progressive scans
+
+
+def _progressive_jpeg(side: int = 1024) -> bytes:
+    y, x = np.mgrid[0:side, 0:side]
+    arr = np.stack([x * 255 // side, y * 255 // side, (x + y) * 127 // side], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG", progressive=True, quality=90)
+    return out.getvalue()
+
+
+def _repeat_a_scan(data: bytes, times: int) -> bytes:
+    """``data`` with its shortest scan (SOS header and entropy-coded data) repeated before the EOI."""
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"] + [len(data) - 2]
+    scan = min((data[a:b] for a, b in zip(starts, starts[1:])), key=len)
+    assert data.endswith(b"\xff\xd9")
+    return data[:-2] + scan * times + data[-2:]
+
+
+def test_scans_are_counted_from_markers() -> None:
+    progressive = _progressive_jpeg(128)
+    out = io.BytesIO()
+    Image.open(io.BytesIO(progressive)).save(out, format="JPEG")
+    assert jpeg_scans(out.getvalue(), stop_after=100) == 1  # baseline, interleaved: one scan
+    assert jpeg_scans(progressive, stop_after=100) == 10  # libjpeg's progressive script for YCbCr
+    assert jpeg_scans(_repeat_a_scan(progressive, 40), stop_after=100) == 50
+    assert jpeg_scans(_repeat_a_scan(progressive, 500), stop_after=100) == 101  # stops counting early
+
+
+def test_normal_progressive_jpeg_decodes() -> None:
+    rgb = _decode(_repeat_a_scan(_progressive_jpeg(128), 80)).rgb  # 90 scans: under the default 100
+    assert rgb.shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("scans", [1_000, 10_000])
+def test_progressive_jpeg_with_too_many_scans_is_refused_before_decoding(
+    monkeypatch: pytest.MonkeyPatch, scans: int
+) -> None:
+    data = _repeat_a_scan(_progressive_jpeg(), scans)  # 10,000 scans: ~0.4 MB, about a second of PIL decoding
+
+    def no_open(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decode handed a JPEG with too many scans to PIL")
+
+    monkeypatch.setattr(Image, "open", no_open)
+    with pytest.raises(BadImage) as info:
+        _decode(data)
+    assert info.value.reason == "too_many_scans" and "MEMETRACE_MAX_JPEG_SCANS=100" in info.value.detail
+
+
+# --------------------------------------------------------------------------- working size
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // w, y * 255 // h, ((x // 50 + y // 50) % 2) * 200], axis=-1).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_large_images_are_kept_at_working_size_with_their_original_size(tmp_path: Path, fmt: str) -> None:
+    photo = _photo(4000, 3000)
+    data = _save(tmp_path, f"big.{fmt.lower()}", photo, fmt, quality=95)
+    budget = DecodeBudget(10**9)
+    img = decode(data, DecodeLimits(max_side=448), budget)
+    assert img.rgb.shape == (336, 448, 3) and (img.width, img.height) == (4000, 3000)
+    expected = np.asarray(photo.resize((448, 336), Image.Resampling.BOX)).astype(int)
+    assert np.abs(img.rgb.astype(int) - expected).mean() < 8  # JPEG and libjpeg scaling blur the edges
+    # JPEG: libjpeg decoded at 1/8 scale (500 x 375); the others are decompressed whole first
+    assert budget.peak == (500 * 375 if fmt == "JPEG" else 4000 * 3000) and budget.in_flight == 0
+
+
+def test_small_images_keep_their_pixels(tmp_path: Path) -> None:
+    scene = _scene()
+    img = decode(_save(tmp_path, "small.png", scene, "PNG"), DecodeLimits(max_side=448))
+    assert (img.rgb == np.asarray(scene)).all()
+
+
+def test_palette_image_is_averaged_not_picked_when_shrunk(tmp_path: Path) -> None:
+    stripes = Image.new("P", (1000, 800), 0)
+    stripes.putpalette([0, 0, 0, 255, 255, 255] + [0] * 254 * 3)
+    for x in range(0, 1000, 2):
+        stripes.paste(1, (x, 0, x + 1, 800))  # one-pixel black and white stripes
+    img = decode(_save(tmp_path, "stripes.png", stripes, "PNG"), DecodeLimits(max_side=100))
+    assert img.rgb.shape == (80, 100, 3)
+    assert np.abs(img.rgb.astype(int) - 127).max() <= 2  # grey: not the stripes nearest sampling keeps
+
+
+def test_exif_rotated_large_jpeg_reports_the_upright_size(tmp_path: Path) -> None:
+    stored = _photo(2000, 1000)
+    stored.paste(RED, (0, 0, 1000, 500))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    img = decode(_save(tmp_path, "rotated-big.jpg", stored, "JPEG", quality=95, exif=exif), DecodeLimits(max_side=400))
+    assert img.rgb.shape == (400, 200, 3) and (img.width, img.height) == (1000, 2000)
+    assert _close(img.rgb[50, 150], RED, 16)  # the stored top-left quarter lands top-right
+
+
+def test_refusals_hold_no_budget(tmp_path: Path) -> None:
+    budget = DecodeBudget(1000)
+    with pytest.raises(BadImage):
+        decode(_write(tmp_path, "cut.png", _save(tmp_path, "whole.png", _scene(), "PNG")[:-40]), DecodeLimits(), budget)
+    with pytest.raises(BadImage):
+        decode(_save(tmp_path, "tiny.png", Image.new("RGB", (8, 8)), "PNG"), DecodeLimits(), budget)
+    assert budget.in_flight == 0

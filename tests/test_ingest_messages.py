@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from memetrace.ingest.fetch import FetchPolicy
+from memetrace.fetch import FetchPolicy
 from memetrace.messages import (H_REASON, H_SOURCE, InvalidMessage, dead_letter, deadletter_key, occurrence_key,
                              parse_post, source_of)
 from memetrace.ingest.producer import lines_to_messages

@@ -36,6 +36,7 @@ from memetrace.messages import H_REASON, ImageEvent
 from memetrace.ingest.worker import IngestWorker
 from memetrace.cli.main import main as cli
 from memetrace.cli.context import Context
+from memetrace.cli.services import ingest_worker
 from memetrace.cli.demo import GROUP_PHOTOS
 from memetrace.kafka_clients import ensure_topics
 from memetrace.ingest.metrics import IngestMetrics
@@ -60,12 +61,11 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     produce(env, write_posts(tmp_path / "posts.txt", posts))
 
     def run_worker(settings: Settings) -> IngestWorker:
-        ctx = Context(settings)
-        ctx.__dict__["embedder"] = embedder  # the session's model: no second 3 s load
+        ctx = Context(settings, embedder=embedder)  # the session's model: no second 3 s load
         ensure_topics(settings, [settings.kafka_images_topic, settings.kafka_deadletter_topic])
-        worker = IngestWorker(ctx, IngestMetrics(CollectorRegistry()))
+        worker = ingest_worker(ctx, IngestMetrics(CollectorRegistry()))
         worker.run(max_idle=3)
-        ctx.store.client.close()
+        ctx.milvus.close()
         return worker
 
     worker = run_worker(s)

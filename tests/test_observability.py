@@ -229,7 +229,7 @@ def test_every_dashboard_expr_has_data_from_the_running_services(
     commands = {"memetrace-ingest": ["ingest"], "memetrace-match": ["match"],
                 "memetrace-cluster": ["cluster", "--every", "2"],
                 "memetrace-serve": ["serve", "--host", "127.0.0.1", "--port", str(ports["memetrace-serve"])]}
-    extra = {"memetrace-cluster": {"MEMETRACE_CATALOG_PATH": str(tmp_path / "cluster" / "catalog.db")}}
+    extra = {"memetrace-cluster": {"MEMETRACE_CLUSTER_STATE_PATH": str(tmp_path / "cluster" / "state.db")}}
     services: dict[str, subprocess.Popen] = {}
     for job, args in commands.items():
         with (tmp_path / f"{job}.log").open("wb") as log:

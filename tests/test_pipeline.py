@@ -19,7 +19,8 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from memetrace.clusterer.evaluate import evaluate
-from memetrace.catalog import Catalog
+from memetrace.cli.catalog import SqliteBatchCatalog
+from memetrace.clusterer.state import SqliteGraphState
 from memetrace.cli.main import main
 from memetrace.cli.demo import BAD_FILES, COPIES_PER_PHOTO, GROUP_PHOTOS, make_demo_corpus
 
@@ -36,8 +37,18 @@ class Run:
     def invoke(self, *args: str, data: Path | None = None) -> Result:
         return invoke("--data-dir", str(data or self.data), *args)
 
-    def catalog(self) -> Catalog:
-        return Catalog(self.data / "catalog.db")
+    def catalog(self) -> SqliteBatchCatalog:
+        return SqliteBatchCatalog(self.data / "catalog.db")
+
+    def files(self) -> dict[str, tuple[int, int]]:
+        """Indexed path -> (image id, cluster id): the batch catalog's paths, the clusterer state's clusters."""
+        cat, state = self.catalog(), SqliteGraphState(self.data / "cluster-state.db")
+        try:
+            clusters = state.clusters()
+            return {p: (i, clusters[i]) for i, paths in cat.paths_by_image().items() for p in paths}
+        finally:
+            cat.close()
+            state.close()
 
     def good(self) -> list[dict[str, str]]:
         return [r for r in self.truth if r["role"] != "bad"]
@@ -195,13 +206,7 @@ def test_stats_json(run: Run) -> None:
 
 def _cluster_of(run: Run, image_path: str) -> tuple[int, int]:
     """(image id, cluster id) of an indexed file."""
-    cat = run.catalog()
-    try:
-        wanted = str(run.images.resolve() / image_path)
-        image_id = next(i for i, paths in cat.paths_by_image().items() if wanted in paths)
-        return image_id, cat.clusters()[image_id]
-    finally:
-        cat.close()
+    return run.files()[str(run.images.resolve() / image_path)]
 
 
 def test_query_a_new_copy_finds_the_original(run: Run, tmp_path: Path) -> None:
@@ -286,9 +291,4 @@ def test_a_new_copy_joins_its_cluster(run: Run) -> None:
 
 
 def _cluster_rows_by_path(run: Run) -> dict[str, int]:
-    cat = run.catalog()
-    try:
-        clusters = cat.clusters()
-        return {Path(p).name: clusters[i] for i, paths in cat.paths_by_image().items() for p in paths}
-    finally:
-        cat.close()
+    return {Path(p).name: cluster for p, (_, cluster) in run.files().items()}

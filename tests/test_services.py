@@ -19,22 +19,23 @@ import pytest
 from conftest import load_photo, make_settings
 from kafka_broker import Broker, kafka_broker  # noqa: F401
 from prometheus_client import CollectorRegistry
-from pymilvus.exceptions import MilvusException
 from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, produce, read_topic,  # noqa: F401
                        settings_from, write_posts)
 
 from memetrace.clusterer.worker import ClusterWorker
-from memetrace.ingest.worker import IngestWorker
+from memetrace.errors import DependencyDown
 from memetrace.messages import MatchEvent
 from memetrace.matcher.worker import MatchWorker
-from memetrace.catalog import Catalog, Match
+from memetrace.clusterer.state import SqliteGraphState
+from memetrace.models import Match
 from memetrace.cli.context import Context
+from memetrace.cli.services import ingest_worker
 from memetrace.imageio import content_id
 from memetrace.kafka_clients import ensure_topics
 from memetrace.clusterer.metrics import ClusterMetrics
 from memetrace.ingest.metrics import IngestMetrics
 from memetrace.matcher.metrics import MatchMetrics
-from memetrace.milvus_store import MilvusStore
+from memetrace.milvus import MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect
 from memetrace.settings import Settings
 from memetrace.stream import Abandoned
 
@@ -59,13 +60,12 @@ def _copies(photo_server: PhotoServer) -> dict[str, bytes]:
 
 
 def _services(s: Settings, embedder, cluster_group: str | None = None, match_group: str | None = None):
-    ctx = Context(s)
-    ctx.__dict__["embedder"] = embedder  # the session's model: no second load
-    ingest = IngestWorker(ctx, IngestMetrics(CollectorRegistry()))
+    ctx = Context(s, embedder=embedder)  # the session's model: no second load
+    ingest = ingest_worker(ctx, IngestMetrics(CollectorRegistry()))
     ms = s.model_copy(update={"kafka_match_group_id": match_group or s.kafka_match_group_id})
-    match = MatchWorker(ms, Context(ms).store, ctx.features, MatchMetrics(CollectorRegistry()))
+    match = MatchWorker(ms, Context(ms).index, ctx.features, MatchMetrics(CollectorRegistry()))
     cs = s.model_copy(update={"kafka_cluster_group_id": cluster_group or s.kafka_cluster_group_id})
-    cluster = ClusterWorker(cs, Catalog(s.data_dir / "cluster-state.db"), Context(cs).store,
+    cluster = ClusterWorker(cs, SqliteGraphState(s.data_dir / "cluster-state.db"), Context(cs).board,
                             ClusterMetrics(CollectorRegistry()), every_s=1.0)
     return ingest, match, cluster
 
@@ -107,7 +107,7 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     assert edges <= pairs, "an edge links two different photos"
     assert {tuple(sorted((ids["cat"], ids["cat-q40"]))), tuple(sorted((ids["coffee"], ids["coffee-crop"])))} <= edges
 
-    state = cluster.catalog.clusters()
+    state = cluster.state.clusters()
     cat_cluster = state[ids["cat"]]
     assert state[ids["cat-crop"]] == state[ids["cat-q40"]] == cat_cluster
     assert state[ids["coffee"]] == state[ids["coffee-crop"]] != cat_cluster
@@ -116,14 +116,14 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     assert run is not None and (run.clusters, run.images_clustered, run.largest) == (2, 5, 3)
 
     # published to Milvus, where the API reads: assignments and summaries
-    store = match.store
-    assert store.clusters_of([ids["cat-crop"], ids["coffee"]]) == {ids["cat-crop"]: cat_cluster,
+    board = cluster.board
+    assert board.clusters_of([ids["cat-crop"], ids["coffee"]]) == {ids["cat-crop"]: cat_cluster,
                                                                    ids["coffee"]: state[ids["coffee"]]}
-    summary = store.cluster_summary(cat_cluster)
+    summary = board.summary(cat_cluster)
     assert summary is not None and (summary.images, summary.posts) == (3, 4)  # cat was posted twice
     assert summary.platforms == {"x": 3, "y": 1}
     assert [h["event"] for h in summary.history] == ["created"]
-    assert store.cluster_members([cat_cluster])[cat_cluster] == sorted(ids[n] for n in ("cat", "cat-crop", "cat-q40"))
+    assert board.members([cat_cluster])[cat_cluster] == sorted(ids[n] for n in ("cat", "cat-crop", "cat-q40"))
     reg = cluster.metrics.registry
     assert reg.get_sample_value("memetrace_clusters") == 2
     assert reg.get_sample_value("memetrace_largest_cluster_images") == 3
@@ -134,12 +134,12 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     _, match2, cluster2 = _services(s, embedder, cluster_group=s.kafka_cluster_group_id + "-again",
                                     match_group=s.kafka_match_group_id + "-again")
     _run_all(match2, cluster2)
-    assert cluster2.catalog.clusters() == state
+    assert cluster2.state.clusters() == state
     assert cluster2.last_run is not None and cluster2.last_run.events == []
     again = {(e.a, e.b) for e in (MatchEvent.model_validate_json(r.value)
                                   for r in read_topic(s, s.kafka_matches_topic, 2 * len(edges)))}
     assert again == edges
-    replayed = store.cluster_summary(cat_cluster)
+    replayed = board.summary(cat_cluster)
     assert replayed is not None and (replayed.images, replayed.posts, replayed.platforms) == (3, 4, {"x": 3, "y": 1})
     assert [h["event"] for h in replayed.history] == ["created"]
 
@@ -147,37 +147,45 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
 def test_services_starting_together_create_the_collections_once(milvus_server: str, tmp_path: Path) -> None:
     """Every service opens the store at start; the ones that lose the creation race must go on."""
     s = make_settings(tmp_path, milvus_uri=milvus_server, milvus_collection_prefix="race")
+    config = MilvusConfig.from_settings(s)
+
+    def open_stores(_: int) -> tuple:
+        client = connect(config)  # one client per service, as in production
+        return (MilvusVectorIndex(client, config, 8), MilvusOccurrenceLog(client, config),
+                MilvusClusterBoard(client, config))
+
     with ThreadPoolExecutor(4) as pool:
-        stores = list(pool.map(lambda _: MilvusStore(s, 8), range(4)))
-    assert all(st.count() == 0 for st in stores)
-    assert stores[0].client.has_collection("race_cluster_summaries")
+        stores = list(pool.map(open_stores, range(4)))
+    assert all(index.count() == 0 and log.count_occurrences() == 0 and board.summaries() == []
+               for index, log, board in stores)
+    assert stores[0][0].client.has_collection("race_cluster_summaries")
 
 
 class _MilvusDown:
-    """A store whose cluster publish fails as a Milvus that is down does."""
+    """A cluster board whose publish fails as a Milvus that is down does."""
 
-    def publish_clusters(self, *_: object) -> None:
-        raise MilvusException(message="milvus is down")
+    def publish(self, *_: object) -> None:
+        raise DependencyDown("milvus", "milvus is down")
 
 
 def test_cluster_worker_stopped_while_milvus_is_down_records_history_once(tmp_path: Path) -> None:
     """SIGTERM while a reclustering run waits for Milvus: the run and the one on close are abandoned;
     the next start publishes and records the cluster's creation once."""
     s = make_settings(tmp_path)
-    catalog = Catalog(tmp_path / "state.db")
-    catalog.add_images([(1, 10), (2, 10)])
-    catalog.add_matches([Match(1, 2, 50, "full")])
-    worker = ClusterWorker(s, catalog, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
+    state = SqliteGraphState(tmp_path / "state.db")
+    state.add_images([(1, 10), (2, 10)])
+    state.add_matches([Match(1, 2, 50, "full")])
+    worker = ClusterWorker(s, state, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
     worker.stop("SIGTERM")
     with pytest.raises(Abandoned):
         worker.tick()
     worker.close()  # logs the abandoned run, raises nothing
     published: list[tuple] = []
-    restarted = ClusterWorker(s, catalog, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
-    restarted.store.publish_clusters = lambda *a: published.append(a)  # Milvus is back
+    restarted = ClusterWorker(s, state, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
+    restarted.board.publish = lambda *a: published.append(a)  # Milvus is back
     run = restarted.run_once()
-    assert [e.event for e in run.events] == ["created"] and published[0][0] == catalog.clusters()
-    assert [h["event"] for h in catalog.cluster_histories()[catalog.clusters()[1]]] == ["created"]
+    assert [e.event for e in run.events] == ["created"] and published[0][0] == state.clusters()
+    assert [h["event"] for h in state.cluster_histories()[state.clusters()[1]]] == ["created"]
 
 
 def test_local_stack_lets_only_the_ingest_download_from_loopback() -> None:

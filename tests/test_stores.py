@@ -1,87 +1,146 @@
-"""The stores: MilvusStore on Milvus Lite and on a Milvus server, the feature stores, the SQLite catalog."""
+"""The stores, one contract suite per interface run on every backend: the vector index, the
+occurrence log and the cluster board on memory, Milvus Lite and (``milvus_server`` marker) a Milvus
+server; the feature stores on a local directory and memory.
+
+The SQLite stores (clusterer state, batch catalog) are specified in test_state.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from conftest import make_settings, rgb
-from memetrace.catalog import Catalog, Match
+from memetrace.cluster_board import ClusterBoard, MemoryClusterBoard
+from memetrace.errors import DependencyDown
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
 from memetrace.keypoints import Keypoints
+from memetrace.milvus import (MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect,
+                              region_key, stored_dim)
 from memetrace.models import ClusterSummary, DeadLetterRow, ImageRow, OccurrenceRow
-from memetrace.milvus_store import (MilvusStore, region_key,
-                                    stored_dim)
+from memetrace.occurrence_log import OCCURRENCE_FIELDS, MemoryOccurrenceLog, OccurrenceLog
 from memetrace.settings import Settings
+from memetrace.vector_index import IMAGE_FIELDS, MemoryVectorIndex, VectorIndex, now_ms
 
-# ----------------------------------------------------------------------------- Milvus (Lite and server)
+# ----------------------------------------------------------------------------- backends
 
 
-@pytest.fixture(scope="module", params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
-def milvus_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings of an empty store: a Milvus Lite file in its data dir, or collections of its own on the
-    session's Milvus server."""
-    data_dir = tmp_path_factory.mktemp("milvus") / "data"
-    if request.param == "lite":
-        return make_settings(data_dir)
-    return make_settings(data_dir, milvus_uri=request.getfixturevalue("milvus_server_uri"),
-                         milvus_collection_prefix=f"t{uuid.uuid4().hex[:12]}")
+@dataclass
+class Backend:
+    """Opens empty stores of one kind: in memory, or collections of their own in one Milvus."""
+
+    name: str  # memory | lite | server
+    settings: Settings
+    client: MilvusClient | None = None
+
+    def config(self, metric: str = "IP") -> MilvusConfig:
+        return MilvusConfig.from_settings(self.settings.model_copy(update={
+            "milvus_collection_prefix": f"t{uuid.uuid4().hex[:12]}", "milvus_metric": metric}))
+
+    def index(self, dim: int, metric: str = "IP") -> VectorIndex:
+        if self.client is None:
+            return MemoryVectorIndex(dim, metric)
+        return MilvusVectorIndex(self.client, self.config(metric), dim)
+
+    def log(self) -> OccurrenceLog:
+        return MemoryOccurrenceLog() if self.client is None else MilvusOccurrenceLog(self.client, self.config())
+
+    def board(self) -> ClusterBoard:
+        return MemoryClusterBoard() if self.client is None else MilvusClusterBoard(self.client, self.config())
+
+
+@pytest.fixture(scope="module", params=["memory", "lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    data_dir = tmp_path_factory.mktemp("stores") / "data"
+    if request.param == "memory":
+        yield Backend("memory", make_settings(data_dir))
+        return
+    uri = request.getfixturevalue("milvus_server_uri") if request.param == "server" else ""
+    settings = make_settings(data_dir, milvus_uri=uri)
+    client = connect(MilvusConfig.from_settings(settings))
+    yield Backend(request.param, settings, client)
+    client.close()
+
+
+@pytest.fixture()
+def milvus(backend: Backend) -> Backend:
+    """The Milvus backends only: what they add to the contract (files, persistence, failures)."""
+    if backend.client is None:
+        pytest.skip("a Milvus backend property")
+    return backend
+
+
+# ----------------------------------------------------------------------------- vector index
+
+NAMES = ["astronaut", "cat", "coffee", "coins", "cameraman", "rocket"]
 
 
 @pytest.fixture(scope="module")
-def indexed(milvus_settings: Settings, embedder, photos: dict[str, Image.Image]):
-    """A store holding six real photos: (store, rows by name)."""
-    store = MilvusStore(milvus_settings, embedder.dim)
-    names = ["astronaut", "cat", "coffee", "coins", "cameraman", "rocket"]
-    glob, regions = embedder.embed([rgb(photos[n]) for n in names])
+def indexed(backend: Backend, embedder, photos: dict[str, Image.Image]) -> tuple[VectorIndex, dict[str, ImageRow]]:
+    """An index holding six real photos: (index, rows by name)."""
+    index = backend.index(embedder.dim)
+    glob, regions = embedder.embed([rgb(photos[n]) for n in NAMES])
     rows = {n: ImageRow(1000 + i, f"images/{n}.jpg", photos[n].width, photos[n].height, 12345 + i, 100 + i,
-                        glob[i], regions[i]) for i, n in enumerate(names)}
-    store.upsert(list(rows.values()))
-    return store, rows
+                        glob[i], regions[i]) for i, n in enumerate(NAMES)}
+    index.upsert(list(rows.values()))
+    return index, rows
 
 
-@pytest.mark.parametrize("milvus_settings", ["lite"], indirect=True)
-def test_milvus_lite_file_lives_in_the_data_dir(indexed) -> None:
-    store, _ = indexed
-    uri = Path(store.settings.resolved_milvus_uri())
-    assert uri.parent == store.settings.data_dir and uri.exists()
+def _unit(dim: int, *axes: int) -> np.ndarray:
+    """Unit vectors along ``axes``, one row each."""
+    return np.eye(dim, dtype=np.float32)[list(axes)]
+
+
+def _row(image_id: int, vector: np.ndarray, regions: np.ndarray | None = None) -> ImageRow:
+    dim = len(vector)
+    return ImageRow(image_id, f"{image_id}.jpg", 10, 10, 100, 50, vector,
+                    np.zeros((0, dim), np.float32) if regions is None else regions)
 
 
 def test_upsert_is_idempotent(indexed) -> None:
-    store, rows = indexed
-    assert store.count() == len(rows)
-    store.upsert([rows["cat"]])
-    store.upsert([rows["cat"], rows["coins"]])
-    assert store.count() == len(rows)
-    ids, _, regions = store.vectors([rows["cat"].image_id])
+    index, rows = indexed
+    assert index.count() == len(rows)
+    index.upsert([rows["cat"]])
+    index.upsert([rows["cat"], rows["coins"]])
+    assert index.count() == len(rows)
+    ids, _, regions = index.vectors([rows["cat"].image_id])
     assert ids == [rows["cat"].image_id] and len(regions[0]) == len(rows["cat"].regions)  # no doubled regions
 
 
 def test_vectors_round_trip(indexed) -> None:
-    store, rows = indexed
+    index, rows = indexed
     order = [rows["coins"].image_id, 42, rows["astronaut"].image_id]  # 42 is not stored
-    ids, glob, regions = store.vectors(order)
+    ids, glob, regions = index.vectors(order)
     assert ids == [rows["coins"].image_id, rows["astronaut"].image_id]
-    assert glob.shape == (2, store.dim) and glob.dtype == np.float32
+    assert glob.shape == (2, index.dim) and glob.dtype == np.float32
     np.testing.assert_allclose(glob[0], rows["coins"].vector, atol=1e-6)
     np.testing.assert_allclose(glob[1], rows["astronaut"].vector, atol=1e-6)
     np.testing.assert_allclose(regions[0], rows["coins"].regions, atol=1e-6)  # same order too
     np.testing.assert_allclose(regions[1], rows["astronaut"].regions, atol=1e-6)
-    assert store.vectors([])[0] == [] and store.vectors([])[1].shape == (0, store.dim)
+    ids, glob, regions = index.vectors(order, with_regions=False)
+    assert len(ids) == 2 and [r.shape for r in regions] == [(0, index.dim)] * 2
+    assert index.vectors([])[0] == [] and index.vectors([])[1].shape == (0, index.dim)
 
 
 def test_candidates_rank_the_source_first(indexed, embedder, photos: dict[str, Image.Image]) -> None:
-    store, rows = indexed
+    index, rows = indexed
     for name in ("cat", "coins", "rocket"):
         im = photos[name]
         w, h = im.size
         part = rgb(im.crop((w // 8, h // 8, w * 7 // 8, h * 7 // 8)).resize((w // 2, h // 2)))
         glob, regions = embedder.embed([part])
-        cands = store.candidates(glob[0], regions[0], k=3, exclude=-1)
+        cands = index.candidates(glob[0], regions[0], k=3, exclude=-1)
         assert 1 <= len(cands) <= 3
         assert cands[0].image_id == rows[name].image_id, (name, cands)
         assert cands[0].similarity > 0.8
@@ -91,90 +150,99 @@ def test_candidates_rank_the_source_first(indexed, embedder, photos: dict[str, I
 
 
 def test_candidates_exclude_the_query(indexed) -> None:
-    store, rows = indexed
+    index, rows = indexed
     cat = rows["cat"]
-    first = store.candidates(cat.vector, cat.regions, k=4, exclude=-1)[0]
+    first = index.candidates(cat.vector, cat.regions, k=4, exclude=-1)[0]
     assert first.image_id == cat.image_id and first.similarity == pytest.approx(1.0, abs=1e-4)
-    cands = store.candidates(cat.vector, cat.regions, k=4, exclude=cat.image_id)
+    cands = index.candidates(cat.vector, cat.regions, k=4, exclude=cat.image_id)
     assert cat.image_id not in {c.image_id for c in cands} and len(cands) == 4
 
 
 def test_candidates_many_one_list_per_query(indexed) -> None:
-    store, rows = indexed
+    index, rows = indexed
     names = ["cat", "coffee"]
-    lists = store.candidates_many(np.stack([rows[n].vector for n in names]), [rows[n].regions for n in names],
+    lists = index.candidates_many(np.stack([rows[n].vector for n in names]), [rows[n].regions for n in names],
                                   k=2, exclude=[rows[n].image_id for n in names])
     assert len(lists) == 2
     for n, cands in zip(names, lists):
         assert len(cands) == 2 and rows[n].image_id not in {c.image_id for c in cands}
+    assert index.candidates_many(np.zeros((0, index.dim), np.float32), [], k=2, exclude=[]) == []
 
 
 def test_existing_and_get(indexed) -> None:
-    store, rows = indexed
+    index, rows = indexed
     cat, coins = rows["cat"], rows["coins"]
-    assert store.existing([cat.image_id, coins.image_id, 7, 8]) == {cat.image_id, coins.image_id}
-    assert store.existing([]) == set()
-    got = store.get([cat.image_id, 7])
-    assert set(got) == {cat.image_id}
-    assert got[cat.image_id]["path"] == cat.path
+    assert index.existing([cat.image_id, coins.image_id, 7, 8]) == {cat.image_id, coins.image_id}
+    assert index.existing([]) == set()
+    got = index.get([cat.image_id, 7])
+    assert set(got) == {cat.image_id} and set(got[cat.image_id]) == set(IMAGE_FIELDS)
+    assert got[cat.image_id]["id"] == cat.image_id and got[cat.image_id]["path"] == cat.path
     assert (got[cat.image_id]["width"], got[cat.image_id]["height"]) == (cat.width, cat.height)
     assert got[cat.image_id]["nbytes"] == cat.nbytes and got[cat.image_id]["nb_points"] == cat.nb_points
-    assert store.get([]) == {}
+    assert index.get([]) == {}
 
 
-def test_reopening_sees_the_same_rows(indexed) -> None:
-    store, rows = indexed
-    again = MilvusStore(store.settings, store.dim)  # same file, collections already there
+def test_empty_index_finds_nothing(backend: Backend) -> None:
+    index = backend.index(8)
+    assert index.count() == 0 and not index.stored_before(now_ms() + 1000)
+    assert index.candidates(_unit(8, 0)[0], _unit(8, 1, 2), k=3, exclude=-1) == []
+    index.ping(3.0)
+
+
+@pytest.mark.parametrize("metric", ["IP", "COSINE"])
+def test_search_scores_follow_the_metric(backend: Backend, metric: str) -> None:
+    """Milvus' scores: IP the dot product, COSINE the angle's cosine, highest first; a region is
+    reported by the image holding it."""
+    index = backend.index(4, metric)
+    index.upsert([_row(1, np.array([2.0, 0, 0, 0], np.float32), _unit(4, 2) * 3),
+                  _row(2, np.array([1.0, 2.0, 0, 0], np.float32))])
+    expected = {"IP": [2.0, 1.0], "COSINE": [1.0, 5 ** -0.5]}[metric]
+    (hits,) = index.search_images(_unit(4, 0), 2)
+    assert [i for i, _ in hits] == [1, 2] and [s for _, s in hits] == pytest.approx(expected, abs=1e-5)
+    (regions,) = index.search_regions(_unit(4, 2), 5)
+    assert [i for i, _ in regions] == [1]
+    assert regions[0][1] == pytest.approx({"IP": 3.0, "COSINE": 1.0}[metric], abs=1e-5)
+    assert index.search_images(np.zeros((0, 4), np.float32), 2) == []
+
+
+def test_stored_before_splits_by_indexing_time(backend: Backend) -> None:
+    """Wholes stamped in milliseconds; the query regions are searched only against images stored
+    before ``regions_vs_stored_before``, the other directions against everything."""
+    index = backend.index(8)
+    # image 1 holds image 2 as a region (2 is a crop of 1); image 3 is a crop of the query
+    index.upsert([_row(1, _unit(8, 0)[0], _unit(8, 1))])
+    time.sleep(0.01)
+    between = now_ms()
+    time.sleep(0.01)
+    index.upsert([_row(2, _unit(8, 1)[0]), _row(3, _unit(8, 3)[0])])
+    assert index.stored_before(now_ms() + 1) and index.stored_before(between)
+    assert not index.stored_before(between - 1000)
+    query, regions = _unit(8, 4)[0], _unit(8, 3)  # query whole matches nothing; its region is image 3
+    sims = {c.image_id: c.similarity for c in index.candidates(query, regions, k=3, exclude=-1)}
+    assert sims[3] == pytest.approx(1.0)
+    (late,) = index.candidates_many(query[None], [regions], k=3, exclude=[-1], regions_vs_stored_before=between)
+    assert {c.image_id: c.similarity for c in late}.get(3, 0.0) == pytest.approx(0.0)  # 3 is newer than ``between``
+    (all_of,) = index.candidates_many(query[None], [regions], k=3, exclude=[-1],
+                                      regions_vs_stored_before=now_ms() + 1000)
+    assert {c.image_id: c.similarity for c in all_of}[3] == pytest.approx(1.0)
+    # the whole of 2 is found in the regions of 1, whatever the time
+    (of_two,) = index.candidates_many(_unit(8, 1), [np.zeros((0, 8), np.float32)], k=3, exclude=[2],
+                                      regions_vs_stored_before=between - 1000)
+    assert of_two[0].image_id == 1 and of_two[0].similarity == pytest.approx(1.0)
+
+
+def test_reopening_sees_the_same_rows(milvus: Backend, indexed) -> None:
+    index, rows = indexed
+    again = MilvusVectorIndex(connect(index.config), index.config, index.dim)  # collections already there
     assert again.count() == len(rows)
-    assert stored_dim(again.client, store.settings) == store.dim
+    assert stored_dim(again.client, index.config) == index.dim
 
 
-def test_occurrences_and_deadletters(indexed) -> None:
-    store, rows = indexed
-    assert (store.count_occurrences(), store.count_deadletters()) == (0, 0)
-    assert store.image_ids_of_occurrences() == [] and store.deadletters_by_reason() == {}
-    cat, coins = rows["cat"].image_id, rows["coins"].image_id
-    # more rows than one query_iterator batch (1000)
-    occ = [OccurrenceRow(10 + i, cat if i % 3 else coins, f"p{i}", f"https://x.test/{i}", 1_700_000_000 + i, "x",
-                         f"u{i % 7}") for i in range(2500)]
-    store.upsert_occurrences(occ)
-    store.upsert_occurrences(occ[:10])  # redelivered: the same rows
-    assert store.count_occurrences() == 2500
-    ids = store.image_ids_of_occurrences()
-    assert len(ids) == 2500 and ids.count(coins) == 834 and ids.count(cat) == 1666
-    assert len(store.occurrences_of([coins, cat])) == 2500
-    of_coins = store.occurrences_of([coins])
-    assert len(of_coins) == 834 and {r["image_id"] for r in of_coins} == {coins} and {r["post_id"] for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
-    first = next(r for r in of_coins if r["post_id"] == "p0")
-    assert (first["url"], first["posted_at"], first["platform"], first["author"]) == ("https://x.test/0",
-                                                                                     1_700_000_000, "x", "u0")
-    dead = [DeadLetterRow(1 + i, "http_404" if i % 2 else "not_an_image", "d", f"p{i}", "", f"t/0/{i}")
-            for i in range(5)]
-    store.upsert_deadletters(dead)
-    store.upsert_deadletters(dead[:2])
-    assert store.count_deadletters() == 5
-    assert store.deadletters_by_reason() == {"http_404": 2, "not_an_image": 3}
-
-
-def test_clusters_publish_and_read_back(indexed) -> None:
-    store, _ = indexed
-    n = 16_384 + 616  # more members than one Milvus query returns
-    store.publish_clusters({**{i: 5 for i in range(1, n + 1)}, n + 1: 6, n + 2: 6}, [])
-    assert store.cluster_members([5, 6, 7]) == {5: list(range(1, n + 1)), 6: [n + 1, n + 2], 7: []}
-    assert store.clusters_of([1, n + 2, n + 3]) == {1: 5, n + 2: 6}
-    # more than the fields hold: the least posted platforms, the oldest events are left out, the rest is readable
-    platforms = {"é" * 60 + f"{k:02d}": 1000 + k for k in range(50)}
-    history = [{"at": k, "event": "merged", "clusters": list(range(300))} for k in range(20)]
-    store.publish_clusters({}, [ClusterSummary(5, n, 99, 1, 2, 0, 0, platforms, history, 3)])
-    read = store.cluster_summary(5)
-    assert read is not None and 0 < len(read.platforms) < 50 and 0 < len(read.history) < 20
-    kept = sorted(platforms, key=platforms.__getitem__, reverse=True)[:len(read.platforms)]
-    assert read.platforms == {p: platforms[p] for p in kept}
-    assert list(read.platforms.values()) == sorted(read.platforms.values(), reverse=True)  # most posted first
-    assert read.history == history[-len(read.history):]
-    assert [c.cluster_id for c in store.all_cluster_summaries()] == [5]
-    store.publish_clusters({}, [], [5])
-    assert store.cluster_summary(5) is None and store.all_cluster_summaries() == []
+def test_milvus_lite_file_lives_in_the_data_dir(milvus: Backend, indexed) -> None:
+    if milvus.name != "lite":
+        pytest.skip("Milvus Lite only")
+    uri = Path(indexed[0].config.uri)
+    assert uri.parent == milvus.settings.data_dir and uri.exists()
 
 
 def test_region_keys_are_distinct_and_positive() -> None:
@@ -182,6 +250,193 @@ def test_region_keys_are_distinct_and_positive() -> None:
     keys = {region_key(i, r) for i in ids for r in range(18)}
     assert len(keys) == len(ids) * 18
     assert all(0 < k < 2**63 for k in keys)
+
+
+# ----------------------------------------------------------------------------- occurrence log
+
+
+def test_occurrence_log_starts_empty(backend: Backend) -> None:
+    log = backend.log()
+    assert (log.count_occurrences(), log.count_dead_letters()) == (0, 0)
+    assert log.image_ids_of_occurrences() == [] and log.dead_letters_by_reason() == {}
+    assert log.occurrences_of([1, 2]) == [] and log.occurrences_of([]) == []
+
+
+def test_occurrences_are_keyed_by_post(backend: Backend) -> None:
+    log = backend.log()
+    cat, coins = 1001, 1003
+    # more rows than one query_iterator batch (1000)
+    occ = [OccurrenceRow(10 + i, cat if i % 3 else coins, f"p{i}", f"https://x.test/{i}", 1_700_000_000 + i, "x",
+                         f"u{i % 7}") for i in range(2500)]
+    log.add_occurrences(occ)
+    log.add_occurrences(occ[:10])  # redelivered: the same rows
+    assert log.count_occurrences() == 2500
+    ids = log.image_ids_of_occurrences()
+    assert len(ids) == 2500 and ids.count(coins) == 834 and ids.count(cat) == 1666
+    assert len(log.occurrences_of([coins, cat])) == 2500
+    of_coins = log.occurrences_of([coins])
+    assert len(of_coins) == 834 and {r["image_id"] for r in of_coins} == {coins}
+    assert {r["post_id"] for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
+    first = next(r for r in of_coins if r["post_id"] == "p0")
+    assert set(first) == set(OCCURRENCE_FIELDS) and abs(first["seen_at"] - time.time()) < 600
+    assert (first["url"], first["posted_at"], first["platform"], first["author"]) == ("https://x.test/0",
+                                                                                     1_700_000_000, "x", "u0")
+    log.add_occurrences([OccurrenceRow(10, coins, "p0", "https://x.test/moved", -1, "y", "u0")])  # same key: replaced
+    assert log.count_occurrences() == 2500
+    again = next(r for r in log.occurrences_of([coins]) if r["post_id"] == "p0")
+    assert (again["url"], again["posted_at"], again["platform"]) == ("https://x.test/moved", -1, "y")
+
+
+def test_dead_letters_are_keyed_by_message(backend: Backend) -> None:
+    log = backend.log()
+    dead = [DeadLetterRow(1 + i, "http_404" if i % 2 else "not_an_image", "d", f"p{i}", "", f"t/0/{i}")
+            for i in range(5)]
+    log.add_dead_letters(dead)
+    log.add_dead_letters(dead[:2])
+    assert log.count_dead_letters() == 5 and log.count_occurrences() == 0
+    assert log.dead_letters_by_reason() == {"http_404": 2, "not_an_image": 3}
+    assert list(log.dead_letters_by_reason()) == ["http_404", "not_an_image"]  # sorted by reason
+    log.add_dead_letters([DeadLetterRow(1, "http_404", "again", "p0", "", "t/0/0")])  # same key, new reason
+    assert log.dead_letters_by_reason() == {"http_404": 3, "not_an_image": 2}
+
+
+# ----------------------------------------------------------------------------- cluster board
+
+
+def _summary(cluster_id: int, images: int, **changes: Any) -> ClusterSummary:
+    fields = {"posts": 4, "first_seen": 1, "last_seen": 2, "growth_hour": 1, "growth_day": 3,
+              "platforms": {"x": 3, "y": 1}, "history": [{"at": 1, "event": "created", "clusters": [cluster_id]}],
+              "updated_at": 3} | changes
+    return ClusterSummary(cluster_id, images, **fields)
+
+
+def test_cluster_board_publishes_assignments(backend: Backend) -> None:
+    board = backend.board()
+    assert board.clusters_of([1]) == {} and board.members([5]) == {5: []} and board.members([]) == {}
+    n = 16_384 + 616  # more members than one Milvus query returns
+    board.publish({**{i: 5 for i in range(1, n + 1)}, n + 1: 6, n + 2: 6}, [])
+    assert board.members([5, 6, 7]) == {5: list(range(1, n + 1)), 6: [n + 1, n + 2], 7: []}
+    assert board.clusters_of([1, n + 2, n + 3]) == {1: 5, n + 2: 6}
+    board.publish({n + 1: 5}, [])  # changed rows only: the others stay
+    assert board.members([6]) == {6: [n + 2]} and board.clusters_of([n + 1, 2]) == {n + 1: 5, 2: 5}
+
+
+def test_cluster_board_publishes_and_removes_summaries(backend: Backend) -> None:
+    board = backend.board()
+    assert board.summary(5) is None and board.summaries() == []
+    five, six = _summary(5, 3), _summary(6, 2, platforms={"file": 2}, history=[])
+    board.publish({1: 5, 2: 5, 3: 5, 4: 6, 7: 6}, [five, six])
+    assert board.summary(5) == five and board.summary(6) == six
+    assert sorted(board.summaries(), key=lambda c: c.cluster_id) == [five, six]
+    grown = _summary(5, 4, posts=9)
+    board.publish({8: 5}, [grown], [6])  # 6 merged into 5
+    assert board.summary(5) == grown and board.summary(6) is None and board.summaries() == [grown]
+    assert board.clusters_of([4]) == {4: 6}  # removing a summary leaves assignments to the next publish
+
+
+def test_oversized_summaries_keep_what_fits(milvus: Backend) -> None:
+    """More than Milvus' fields hold: the least posted platforms, the oldest events are left out,
+    the rest is readable."""
+    board = milvus.board()
+    platforms = {"é" * 60 + f"{k:02d}": 1000 + k for k in range(50)}
+    history = [{"at": k, "event": "merged", "clusters": list(range(300))} for k in range(20)]
+    board.publish({}, [ClusterSummary(5, 17_000, 99, 1, 2, 0, 0, platforms, history, 3)])
+    read = board.summary(5)
+    assert read is not None and 0 < len(read.platforms) < 50 and 0 < len(read.history) < 20
+    kept = sorted(platforms, key=platforms.__getitem__, reverse=True)[:len(read.platforms)]
+    assert read.platforms == {p: platforms[p] for p in kept}
+    assert list(read.platforms.values()) == sorted(read.platforms.values(), reverse=True)  # most posted first
+    assert read.history == history[-len(read.history):]
+
+
+# ----------------------------------------------------------------------------- Milvus failures
+
+
+class _Failing:
+    """A MilvusClient whose reads raise ``exc``; everything else goes to the real client."""
+
+    READS = ("query", "query_iterator")
+
+    def __init__(self, client: MilvusClient, exc: BaseException) -> None:
+        self._client, self._exc = client, exc
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.READS:
+            return getattr(self._client, name)
+
+        def fail(*_: Any, **__: Any) -> Any:
+            raise self._exc
+
+        return fail
+
+
+Roles = tuple[MilvusVectorIndex, MilvusOccurrenceLog, MilvusClusterBoard]
+
+
+@pytest.fixture(scope="module")
+def roles(backend: Backend) -> Roles:
+    """One store of each role, shared by the failure tests (a server takes ~3 s per collection)."""
+    if backend.client is None:
+        pytest.skip("a Milvus backend property")
+    index = backend.index(8)
+    index.upsert([_row(1, _unit(8, 0)[0])])
+    return index, backend.log(), backend.board()
+
+
+def _reads(roles: Roles) -> list[tuple[Any, Callable[[], object], object]]:
+    """(store, a read that Milvus refuses on a released collection, its answer on the stored rows)."""
+    index, log, board = roles
+    return [(index, lambda: index.existing([1, 2]), {1}), (log, lambda: log.occurrences_of([1]), []),
+            (board, lambda: board.summary(1), None)]
+
+
+@contextmanager
+def _failing(store: Any, exc: BaseException) -> Iterator[None]:
+    real = store.client
+    store.client = _Failing(real, exc)
+    try:
+        yield
+    finally:
+        store.client = real
+
+
+@pytest.mark.parametrize("exc", [MilvusException(code=2, message="server unavailable"), grpc.RpcError(),
+                                 ConnectionError("connection reset"), TimeoutError("deadline exceeded")],
+                         ids=["milvus", "grpc", "connection", "timeout"])
+def test_transient_failures_are_dependency_down(roles: Roles, exc: BaseException) -> None:
+    for store, read, _ in _reads(roles):
+        with _failing(store, exc), pytest.raises(DependencyDown) as down:
+            read()
+        assert down.value.dependency == "milvus" and down.value.__cause__ is exc
+
+
+def test_malformed_requests_are_bugs_not_outages(roles: Roles) -> None:
+    """Retrying a request Milvus cannot run would repeat it for ever: it is raised as it is."""
+    index = roles[0]
+    with pytest.raises(MilvusException) as bad_filter:  # what this Milvus answers to a filter that does not parse
+        index.client.query(index.images, filter="id in [1", output_fields=["id"])
+    for store, read, _ in _reads(roles):
+        with _failing(store, bad_filter.value), pytest.raises(MilvusException) as raised:
+            read()
+        assert raised.value is bad_filter.value
+    with pytest.raises(MilvusException, match="out of range"):  # refused by pymilvus: not an INT64
+        index.upsert([_row(2**64, _unit(8, 0)[0])])
+
+
+def test_released_collections_are_loaded_again(roles: Roles) -> None:
+    """A restarted Milvus Lite serves its collections released: the first call fails as
+    DependencyDown, having loaded them again, so the caller's retry succeeds."""
+    for store, read, expected in _reads(roles):
+        for name in store.collections:
+            store.client.release_collection(name)
+        with pytest.raises(DependencyDown, match="load"):
+            read()
+        assert read() == expected
+
+
+def test_unreachable_milvus_is_dependency_down() -> None:
+    with pytest.raises(DependencyDown, match="MEMETRACE_MILVUS_URI"):
+        connect(MilvusConfig(uri="http://127.0.0.1:9"), attempts=1)
 
 
 # ----------------------------------------------------------------------------- feature stores
@@ -253,86 +508,3 @@ def test_local_store_writes_files_atomically(tmp_path: Path) -> None:
     assert path.is_file()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
     assert LocalFeatureStore(tmp_path / "f").get_keypoints(0xAB) is not None  # a new instance reads it
-
-
-# ----------------------------------------------------------------------------- catalog
-
-
-@pytest.fixture()
-def catalog(tmp_path: Path):
-    cat = Catalog(tmp_path / "deep" / "catalog.db")  # the folder is created
-    yield cat
-    cat.close()
-
-
-def test_catalog_paths_and_images(catalog: Catalog) -> None:
-    catalog.add_images([(1, 100), (2, 200)])
-    catalog.add_paths([("a.jpg", 1), ("b.jpg", 2), ("a_copy.jpg", 1)])
-    assert catalog.images() == {1: 100, 2: 200}
-    assert catalog.paths_by_image() == {1: ["a.jpg", "a_copy.jpg"], 2: ["b.jpg"]}
-    catalog.add_images([(1, 999)])  # already there: unchanged
-    assert catalog.images()[1] == 100
-    catalog.add_paths([("b.jpg", 1)])  # a path now holding another image
-    assert catalog.paths_by_image() == {1: ["a.jpg", "a_copy.jpg", "b.jpg"]}
-
-
-def test_catalog_bad_files(catalog: Catalog) -> None:
-    catalog.add_bad([("empty.jpg", "empty", "zero bytes"), ("notes.png", "not_an_image", "no known image format")])
-    catalog.add_bad([("empty.jpg", "empty", "zero bytes")])  # seen again: one row
-    assert catalog.bad_files() == [("empty.jpg", "empty", "zero bytes"),
-                                   ("notes.png", "not_an_image", "no known image format")]
-    catalog.add_paths([("c.jpg", 3)])
-    assert catalog.indexed_paths() == {"c.jpg"}  # bad files are read again next run
-    catalog.add_paths([("empty.jpg", 4)])  # the file was fixed: no longer bad
-    assert [b[0] for b in catalog.bad_files()] == ["notes.png"]
-
-
-def test_catalog_matches(catalog: Catalog) -> None:
-    catalog.add_matches([Match(5, 2, 40, "full"), Match(2, 9, 12, "partial")])
-    catalog.add_matches([Match(2, 5, 41, "full")])  # same pair, other order: replaced
-    got = sorted(catalog.matches(), key=lambda m: (m.a, m.b))
-    assert got == [Match(2, 5, 41, "full"), Match(2, 9, 12, "partial")]
-    assert {(m.a, m.b) for m in catalog.matches_of(9)} == {(2, 9)}
-    assert len(catalog.matches_of(2)) == 2 and catalog.matches_of(77) == []
-
-
-def test_catalog_clusters_and_meta(catalog: Catalog) -> None:
-    catalog.set_clusters({1: 10, 2: 10, 3: 11})
-    assert catalog.clusters() == {1: 10, 2: 10, 3: 11}
-    catalog.set_clusters({1: 12, 4: 12})  # replaces the whole assignment
-    assert catalog.clusters() == {1: 12, 4: 12}
-    assert catalog.meta("root") is None
-    catalog.set_meta("root", "/data/a")
-    catalog.set_meta("root", "/data/b")
-    assert catalog.meta("root") == "/data/b"
-
-
-def test_catalog_counts(catalog: Catalog) -> None:
-    assert catalog.counts() == {"images": 0, "paths": 0, "bad_files": 0, "matches": 0, "clusters": 0}
-    catalog.add_images([(i, 10) for i in range(1, 7)])
-    catalog.add_paths([(f"{i}.jpg", i) for i in range(1, 7)] + [("dup.jpg", 1)])
-    catalog.add_bad([("x.txt", "not_an_image", "")])
-    catalog.add_matches([Match(1, 2, 10, "full"), Match(2, 3, 10, "full"), Match(4, 5, 10, "full")])
-    catalog.set_clusters({1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3})  # 6 is alone: not a cluster
-    assert catalog.counts() == {"images": 6, "paths": 7, "bad_files": 1, "matches": 3, "clusters": 2}
-
-
-def test_catalog_matched_flags(catalog: Catalog) -> None:
-    catalog.add_images([(3, 1), (1, 1), (2, 1)])
-    assert catalog.unmatched() == [1, 2, 3]
-    catalog.mark_matched([1, 3])
-    assert catalog.unmatched() == [2]
-    catalog.add_images([(1, 5), (4, 5)])  # an image seen again keeps its flag
-    assert catalog.unmatched() == [2, 4]
-
-
-def test_catalog_persists(tmp_path: Path) -> None:
-    path = tmp_path / "catalog.db"
-    cat = Catalog(path)
-    cat.add_images([(1, 10)])
-    cat.add_paths([("a.jpg", 1)])
-    cat.set_meta("root", "/x")
-    cat.close()
-    again = Catalog(path)
-    assert again.images() == {1: 10} and again.paths_by_image() == {1: ["a.jpg"]} and again.meta("root") == "/x"
-    again.close()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from conftest import jpeg_roundtrip, make_settings, rgb
-from memetrace.matcher.verify import Prepared, Verification, Verifier, coverage, rootsift, same_frame
+from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, coverage, rootsift, same_frame
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.settings import Settings
 
@@ -33,7 +34,7 @@ def prep(extractor: KeypointExtractor) -> Callable[[Image.Image], Prepared]:
 
 @pytest.fixture(scope="module")
 def verifier(settings: Settings) -> Verifier:
-    return Verifier(settings)
+    return Verifier(VerifyConfig.from_settings(settings))
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -170,7 +171,7 @@ def test_same_app_frame_is_not_a_copy(photos: dict[str, Image.Image], prep, veri
     assert len(verifier.verify_many(framed_b, [prep(photos[b])])) == 1
     # the case is a hard one: the shared frame alone is a geometric match at the identity, which
     # only the coverage rules turn down
-    lax = Verifier(settings.model_copy(update={"same_frame_min_coverage": 0.0}))
+    lax = Verifier(replace(VerifyConfig.from_settings(settings), same_frame_min_coverage=0.0))
     (v,) = lax.verify_many(framed_a, [framed_b])
     assert v.inliers >= settings.min_inliers and max(v.coverage_query, v.coverage_candidate) < 0.5
 
@@ -188,7 +189,7 @@ def test_same_frame_rule_stops_a_low_texture_post(photos: dict[str, Image.Image]
     assert verifier.verify_many(framed_b, [framed_a]) == []
     assert len(verifier.verify_many(framed_a, [prep(photos[a])])) == 1
     assert len(verifier.verify_many(framed_b, [prep(photos[b])])) == 1
-    lax = Verifier(settings.model_copy(update={"same_frame_min_coverage": 0.0}))
+    lax = Verifier(replace(VerifyConfig.from_settings(settings), same_frame_min_coverage=0.0))
     (v,) = lax.verify_many(framed_b, [framed_a])
     assert max(v.coverage_query, v.coverage_candidate) >= settings.min_coverage  # the one-sided rule says yes
     assert min(v.coverage_query, v.coverage_candidate) < settings.same_frame_min_coverage

@@ -1,6 +1,7 @@
 """Download untrusted image URLs safely and in parallel.
 
-:class:`Fetcher` is what the ingest worker uses on every URL it did not produce itself. Each hop
+:class:`Fetcher` is what every URL memetrace did not produce goes through: the ingest worker's post
+images, the API's search by URL and the batch pipeline's list files. Each hop
 (redirects are followed by hand) is vetted before a byte is sent: http/https only, every address
 the host resolves to must be public (SSRF guard), and the socket is opened to exactly the address
 that was checked, so a second DNS answer cannot point it elsewhere (DNS rebinding). Bodies are
@@ -84,7 +85,8 @@ class FetchPolicy:
 class FetchResult:
     """Outcome of one URL; ``reason`` is None exactly when ``ok``.
 
-    Reasons: bad_url, dns_error, private_address, connection_error, timeout, tls_error,
+    Reasons: bad_url, dns_error, private_address, connection_error (a body shorter than its
+    Content-Length too: retried), timeout, tls_error,
     too_many_redirects, http_<status> (4xx and odd 3xx/2xx), http_5xx, bad_response, too_large,
     not_an_image, error (a bug: anything unexpected, caught so the worker survives).
     """
@@ -114,27 +116,27 @@ class _Fail(Exception):
 
 def is_public_address(ip: str | IPAddress) -> bool:
     """True if ``ip`` is globally routable unicast, judging embedded IPv4 in IPv6 forms too."""
-    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    return _rule_broken(ipaddress.ip_address(ip) if isinstance(ip, str) else ip) is None
+
+
+def _rule_broken(addr: IPAddress) -> str | None:
+    """What makes ``addr`` not public ("a loopback address", ...), or None if it is public."""
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.scope_id:
-            return False
+            return "a scoped address"
         if addr.ipv4_mapped is not None:
-            return is_public_address(addr.ipv4_mapped)
+            return _rule_broken(addr.ipv4_mapped)
         if addr in _NAT64:  # the NAT64 gateway would connect to the embedded IPv4
-            return is_public_address(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+            return _rule_broken(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
         if addr.teredo is not None:
-            return False  # tunnel endpoints we cannot vouch for
-        if addr.sixtofour is not None and not is_public_address(addr.sixtofour):
-            return False
-    return addr.is_global and not (
-        addr.is_private
-        or addr.is_loopback
-        or addr.is_link_local
-        or addr.is_multicast
-        or addr.is_reserved
-        or addr.is_unspecified
-        or (isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local)
-    )
+            return "a Teredo tunnel address"  # tunnel endpoints we cannot vouch for
+        if addr.sixtofour is not None and (embedded := _rule_broken(addr.sixtofour)) is not None:
+            return embedded
+    kinds = (("loopback", addr.is_loopback), ("link-local", addr.is_link_local), ("multicast", addr.is_multicast),
+             ("unspecified", addr.is_unspecified), ("private", addr.is_private), ("reserved", addr.is_reserved),
+             ("site-local", isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local),
+             ("non-global", not addr.is_global))
+    return next((f"a {kind} address" for kind, broken in kinds if broken), None)
 
 
 def _parse_inet_aton(host: str) -> ipaddress.IPv4Address | None:
@@ -162,16 +164,21 @@ def _parse_inet_aton(host: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value << last_bits | last)
 
 
+def _literal_address(host: str) -> IPAddress | None:
+    """The address ``host`` spells out (IPv4, IPv6, inet_aton forms), or None for a DNS name."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return _parse_inet_aton(host)
+
+
 def resolve_host(host: str, port: int = 80) -> list[IPAddress]:
     """Every address ``host`` stands for; numeric forms are parsed here, not by the resolver."""
     host = host.strip("[]")
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    numeric = _parse_inet_aton(host)
-    if numeric is not None:
-        return [numeric]
+    literal = _literal_address(host)
+    if literal is not None:
+        return [literal]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
@@ -190,12 +197,17 @@ def resolve_host(host: str, port: int = 80) -> list[IPAddress]:
     return out
 
 
-def _vet(addrs: Sequence[IPAddress], trusted: Sequence[IPNetwork]) -> None:
+def _vet(host: str, addrs: Sequence[IPAddress], trusted: Sequence[IPNetwork]) -> None:
+    """Refuse unless every address of ``host`` is public or trusted. The message names the rule
+    broken, never a resolved address: a caller must not learn what internal names resolve to."""
     for addr in addrs:
         if any(addr.version == net.version and addr in net for net in trusted):
             continue
-        if not is_public_address(addr):
-            raise _Fail("private_address", f"{addr} is not a public address")
+        rule = _rule_broken(addr)
+        if rule is not None:
+            verb = "is" if _literal_address(host) is not None else "resolves to"
+            raise _Fail("private_address", f"{host} {verb} {rule}, not a public address; only public hosts "
+                                           "are fetched (MEMETRACE_FETCH_TRUSTED_NETWORKS lists exceptions)")
 
 
 def check_address(host: str, trusted_networks: Sequence[str] = ()) -> str | None:
@@ -205,7 +217,7 @@ def check_address(host: str, trusted_networks: Sequence[str] = ()) -> str | None
     """
     trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_networks]
     try:
-        _vet(resolve_host(host), trusted)
+        _vet(host, resolve_host(host), trusted)
     except _Fail as f:
         return f.reason
     return None
@@ -424,7 +436,7 @@ class Fetcher:
         target = _parse_url(url)
         addrs = resolve_host(target.host, target.port)
         if not p.allow_private_networks:
-            _vet(addrs, self._trusted)
+            _vet(target.host, addrs, self._trusted)
         with self._hosts.slot(target.host):
             tls = self._ssl if target.scheme == "https" else None
             conn = _PinnedConnection(target, addrs, tls, p.connect_timeout, time.monotonic() + p.request_timeout)
@@ -471,9 +483,10 @@ class Fetcher:
 
     def _read_body(self, resp: http.client.HTTPResponse) -> bytes:
         limit = self.policy.max_bytes
-        declared = resp.getheader("Content-Length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            raise _Fail("too_large", f"Content-Length {declared} > {limit}")
+        declared = (resp.getheader("Content-Length") or "").strip()
+        expected = int(declared) if declared.isdigit() else None
+        if expected is not None and expected > limit:
+            raise _Fail("too_large", f"Content-Length {expected} > {limit}")
         buf = bytearray()
         sniffed = False
         while chunk := resp.read1(_CHUNK):
@@ -484,6 +497,8 @@ class Fetcher:
                 if sniff_image(bytes(buf[:_SNIFF_BYTES])) is None:  # stop HTML pages early
                     raise _Fail("not_an_image", f"magic bytes {bytes(buf[:8])!r}")
                 sniffed = True
+        if expected is not None and len(buf) < expected:  # the connection was cut: worth another try
+            raise _Fail("connection_error", f"body ended after {len(buf)} of its {expected} bytes (Content-Length)")
         if not sniffed and sniff_image(bytes(buf)) is None:
             raise _Fail("not_an_image", f"magic bytes {bytes(buf[:8])!r}" if buf else "empty body")
         return bytes(buf)

@@ -1,0 +1,488 @@
+"""The Milvus backends of the vector index, the occurrence log and the cluster board.
+
+The same code talks to Milvus Lite (a file URI, the embedded default) and to a Milvus server
+(``http://host:19530``); the three backends share one client (:func:`connect`).
+Occurrences, dead letters and the cluster board stay in Milvus: it is the one shared service every
+deployment already runs (one fewer to operate); their interfaces let a relational backend come later.
+
+Failures: every backend method turns a transient client failure into
+``DependencyDown("milvus", ...)``, after loading again a collection Milvus reports not loaded
+(a restarted Milvus Lite serves them released), so the caller's retry succeeds. A request
+Milvus refuses as malformed (a bad filter, a value the schema cannot hold) is a bug: raised as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import grpc
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchException, MilvusException, ParamError,
+                                 PrimaryKeyException)
+
+from memetrace.cluster_board import ClusterBoard
+from memetrace.errors import DependencyDown
+from memetrace.models import ClusterSummary, DeadLetterRow, ImageRow, OccurrenceRow
+from memetrace.occurrence_log import OCCURRENCE_FIELDS, OccurrenceLog
+from memetrace.settings import Settings
+from memetrace.vector_index import IMAGE_FIELDS, Hits, VectorIndex, now_ms
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+STRONG = "Strong"
+
+# Milvus refuses a collection without a vector field, and loads none whose vector is not indexed;
+# the occurrence, dead-letter and cluster tables are plain records (looked up by primary key,
+# counted, filtered by a field), so each row carries this constant 2-d vector (the smallest a
+# FLOAT_VECTOR may be) under a FLAT index: stored in every row, never searched.
+DUMMY_VECTOR = [0.0, 0.0]
+
+
+@dataclass(frozen=True)
+class MilvusConfig:
+    """Where Milvus is and how its collections are named and indexed (``MEMETRACE_MILVUS_*``)."""
+
+    uri: str  # a Milvus Lite file, or http://host:19530
+    token: str = ""
+    collection_prefix: str = "memetrace"
+    index_type: str = "FLAT"
+    metric: str = "IP"
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        return cls(uri=s.resolved_milvus_uri(), token=s.milvus_token, collection_prefix=s.milvus_collection_prefix,
+                   index_type=s.milvus_index_type, metric=s.milvus_metric)
+
+    def collection(self, role: str) -> str:
+        return f"{self.collection_prefix}_{role}"
+
+
+def region_key(image_id: int, index: int) -> int:
+    """Region primary keys: the image id with the region index in the low bits, kept positive."""
+    return ((image_id << 5) | index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def connect(config: MilvusConfig, attempts: int = 5) -> MilvusClient:
+    """A client for ``config.uri`` (a Milvus Lite file is created if missing).
+
+    Connecting is retried with backoff: a server that is starting, or that just dropped a
+    connection (Milvus Lite's server answers pymilvus' keep-alive pings with "too many pings"
+    and closes the channel under load), is usually there a moment later.
+    """
+    uri = config.uri
+    if "://" not in uri:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts - 1):
+        try:
+            return MilvusClient(uri=uri, token=config.token)
+        except MilvusException:
+            time.sleep(0.5 * 2 ** attempt)
+    try:
+        return MilvusClient(uri=uri, token=config.token)
+    except MilvusException as exc:
+        raise DependencyDown("milvus", f"cannot connect to Milvus at {uri} (MEMETRACE_MILVUS_URI): {exc}") from exc
+
+
+def stored_dim(client: MilvusClient, config: MilvusConfig) -> int | None:
+    """Descriptor size of the existing images collection, None if there is none yet."""
+    name = config.collection("images")
+    if not client.has_collection(name):
+        return None
+    fields = client.describe_collection(name)["fields"]
+    return next(int(f["params"]["dim"]) for f in fields if f["name"] == "vector")
+
+
+# Build and search parameters per MEMETRACE_MILVUS_INDEX_TYPE, within Milvus' documented ranges.
+# IVF_*: nlist in [1, 65536] clusters per segment, nprobe in [1, nlist] of them searched (1/8:
+# recall first, the candidates are verified anyway). HNSW: ef in [limit, 32768]. DISKANN: no
+# build parameters, search_list in [limit, ...] (Milvus 2.3 caps it at 200 while limit <= 20).
+IVF_NLIST = 128
+IVF_NPROBE = 16
+
+
+def index_params(client: MilvusClient, config: MilvusConfig):
+    params = client.prepare_index_params()
+    index_type = config.index_type
+    extra = ({"M": 16, "efConstruction": 200} if index_type == "HNSW"
+             else {"nlist": IVF_NLIST} if index_type in ("IVF_FLAT", "IVF_SQ8") else {})
+    params.add_index(field_name="vector", index_type=index_type, metric_type=config.metric, params=extra)
+    return params
+
+
+def search_params(config: MilvusConfig, limit: int) -> dict:
+    index_type = config.index_type
+    extra = ({"ef": max(64, limit)} if index_type == "HNSW"
+             else {"nprobe": IVF_NPROBE} if index_type in ("IVF_FLAT", "IVF_SQ8")
+             else {"search_list": max(100, limit)} if index_type == "DISKANN" else {})
+    return {"metric_type": config.metric, **({"params": extra} if extra else {})}
+
+
+# ---------------------------------------------------------------------------------- failures
+
+# what a Milvus that is down, restarting or overloaded raises through pymilvus
+_FAILURES = (MilvusException, grpc.RpcError, ConnectionError, TimeoutError)
+# refused by pymilvus before sending: the request itself is wrong
+_REFUSED_BY_CLIENT = (ParamError, DataTypeNotMatchException, DataNotMatchException, PrimaryKeyException)
+# refused by the server as malformed: IllegalArgument (Milvus Lite, both code fields), ParameterInvalid,
+# ParameterMissing, ParameterTooLarge, FieldNotFound; Milvus 2.3 answers a bad filter 65535 + this text
+_BAD_REQUEST_CODES = {6, 1100, 1101, 1102, 1700}
+_BAD_EXPRESSION = "cannot parse expression"
+
+
+def is_bug(exc: BaseException) -> bool:
+    """A request Milvus cannot run as written: retrying it would fail the same way."""
+    return isinstance(exc, MilvusException) and (
+        isinstance(exc, _REFUSED_BY_CLIENT) or exc.is_input_error or exc.code in _BAD_REQUEST_CODES
+        or _BAD_EXPRESSION in str(exc.message))
+
+
+def not_loaded(exc: BaseException) -> bool:
+    """Milvus refused a collection that is not loaded (code 101: e.g. after a Milvus Lite restart)."""
+    return isinstance(exc, MilvusException) and (getattr(exc, "code", None) == 101 or "call load()" in str(exc))
+
+
+def _guarded(method: F) -> F:
+    @functools.wraps(method)
+    def call(self: _MilvusBackend, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except _FAILURES as exc:
+            if is_bug(exc):
+                raise
+            if not_loaded(exc):
+                self._reload()
+            raise DependencyDown("milvus", f"{type(exc).__name__}: {exc}") from exc
+
+    return call  # type: ignore[return-value]
+
+
+class _MilvusBackend:
+    """What the three backends share: the client, their collections, the failure translation.
+
+    Every public method of a subclass (and its constructor, which creates the collections) is
+    wrapped by :func:`_guarded`.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, attr in list(vars(cls).items()):
+            if callable(attr) and (name == "__init__" or not name.startswith("_")):
+                setattr(cls, name, _guarded(attr))
+
+    def __init__(self, client: MilvusClient, config: MilvusConfig, roles: Sequence[str]) -> None:
+        self.client = client
+        self.config = config
+        self.collections = [config.collection(r) for r in roles]
+
+    def _reload(self) -> None:
+        """Load this backend's collections again (idempotent); a Milvus still down: the next retry tries again."""
+        try:
+            for name in getattr(self, "collections", ()):
+                self.client.load_collection(name)
+        except _FAILURES as exc:
+            log.warning("reloading Milvus collections failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    def _create(self, name: str, schema, index_params) -> None:
+        """Create a collection; another process creating it at the same moment is fine (services
+        starting together race here: Milvus Lite then fails with 'File exists', and lists the
+        collection only once its creator is done)."""
+        try:
+            self.client.create_collection(name, schema=schema, index_params=index_params, consistency_level=STRONG)
+        except MilvusException:
+            deadline = time.monotonic() + 10
+            while not self.client.has_collection(name):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _ensure_records(self, name: str, varchars: Sequence[tuple[str, int]], ints: Sequence[str]) -> None:
+        """A record collection (primary key ``id``, :data:`DUMMY_VECTOR`, these fields), loaded."""
+        if not self.client.has_collection(name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=len(DUMMY_VECTOR))
+            for field, length in varchars:
+                schema.add_field(field, DataType.VARCHAR, max_length=length)
+            for field in ints:
+                schema.add_field(field, DataType.INT64)
+            params = self.client.prepare_index_params()
+            params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+            self._create(name, schema, params)
+        self.client.load_collection(name)
+
+    def _count(self, collection: str, filter: str = "") -> int:
+        res = self.client.query(collection, filter=filter, output_fields=["count(*)"], consistency_level=STRONG)
+        return int(res[0]["count(*)"])
+
+    def _query_all(self, collection: str, fields: list[str], filter: str = "id >= 0") -> list[dict]:
+        """Every row matching ``filter``, through an iterator: one query returns 16384 rows at most."""
+        it = self.client.query_iterator(collection, batch_size=1000, filter=filter, output_fields=fields,
+                                        consistency_level=STRONG)
+        out: list[dict] = []
+        try:
+            while batch := it.next():
+                out.extend(batch)
+        finally:
+            it.close()
+        return out
+
+    def _field_values(self, collection: str, field: str) -> list:
+        return [r[field] for r in self._query_all(collection, [field])]
+
+
+def _ids(image_ids: Sequence[int]) -> list[int]:
+    return [int(i) for i in image_ids]
+
+
+# ---------------------------------------------------------------------------------- vector index
+
+
+class MilvusVectorIndex(_MilvusBackend, VectorIndex):
+    """Collections ``<prefix>_images`` (global descriptor, path, sizes, indexed_at in ms) and
+    ``<prefix>_regions`` (one row per region, keyed by :func:`region_key`)."""
+
+    def __init__(self, client: MilvusClient, config: MilvusConfig, dim: int) -> None:
+        super().__init__(client, config, ["images", "regions"])
+        self.dim = dim
+        self.images, self.regions = self.collections
+        if not self.client.has_collection(self.images):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            schema.add_field("path", DataType.VARCHAR, max_length=4096)
+            schema.add_field("width", DataType.INT32)
+            schema.add_field("height", DataType.INT32)
+            schema.add_field("nbytes", DataType.INT64)
+            schema.add_field("nb_points", DataType.INT32)
+            schema.add_field("indexed_at", DataType.INT64)  # unix milliseconds
+            self._create(self.images, schema, index_params(self.client, config))
+        if not self.client.has_collection(self.regions):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("image_id", DataType.INT64)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            self._create(self.regions, schema, index_params(self.client, config))
+        # writers racing on a collection nobody loaded lose rows in Milvus Lite: load it first
+        self.client.load_collection(self.images)
+        self.client.load_collection(self.regions)
+
+    def upsert(self, rows: Sequence[ImageRow]) -> None:
+        if not rows:
+            return
+        now = now_ms()
+        self.client.upsert(self.images, [
+            {"id": r.image_id, "vector": np.asarray(r.vector, dtype=np.float32), "path": r.path[:4096],
+             "width": r.width, "height": r.height, "nbytes": r.nbytes, "nb_points": r.nb_points, "indexed_at": now}
+            for r in rows
+        ])
+        regions = [{"id": region_key(r.image_id, i), "image_id": r.image_id, "vector": np.asarray(v, np.float32)}
+                   for r in rows for i, v in enumerate(r.regions)]
+        if regions:
+            self.client.upsert(self.regions, regions)
+
+    def existing(self, image_ids: Sequence[int]) -> set[int]:
+        if not image_ids:
+            return set()
+        rows = self.client.query(self.images, filter=f"id in {_ids(image_ids)}", output_fields=["id"],
+                                 consistency_level=STRONG)
+        return {int(r["id"]) for r in rows}
+
+    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
+        if not image_ids:
+            return {}
+        rows = self.client.query(self.images, filter=f"id in {_ids(image_ids)}", output_fields=list(IMAGE_FIELDS),
+                                 consistency_level=STRONG)
+        return {int(r["id"]): {f: r[f] for f in IMAGE_FIELDS} for r in rows}
+
+    def vectors(self, image_ids: Sequence[int], with_regions: bool = True
+                ) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
+        ids = _ids(image_ids)
+        if not ids:
+            return [], np.zeros((0, self.dim), np.float32), []
+        rows = self.client.query(self.images, filter=f"id in {ids}", output_fields=["id", "vector"],
+                                 consistency_level=STRONG)
+        glob = {k: v[0] for k, v in _vectors_by_id(rows, "id", self.dim).items()}
+        regs: dict[int, list[np.ndarray]] = {}
+        if with_regions:
+            rows = self.client.query(self.regions, filter=f"image_id in {ids}",
+                                     output_fields=["id", "image_id", "vector"], consistency_level=STRONG)
+            regs = _vectors_by_id(rows, "image_id", self.dim)
+        found = [i for i in ids if i in glob]
+        g = np.stack([glob[i] for i in found]) if found else np.zeros((0, self.dim), np.float32)
+        r = [np.stack(regs[i]) if regs.get(i) else np.zeros((0, self.dim), np.float32) for i in found]
+        return found, g, r
+
+    def count(self) -> int:
+        return self._count(self.images)
+
+    def stored_before(self, when: int) -> bool:
+        return bool(self.client.query(self.images, filter=f"indexed_at < {int(when)}", output_fields=["id"],
+                                      limit=1, consistency_level=STRONG))
+
+    def ping(self, timeout_s: float) -> None:
+        self.client.has_collection(self.images, timeout=timeout_s)
+
+    def search_images(self, vectors: np.ndarray, limit: int, stored_before: int | None = None) -> Hits:
+        return self._search(self.images, vectors, limit, "id",
+                            filter="" if stored_before is None else f"indexed_at < {int(stored_before)}")
+
+    def search_regions(self, vectors: np.ndarray, limit: int) -> Hits:
+        return self._search(self.regions, vectors, limit, "image_id")
+
+    def _search(self, collection: str, vectors: np.ndarray, limit: int, id_field: str, filter: str = "") -> Hits:
+        if len(vectors) == 0:
+            return []
+        res = self.client.search(collection, data=list(np.asarray(vectors, dtype=np.float32)), limit=limit,
+                                 filter=filter, output_fields=[id_field] if id_field != "id" else [],
+                                 search_params=search_params(self.config, limit), consistency_level=STRONG)
+        return [[(int(h["entity"][id_field]) if id_field != "id" else int(h["id"]), float(h["distance"]))
+                 for h in hits] for hits in res]
+
+
+def _vectors_by_id(rows: Sequence[dict], key: str, dim: int) -> dict[int, list[np.ndarray]]:
+    out: dict[int, list[np.ndarray]] = {}
+    for r in sorted(rows, key=lambda r: int(r["id"])):
+        out.setdefault(int(r[key]), []).append(np.asarray(r["vector"], dtype=np.float32).reshape(dim))
+    return out
+
+
+# ---------------------------------------------------------------------------------- occurrence log
+
+
+class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
+    """Collections ``<prefix>_occurrences`` and ``<prefix>_deadletters``; string fields are cut to their sizes."""
+
+    def __init__(self, client: MilvusClient, config: MilvusConfig) -> None:
+        super().__init__(client, config, ["occurrences", "deadletters"])
+        self.occurrences, self.deadletters = self.collections
+        self._ensure_records(self.occurrences, [("post_id", 1024), ("url", 4096), ("platform", 64), ("author", 256)],
+                             ["image_id", "posted_at", "seen_at"])
+        self._ensure_records(self.deadletters, [("reason", 64), ("detail", 1024), ("post_id", 1024), ("url", 4096),
+                                                ("source", 512)], ["dead_at"])
+
+    def add_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:
+        if rows:
+            now = int(time.time())
+            self.client.upsert(self.occurrences, [
+                {"id": r.id, "vector": DUMMY_VECTOR, "image_id": r.image_id, "post_id": r.post_id[:1024],
+                 "url": r.url[:4096], "posted_at": r.posted_at, "platform": r.platform[:64],
+                 "author": r.author[:256], "seen_at": now} for r in rows])
+
+    def add_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
+        if rows:
+            now = int(time.time())
+            self.client.upsert(self.deadletters, [
+                {"id": r.id, "vector": DUMMY_VECTOR, "reason": r.reason[:64], "detail": r.detail[:1024],
+                 "post_id": r.post_id[:1024], "url": r.url[:4096], "source": r.source[:512], "dead_at": now}
+                for r in rows])
+
+    def count_occurrences(self) -> int:
+        return self._count(self.occurrences)
+
+    def count_dead_letters(self) -> int:
+        return self._count(self.deadletters)
+
+    def occurrences_of(self, image_ids: Sequence[int]) -> list[dict]:
+        if not image_ids:
+            return []
+        rows = self._query_all(self.occurrences, list(OCCURRENCE_FIELDS), filter=f"image_id in {_ids(image_ids)}")
+        return [{f: r[f] for f in OCCURRENCE_FIELDS} for r in rows]
+
+    def image_ids_of_occurrences(self) -> list[int]:
+        return [int(v) for v in self._field_values(self.occurrences, "image_id")]
+
+    def dead_letters_by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reason in self._field_values(self.deadletters, "reason"):
+            counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------- cluster board
+
+_UPSERT_CHUNK = 1000
+_PLATFORMS_CHARS = 4096
+_HISTORY_CHARS = 16_384
+_SUMMARY_FIELDS = ("id", "images", "posts", "first_seen", "last_seen", "growth_hour", "growth_day", "updated_at",
+                   "platforms", "history")
+
+
+class MilvusClusterBoard(_MilvusBackend, ClusterBoard):
+    """Collections ``<prefix>_clusters`` (image -> cluster) and ``<prefix>_cluster_summaries``
+    (platforms and history as JSON: the least posted platforms, the oldest events left out when
+    they do not fit)."""
+
+    def __init__(self, client: MilvusClient, config: MilvusConfig) -> None:
+        super().__init__(client, config, ["clusters", "cluster_summaries"])
+        self.clusters, self.cluster_summaries = self.collections
+        self._ensure_records(self.clusters, [], ["cluster_id"])
+        self._ensure_records(self.cluster_summaries, [("platforms", _PLATFORMS_CHARS), ("history", _HISTORY_CHARS)],
+                             ["images", "posts", "first_seen", "last_seen", "growth_hour", "growth_day", "updated_at"])
+
+    def publish(self, assignment: dict[int, int], summaries: Sequence[ClusterSummary],
+                removed: Sequence[int] = ()) -> None:
+        items = sorted(assignment.items())
+        for i in range(0, len(items), _UPSERT_CHUNK):
+            self.client.upsert(self.clusters, [{"id": int(img), "vector": DUMMY_VECTOR, "cluster_id": int(cid)}
+                                               for img, cid in items[i:i + _UPSERT_CHUNK]])
+        rows = [_summary_row(c) for c in summaries]
+        for i in range(0, len(rows), _UPSERT_CHUNK):
+            self.client.upsert(self.cluster_summaries, rows[i:i + _UPSERT_CHUNK])
+        if removed:
+            self.client.delete(self.cluster_summaries, ids=[int(c) for c in removed])
+
+    def clusters_of(self, image_ids: Sequence[int]) -> dict[int, int]:
+        if not image_ids:
+            return {}
+        rows = self.client.query(self.clusters, filter=f"id in {_ids(image_ids)}",
+                                 output_fields=["id", "cluster_id"], consistency_level=STRONG)
+        return {int(r["id"]): int(r["cluster_id"]) for r in rows}
+
+    def members(self, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
+        """One query; a viral cluster's 16384+ rows come through the iterator."""
+        out: dict[int, list[int]] = {int(c): [] for c in cluster_ids}
+        if out:
+            for r in self._query_all(self.clusters, ["id", "cluster_id"], f"cluster_id in {list(out)}"):
+                out[int(r["cluster_id"])].append(int(r["id"]))
+        return {c: sorted(ids) for c, ids in out.items()}
+
+    def summary(self, cluster_id: int) -> ClusterSummary | None:
+        rows = self.client.query(self.cluster_summaries, filter=f"id == {int(cluster_id)}",
+                                 output_fields=list(_SUMMARY_FIELDS), consistency_level=STRONG)
+        return _summary_of(rows[0]) if rows else None
+
+    def summaries(self) -> list[ClusterSummary]:
+        return [_summary_of(r) for r in self._query_all(self.cluster_summaries, list(_SUMMARY_FIELDS))]
+
+
+def _summary_row(c: ClusterSummary) -> dict:
+    platforms = sorted(c.platforms.items(), key=lambda kv: kv[1])[-50:]  # least posted first: dropped first
+    return {"id": c.cluster_id, "vector": DUMMY_VECTOR, "images": c.images, "posts": c.posts,
+            "first_seen": c.first_seen, "last_seen": c.last_seen, "growth_hour": c.growth_hour,
+            "growth_day": c.growth_day, "updated_at": c.updated_at,
+            "platforms": _fitting_json(platforms, _PLATFORMS_CHARS, lambda kv: dict(reversed(kv))),
+            "history": _fitting_json(list(c.history), _HISTORY_CHARS, list)}
+
+
+def _fitting_json(items: list, chars: int, as_json: Callable[[list], object]) -> str:
+    """JSON of ``as_json`` of the longest tail of ``items`` that fits in ``chars`` (the first items
+    matter least): cutting the JSON text instead would leave it unreadable."""
+    while len(text := json.dumps(as_json(items))) > chars and items:
+        items = items[1:]
+    return text
+
+
+def _summary_of(r: dict) -> ClusterSummary:
+    return ClusterSummary(int(r["id"]), int(r["images"]), int(r["posts"]), int(r["first_seen"]), int(r["last_seen"]),
+                          int(r["growth_hour"]), int(r["growth_day"]), json.loads(r["platforms"]),
+                          json.loads(r["history"]), int(r["updated_at"]))
+

@@ -1,0 +1,190 @@
+"""The vector index: every stored image's global descriptor and its regional descriptors.
+
+Written by the ingest (:meth:`VectorIndex.upsert`), searched by the matcher and the query API
+(:meth:`VectorIndex.candidates_many`). Image ids derive from the content hash, so writing an
+image twice upserts the same rows (idempotent re-indexing and redelivery).
+
+Backends: ``memetrace.milvus.MilvusVectorIndex`` (Milvus Lite or a server) and
+:class:`MemoryVectorIndex` (numpy brute force, for tests). Both answer the same primitive
+searches; the candidate logic built on them lives here, once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from memetrace.models import Candidate, ImageRow
+
+#: one search's answer per query vector: (image id, score) pairs, the nearest first
+Hits = list[list[tuple[int, float]]]
+#: what :meth:`VectorIndex.get` says of an image
+IMAGE_FIELDS = ("id", "path", "width", "height", "nbytes", "nb_points")
+
+
+def now_ms() -> int:
+    """Unix milliseconds: runs a second apart must tell their images apart."""
+    return time.time_ns() // 1_000_000
+
+
+class VectorIndex(ABC):
+    """Images (a global descriptor each) and their regions; ``dim`` is the descriptor size."""
+
+    dim: int
+
+    @abstractmethod
+    def upsert(self, rows: Sequence[ImageRow]) -> None:
+        """Store (or overwrite) these images and their regions, stamped with the time (ms)."""
+
+    @abstractmethod
+    def existing(self, image_ids: Sequence[int]) -> set[int]:
+        """Those of ``image_ids`` that are stored."""
+
+    @abstractmethod
+    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
+        """image id -> {:data:`IMAGE_FIELDS`} for the stored ones."""
+
+    @abstractmethod
+    def vectors(self, image_ids: Sequence[int], with_regions: bool = True
+                ) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
+        """(ids found, global N x D, per image its R_i x D regions in index order) for stored images, in order."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of stored images."""
+
+    @abstractmethod
+    def stored_before(self, when: int) -> bool:
+        """Whether any image was stored before ``when`` (unix milliseconds)."""
+
+    @abstractmethod
+    def ping(self, timeout_s: float) -> None:
+        """Return when the backend answers within ``timeout_s``, else raise DependencyDown."""
+
+    @abstractmethod
+    def search_images(self, vectors: np.ndarray, limit: int, stored_before: int | None = None) -> Hits:
+        """The ``limit`` nearest stored images of each vector (only those stored before, if given);
+        no vectors, no lists."""
+
+    @abstractmethod
+    def search_regions(self, vectors: np.ndarray, limit: int) -> Hits:
+        """The ``limit`` nearest stored regions of each vector, each named by its image's id."""
+
+    def candidates(self, vector: np.ndarray, regions: np.ndarray, k: int, exclude: int) -> list[Candidate]:
+        """Images most similar to a query, by its global and regional descriptors in both directions."""
+        return self.candidates_many(vector[None], [regions], k, [exclude])[0]
+
+    def candidates_many(self, vectors: np.ndarray, regions: Sequence[np.ndarray], k: int,
+                        exclude: Sequence[int], regions_vs_stored_before: int | None = None) -> list[list[Candidate]]:
+        """Candidates of each query, best first.
+
+        ``regions_vs_stored_before``: when all images stored since that time are queried in the
+        same run, their pairs are found by the whole-vs-regions search from the other side, so
+        the query regions only need to be searched against images stored before it. One search
+        per region is most of the cost (Milvus Lite spends ~1.4 ms per query vector).
+        """
+        n = len(vectors)
+        best: list[dict[int, float]] = [{} for _ in range(n)]
+
+        def add(query_of_row: Sequence[int], hits: Hits) -> None:
+            for q, row in zip(query_of_row, hits):
+                for image_id, sim in row:
+                    if image_id != exclude[q] and sim > best[q].get(image_id, -1.0):
+                        best[q][image_id] = sim
+
+        limit = k + 1
+        add(range(n), self.search_images(vectors, limit))
+        # the query whole vs stored regions: the query was cropped from, or pasted into, them
+        add(range(n), self.search_regions(vectors, limit * 3))
+        # query regions vs stored wholes: a stored image is a tile or a crop of the query
+        owners = [i for i, r in enumerate(regions) for _ in range(len(r))]
+        since = regions_vs_stored_before
+        if owners and (since is None or self.stored_before(since)):
+            add(owners, self.search_images(np.concatenate(list(regions)), limit, stored_before=since))
+        return [sorted((Candidate(i, s) for i, s in b.items()), key=lambda c: -c.similarity)[:k] for b in best]
+
+
+@dataclass(frozen=True)
+class _Stored:
+    row: ImageRow
+    indexed_at: int
+
+
+class MemoryVectorIndex(VectorIndex):
+    """Brute force in numpy with Milvus' scores: IP and COSINE similarity, highest first. Thread-safe."""
+
+    def __init__(self, dim: int, metric: str = "IP") -> None:
+        if metric not in ("IP", "COSINE"):
+            raise ValueError(f"metric {metric!r}: expected IP or COSINE (MEMETRACE_MILVUS_METRIC)")
+        self.dim = dim
+        self.metric = metric
+        self._images: dict[int, _Stored] = {}
+        self._regions: dict[int, dict[int, np.ndarray]] = {}  # image id -> region index -> vector
+        self._lock = threading.Lock()
+
+    def upsert(self, rows: Sequence[ImageRow]) -> None:
+        now = now_ms()
+        with self._lock:
+            for r in rows:
+                self._images[r.image_id] = _Stored(r, now)
+                # keyed per region as in Milvus: an upsert overwrites the regions it carries
+                self._regions.setdefault(r.image_id, {}).update(
+                    (i, np.asarray(v, np.float32)) for i, v in enumerate(r.regions))
+
+    def existing(self, image_ids: Sequence[int]) -> set[int]:
+        with self._lock:
+            return {int(i) for i in image_ids if int(i) in self._images}
+
+    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
+        with self._lock:
+            found = [self._images[int(i)].row for i in image_ids if int(i) in self._images]
+        return {r.image_id: {"id": r.image_id, "path": r.path[:4096], "width": r.width, "height": r.height,
+                             "nbytes": r.nbytes, "nb_points": r.nb_points} for r in found}
+
+    def vectors(self, image_ids: Sequence[int], with_regions: bool = True
+                ) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
+        empty = np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            found = [int(i) for i in image_ids if int(i) in self._images]
+            glob = [np.asarray(self._images[i].row.vector, np.float32) for i in found]
+            regs = [[v for _, v in sorted(self._regions[i].items())] if with_regions else [] for i in found]
+        return found, np.stack(glob) if glob else empty, [np.stack(r) if r else empty for r in regs]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._images)
+
+    def stored_before(self, when: int) -> bool:
+        with self._lock:
+            return any(s.indexed_at < when for s in self._images.values())
+
+    def ping(self, timeout_s: float) -> None:
+        return None
+
+    def search_images(self, vectors: np.ndarray, limit: int, stored_before: int | None = None) -> Hits:
+        with self._lock:
+            kept = [(i, s.row.vector) for i, s in self._images.items()
+                    if stored_before is None or s.indexed_at < stored_before]
+        return self._nearest(vectors, [i for i, _ in kept], [v for _, v in kept], limit)
+
+    def search_regions(self, vectors: np.ndarray, limit: int) -> Hits:
+        with self._lock:
+            kept = [(i, v) for i, regs in self._regions.items() for v in regs.values()]
+        return self._nearest(vectors, [i for i, _ in kept], [v for _, v in kept], limit)
+
+    def _nearest(self, queries: np.ndarray, owners: list[int], stored: list[np.ndarray], limit: int) -> Hits:
+        q = np.asarray(queries, np.float32).reshape(-1, self.dim)
+        if not stored:
+            return [[] for _ in q]
+        m = np.stack([np.asarray(v, np.float32).reshape(self.dim) for v in stored])
+        if self.metric == "COSINE":
+            q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-12)
+            m = m / (np.linalg.norm(m, axis=1, keepdims=True) + 1e-12)
+        scores = q @ m.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return [[(owners[j], float(scores[r, j])) for j in order[r, :limit]] for r in range(len(q))]

@@ -1,0 +1,286 @@
+"""Hostile messages on every topic: each is processed or dead-lettered with a reason, no worker stops.
+
+A seeded generator (:func:`hostile`) writes what an attacker or a buggy producer sends: nested
+brackets, huge strings, NaN and Infinity, ids at 2^63 and 2^64, negative ids, wrong types,
+invalid UTF-8, empty values, tombstones, self-loops, unknown schema versions, mixed with valid
+messages. First :func:`memetrace.messages.parse` on thousands of them per contract (nothing but a
+model or InvalidMessage may come out), then a few hundred per topic through the real broker
+(Tansu on 127.0.0.1) into the real match and cluster workers and the ingest worker.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_settings
+from kafka import KafkaProducer
+from kafka_broker import Broker, kafka_broker  # noqa: F401
+from prometheus_client import CollectorRegistry
+from streaming import (  # noqa: F401
+    PhotoServer,
+    WorkerProcess,
+    ingest_env,
+    milvus_counts,
+    milvus_server,
+    photo_server,
+    read_topic,
+    settings_from,
+)
+
+from memetrace.clusterer.metrics import ClusterMetrics
+from memetrace.clusterer.state import SqliteGraphState
+from memetrace.clusterer.worker import ClusterWorker
+from memetrace.kafka_clients import ensure_topics
+from memetrace.matcher.metrics import MatchMetrics
+from memetrace.matcher.worker import MatchWorker
+from memetrace.messages import (
+    H_REASON,
+    H_SOURCE,
+    MAX_ID,
+    ImageEvent,
+    InvalidMessage,
+    MatchEvent,
+    Post,
+    parse,
+    source_of,
+)
+from memetrace.settings import Settings
+
+SEED = 20261201
+UNIT_CASES = 3000  # per contract
+KAFKA_CASES = 200  # per topic
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+def valid(kind: str, rng: random.Random) -> dict[str, Any]:
+    if kind == "post":
+        return {"post_id": f"p{rng.randrange(10**9)}", "url": f"https://example.org/{rng.randrange(10**6)}.jpg",
+                "platform": rng.choice(["", "x", "mastodon"]), "author": "a" * rng.randrange(20)}
+    if kind == "image":
+        return {"v": 1, "image_id": rng.randrange(MAX_ID + 1), "nb_points": rng.randrange(5000),
+                "post": {"post_id": f"p{rng.randrange(10**9)}", "posted_at": rng.choice([-1, 1_700_000_000]),
+                         "platform": "x"}}
+    a = rng.randrange(MAX_ID)
+    return {"v": 1, "a": a, "b": rng.randrange(a + 1, MAX_ID + 1), "inliers": rng.randrange(1000),
+            "kind": rng.choice(["full", "partial"])}
+
+
+NUMBER_FIELDS = {"post": ["post_id"], "image": ["image_id", "nb_points"], "match": ["a", "b", "inliers"]}
+REQUIRED = {"post": ["post_id", "url"], "image": ["image_id", "nb_points", "post"], "match": ["a", "b", "inliers", "kind"]}
+BAD_NUMBERS = {"post": [2**63, 2**64, 1.5, True, None, [], {}, ""],  # a post id may be a number below 2^63
+               "image": [2**63, 2**64, 2**64 + 1, -1, -(2**63) - 1, 10**400, 1.5, True, None, "12", [], {}]}
+BAD_NUMBERS["match"] = BAD_NUMBERS["image"]
+
+
+def _raw(doc: Any) -> bytes:
+    return json.dumps(doc, allow_nan=True).encode()
+
+
+def hostile(kind: str, rng: random.Random, max_bytes: int) -> bytes | None:
+    """One malformed message for a topic of ``kind`` (post, image, match), at most ``max_bytes``."""
+    doc = valid(kind, rng)
+    field = rng.choice(NUMBER_FIELDS[kind])
+    pick = rng.randrange(16)
+    if pick == 0:
+        depth = rng.choice([40, 1000, 100_000])
+        return b"[" * min(depth, max_bytes // 2) + b"]" * min(depth, max_bytes // 2)
+    if pick == 1:  # nesting inside a field that is otherwise ignored
+        return _raw(doc)[:-1] + b', "meta": ' + b'{"x":' * 200 + b"1" + b"}" * 200 + b"}"
+    if pick == 2:  # a huge string where a short one belongs
+        huge = "x" * rng.choice([5000, 100_000, min(max_bytes - 200, 2_000_000)])
+        (doc["post"] if kind == "image" else doc)["kind" if kind == "match" else "post_id"] = huge
+        return _raw(doc)
+    if pick == 3:  # NaN or Infinity where a number belongs
+        doc["posted_at" if kind == "post" else field] = "__NUMBER__"
+        return _raw(doc).replace(b'"__NUMBER__"', rng.choice([b"NaN", b"Infinity", b"-Infinity"]))
+    if pick == 4:
+        doc[field] = rng.choice(BAD_NUMBERS[kind])
+        return _raw(doc)
+    if pick == 5:
+        return rng.choice([b"", b" ", b"null", b"[]", b"1", b'"text"', b"true"])
+    if pick == 6:
+        return None  # tombstone
+    if pick == 7:
+        return b'{"post_id": "\xff\xfe", "url": "\xc3\x28"}' if kind == "post" else _raw(doc)[:-1] + b', "\xff": 1}'
+    if pick == 8:
+        del doc[rng.choice(REQUIRED[kind])]
+        return _raw(doc)
+    if pick == 9:
+        return _raw(doc)[: rng.randrange(1, len(_raw(doc)))]  # cut short
+    if pick == 10 and kind == "match":
+        doc["b"] = doc["a"] - rng.choice([0, 1])  # self-loop or reversed
+        return _raw(doc)
+    if pick == 11:
+        doc["v"] = rng.choice([0, 2, 99, "2", None])
+        return _raw(doc)
+    if pick == 12 and kind == "post":
+        doc["url"] = rng.choice(["ftp://x/y.jpg", "javascript:alert(1)", "http://", "http://[::1", "x" * 5000])
+        return _raw(doc)
+    if pick == 13 and kind == "image":
+        doc["post"] = rng.choice(["p1", None, [], {"post_id": ""}, {"post_id": "p", "posted_at": 2**70}])
+        return _raw(doc)
+    if pick == 14:
+        return rng.randbytes(rng.randrange(1, 300))
+    doc[field] = rng.choice([{"$gt": 1}, [doc.get(field)]])
+    return _raw(doc)
+
+
+def mixed(kind: str, n: int, seed: int, max_bytes: int) -> Iterator[tuple[bytes | None, bool]]:
+    """``n`` messages, about a quarter valid: (value, is_valid)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        if rng.random() < 0.25:
+            yield _raw(valid(kind, rng)), True
+        else:
+            yield hostile(kind, rng, max_bytes), False
+
+
+MODELS = {"post": Post, "image": ImageEvent, "match": MatchEvent}
+
+
+# ----------------------------------------------------------------------------- parse()
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_parse_gives_a_bounded_model_or_invalid_message_for_thousands_of_hostile_values(kind: str) -> None:
+    model = MODELS[kind]
+    accepted = refused = 0
+    for raw, ok in mixed(kind, UNIT_CASES, SEED, 5_000_000):
+        try:
+            msg = parse(model, raw)
+        except InvalidMessage as exc:
+            assert not ok, f"valid {kind} refused: {exc} ({raw[:200]!r})"
+            assert exc.reason and exc.detail and len(exc.detail) <= 1024
+            refused += 1
+            continue
+        accepted += 1
+        if isinstance(msg, ImageEvent):
+            assert 0 <= msg.image_id <= MAX_ID
+        elif isinstance(msg, MatchEvent):
+            assert 0 <= msg.a < msg.b <= MAX_ID
+        assert len(msg.to_bytes()) < 20_000  # every field bounded: what we publish stays small
+    assert accepted >= UNIT_CASES // 5 and refused >= UNIT_CASES // 2, (accepted, refused)
+
+
+# ----------------------------------------------------------------------------- through Kafka
+
+
+def settings_for(tmp: Path, broker: Broker) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return make_settings(tmp, kafka_bootstrap_servers=broker.bootstrap, kafka_images_topic=f"fz-img-{tag}",
+                         kafka_matches_topic=f"fz-match-{tag}", kafka_deadletter_topic=f"fz-dead-{tag}",
+                         kafka_match_group_id=f"fz-m-{tag}", kafka_cluster_group_id=f"fz-c-{tag}",
+                         kafka_topic_partitions=2, kafka_session_timeout_ms=2000, retry_max_s=0.5)
+
+
+def send_all(s: Settings, topic: str, values: Sequence[bytes | None]) -> list[str]:
+    """Produce ``values`` in order on one partition; their sources (topic/partition/offset)."""
+    producer = KafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers, max_request_size=2_000_000, linger_ms=5)
+    futures = [producer.send(topic, key=b"fuzz", value=v, partition=0) for v in values]
+    producer.flush()
+    sources = [source_of(m.topic, m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
+    producer.close()
+    return sources
+
+
+def dead_letters(s: Settings, expected: int) -> dict[str, str]:
+    out = {}
+    for r in read_topic(s, s.kafka_deadletter_topic, expected, timeout=30):
+        h = dict(r.headers)
+        out[h[H_SOURCE].decode()] = h[H_REASON].decode()
+    return out
+
+
+class _NoMilvus:
+    """The matcher's store when the matching itself is stubbed: its probe answers."""
+
+    def count(self) -> int:
+        return 0
+
+
+class _Board:
+    def __init__(self) -> None:
+        self.published: list[tuple] = []
+
+    def publish(self, *args: Any) -> None:
+        self.published.append(args)
+
+
+def _split(values: Sequence[tuple[bytes | None, bool]], sources: Sequence[str]) -> tuple[list, set[str]]:
+    good = [v for (v, ok) in values if ok]
+    bad = {src for (_, ok), src in zip(values, sources, strict=True) if not ok}
+    return good, bad
+
+
+def test_match_worker_dead_letters_every_hostile_image_event_and_matches_every_valid_one(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    s = settings_for(tmp_path, kafka_broker)
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic], partitions=1)
+    values = list(mixed("image", KAFKA_CASES, SEED, 900_000))
+    sources = send_all(s, s.kafka_images_topic, [v for v, _ in values])
+    good, bad = _split(values, sources)
+    worker = MatchWorker(s, _NoMilvus(), None, MatchMetrics(CollectorRegistry()))
+    seen: list[int] = []
+    worker.matcher.match_stored = lambda ids: seen.extend(ids) or []
+    worker.run(max_idle=3)
+    assert worker.stopped_by == "max_idle"
+    assert sorted(seen) == sorted({json.loads(v)["image_id"] for v in good})
+    dead = dead_letters(s, len(bad))
+    assert set(dead) == bad, f"{len(set(dead) ^ bad)} messages neither processed nor dead-lettered"
+    assert all(reason.startswith(("invalid_", "too_")) for reason in dead.values()), set(dead.values())
+
+
+def test_cluster_worker_dead_letters_every_hostile_event_and_stores_every_valid_one(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    s = settings_for(tmp_path, kafka_broker)
+    ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic], partitions=1)
+    images = list(mixed("image", KAFKA_CASES, SEED + 1, 900_000))
+    matches = list(mixed("match", KAFKA_CASES, SEED + 2, 900_000))
+    good_images, bad = _split(images, send_all(s, s.kafka_images_topic, [v for v, _ in images]))
+    good_matches, bad_matches = _split(matches, send_all(s, s.kafka_matches_topic, [v for v, _ in matches]))
+    state = SqliteGraphState(tmp_path / "state.db")
+    worker = ClusterWorker(s, state, _Board(), ClusterMetrics(CollectorRegistry()), 3600.0)
+    worker.run(max_idle=3)
+    assert worker.stopped_by == "max_idle"
+    assert set(state.images()) == {json.loads(v)["image_id"] for v in good_images}
+    assert {(m.a, m.b) for m in state.matches()} == {(json.loads(v)["a"], json.loads(v)["b"]) for v in good_matches}
+    dead = dead_letters(s, len(bad) + len(bad_matches))
+    assert set(dead) == bad | bad_matches
+    assert worker.last_run is not None and worker.last_run.clusters == 0  # no edge between two seen images
+    state.close()
+
+
+def hostile_posts(base: str, n: int, seed: int, photos: Sequence[str]) -> Iterator[tuple[bytes | None, bool]]:
+    """Posts for the ingest: the valid ones point at the test's photo server."""
+    rng = random.Random(seed)
+    for i, (raw, ok) in enumerate(mixed("post", n, seed, 900_000)):
+        if ok:
+            doc = json.loads(raw)
+            doc["url"] = f"{base}/img/{rng.choice(photos)}?n={i}"
+            yield json.dumps(doc).encode(), True
+        else:
+            yield raw, False
+
+
+@pytest.mark.slow  # loads the embedder in a subprocess: about a minute
+def test_ingest_worker_dead_letters_every_hostile_post_and_stores_every_valid_one(
+        kafka_broker: Broker, photo_server: PhotoServer, milvus_server: str, tmp_path: Path) -> None:  # noqa: F811
+    env = ingest_env(tmp_path, kafka_broker, MEMETRACE_MILVUS_URI=milvus_server, MEMETRACE_INGEST_BATCH_SIZE="32")
+    s = settings_from(env)
+    ensure_topics(s, [s.kafka_posts_topic, s.kafka_images_topic, s.kafka_deadletter_topic], partitions=1)
+    values = list(hostile_posts(photo_server.base, KAFKA_CASES, SEED + 3, sorted(photo_server.jpegs)))
+    good, bad = _split(values, send_all(s, s.kafka_posts_topic, [v for v, _ in values]))
+    totals = WorkerProcess(env, max_idle=5, name="ingest").finish(timeout=300)  # exit 0: it kept running
+    assert totals["stopped_by"] == "max_idle", totals
+    counts = milvus_counts(s)
+    assert counts["occurrences"] == len({json.loads(v)["post_id"] for v in good}), counts
+    dead = dead_letters(s, len(bad))
+    assert set(dead) == bad, f"{len(set(dead) ^ bad)} posts neither stored nor dead-lettered"
