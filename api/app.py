@@ -21,7 +21,7 @@ from memetrace.api.middleware import ObserveRequests
 from memetrace.api.records import posts_of, sorted_summaries, stored_image
 from memetrace.api.schemas import (MAX_ID, MAX_PAGE, MAX_POSTS, MAX_TIMELINE, ClusterDetail, ClusterItem,
                                    ClusterList, Health, HistoryEvent, ImageResponse, Ready, SearchResponse, Sort)
-from memetrace.api.search import OPENAPI_BODY, discard_body, read_query_image, search_image
+from memetrace.api.search import OPENAPI_BODY, read_query_image, search_image
 from memetrace.api.warmup import Warmup
 from memetrace.fetch import Fetcher, FetchPolicy
 from memetrace.matcher.query import CopyFinder
@@ -70,6 +70,7 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
 
     app = FastAPI(title="memetrace", description=DESCRIPTION, version="1", lifespan=lifespan)
     app.state.limits = limits  # read by server_for: uvicorn's own limits
+    app.state.searches = searches  # its counters: places held now, of how many
     install_error_handlers(app, s)
     app.add_middleware(BodyDeadline, timeout_s=limits.body_timeout_s)
     app.add_middleware(ObserveRequests, metrics=metrics)
@@ -85,14 +86,12 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
 
         Matches come best first (most `inliers`, the keypoints the geometric check verified); `kind` is full,
         partial, or identical (these very bytes are stored). 503 `busy` (with Retry-After) when
-        MEMETRACE_API_SEARCH_CONCURRENCY searches run and MEMETRACE_API_SEARCH_QUEUE more wait."""
-        try:
-            searches.check()  # before the body is parsed
-        except ApiError:
-            await discard_body(request, s.api_max_upload_bytes)
-            raise
-        data = await read_query_image(request, s.api_max_upload_bytes, fetcher, downloads)
-        return await searches.run(search_image, finder, ctx, metrics, data)
+        MEMETRACE_API_SEARCH_CONCURRENCY searches run and MEMETRACE_API_SEARCH_QUEUE more wait or
+        are being uploaded."""
+        with searches.place() as place:
+            data = await read_query_image(request, s.api_max_upload_bytes, fetcher, downloads, place)
+            place.take()  # a URL search downloads without one (its download has limits of its own)
+            return await searches.run(search_image, finder, ctx, metrics, data)
 
     @v1.get("/images/{image_id}", tags=["images"], responses=error_responses(404, *V1_ERRORS))
     def image(request: Request, image_id: ImageId) -> ImageResponse:

@@ -1,4 +1,4 @@
-"""``GET /gallery``: the clusters on the cluster board as the HTML page of ``memetrace clusters --html``
+"""``GET /gallery``: the clusters on the cluster board as the HTML page of ``memetrace export --html``
 (same cards, same CSS), with thumbnails served by ``/v1/images/{id}/thumbnail``."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def gallery_page(board: ClusterBoard, index: VectorIndex, sort: Sort, limit: int
     members = {c: ids[:THUMBS_PER_CARD] for c, ids in board.members([c.cluster_id for c in shown]).items()}
     rows = index.get([i for ids in members.values() for i in ids])
     cards = [render_card(c.cluster_id, _stats(c),
-                         [(i, [_name(rows[i]["path"]) if i in rows else str(i)]) for i in members[c.cluster_id]],
+                         [(i, [_name(rows[i].path) if i in rows else str(i)]) for i in members[c.cluster_id]],
                          c.images, _thumb_url)
              for c in shown]
     return render_page(cards, _header(shown, len(summaries), sort))

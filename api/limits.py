@@ -1,6 +1,10 @@
 """What keeps hostile uploads from taking the API down: searches on a pool of their own with a
 bounded queue (503 busy beyond it), and a deadline on every request body (408 past it).
 
+An upload holds its place in the pool from before its body is read until its answer: at most
+threads + queue query images are being received, spooled or decoded at once, whatever the number
+of connections.
+
 ``/healthz`` answers on the event loop and ``/readyz`` on a thread of its own: neither waits
 behind a search, whatever is decoding.
 """
@@ -29,38 +33,64 @@ class ApiLimits:
     search_threads: int  # searches running at once
     search_queue: int  # searches waiting for a thread; beyond, 503
     body_timeout_s: float  # the whole request body must arrive within this
+    header_timeout_s: float  # the request line and headers must arrive within this
     max_connections: int  # uvicorn's limit_concurrency
 
     @classmethod
     def from_settings(cls, s: Settings) -> ApiLimits:
-        return cls(s.api_search_concurrency, s.api_search_queue, s.api_body_timeout_s, s.api_max_connections)
+        return cls(s.api_search_concurrency, s.api_search_queue, s.api_body_timeout_s, s.api_header_timeout_s,
+                   s.api_max_connections)
 
 
 class SearchPool:
-    """Runs searches on ``threads`` threads of their own; refuses one at once when ``queue`` already wait.
+    """Runs searches on ``threads`` threads of their own; at most ``queue`` more hold a place
+    (receiving their upload, or waiting for a thread), beyond that one is refused at once.
 
-    Used from the event loop only (one thread), so the count needs no lock."""
+    Used from the event loop only (one thread), so the counts need no lock."""
 
     def __init__(self, threads: int, queue: int) -> None:
         self._limiter = CapacityLimiter(threads)
-        self._room = threads + queue
-        self._admitted = 0
+        self.room = threads + queue
+        self.held = 0  # places taken now: uploads being read, searches waiting or running
+        self.refused = 0  # searches answered busy, since the start
 
     def check(self) -> None:
-        """Raise 503 busy when a search would find no room: call it before parsing a body too, so an
-        overload costs no multipart parsing on the event loop."""
-        if self._admitted >= self._room:
-            raise ApiError(503, "busy", f"{self._admitted} searches are running or waiting (MEMETRACE_API_SEARCH_"
+        """Raise 503 busy when no place is left."""
+        if self.held >= self.room:
+            self.refused += 1
+            raise ApiError(503, "busy", f"{self.held} searches are running or waiting (MEMETRACE_API_SEARCH_"
                                         f"CONCURRENCY + MEMETRACE_API_SEARCH_QUEUE); retry in {BUSY_RETRY_AFTER_S} s",
                            {"Retry-After": str(BUSY_RETRY_AFTER_S)})
 
+    def place(self) -> Place:
+        return Place(self)
+
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        self.check()
-        self._admitted += 1
-        try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        finally:
-            self._admitted -= 1
+        """``fn(*args)`` on one of the pool's threads, once one is free: call it holding a :class:`Place`."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+class Place:
+    """One search's place in a :class:`SearchPool`: taken by :meth:`take` (503 busy when none is
+    left; again: a no-op), given back when the ``with`` block ends, however it ends."""
+
+    def __init__(self, pool: SearchPool) -> None:
+        self.pool = pool
+        self.taken = False
+
+    def take(self) -> None:
+        if not self.taken:
+            self.pool.check()
+            self.pool.held += 1
+            self.taken = True
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.taken:
+            self.pool.held -= 1
+            self.taken = False
 
 
 class BodyDeadline:

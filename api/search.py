@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.types import Message, Receive
 
 from memetrace.api.errors import ApiError, describe_validation
+from memetrace.api.limits import Place
 from memetrace.api.records import posts_of
 from memetrace.api.schemas import POSTS_PER_MATCH, Post, QueryImage, SearchMatch, SearchResponse
 from memetrace.fetch import Fetcher
@@ -63,11 +64,14 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return receive_limited
 
 
-async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher, downloads: CapacityLimiter) -> bytes:
+async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher, downloads: CapacityLimiter,
+                           place: Place) -> bytes:
     """The query image's bytes, from the multipart field ``image`` or a JSON ``{"url": ...}``.
 
-    A download can wait on a slow server for minutes: it takes a thread of ``downloads``, never
-    one of the shared pool that every other endpoint (and its auth check) needs."""
+    An upload takes its ``place`` in the search pool before a byte of it is read: the pool's room
+    bounds the uploads held at once. A download can wait on a slow server for minutes: it takes a
+    thread of ``downloads``, never one of the shared pool that every other endpoint (and its auth
+    check) needs, nor a search place."""
     limit = max_bytes + BODY_SLACK
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -76,9 +80,15 @@ async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher, d
     body = Request(request.scope, _limited(request.receive, limit))
     try:
         if media_type == "multipart/form-data":
+            try:
+                place.take()
+            except ApiError:
+                await _discard_body(request, max_bytes)  # unparsed, unheld: so the client reads the 503
+                raise
             return await _uploaded(body, max_bytes)
         if media_type == "application/json" or media_type.endswith("+json"):
             query = _parse_url_query(await _json_body(request))
+            place.pool.check()  # no download for a search that would be refused
             return await anyio.to_thread.run_sync(_download, fetcher, query.url, limiter=downloads)
     except _TooLarge:
         raise _too_large(max_bytes) from None
@@ -87,7 +97,7 @@ async def read_query_image(request: Request, max_bytes: int, fetcher: Fetcher, d
                    f'file in field "{FIELD}" (curl -F {FIELD}=@photo.jpg), or application/json {{"url": "..."}}')
 
 
-async def discard_body(request: Request, max_bytes: int) -> None:
+async def _discard_body(request: Request, max_bytes: int) -> None:
     """Read the body to its end without parsing it: an early refusal still answers a client that is
     sending (closing under it would reset the connection, answer included)."""
     try:
@@ -171,8 +181,8 @@ def _describe(ctx: Components, image: DecodedImage, copies: list[Copy]) -> Searc
         posts = posts_by_image.get(c.image_id, [])
         matches.append(SearchMatch(image_id=c.image_id, inliers=c.inliers, kind=c.kind, similarity=c.similarity,
                                    mirrored=c.mirrored, cluster_id=clusters.get(c.image_id),
-                                   path=rows.get(c.image_id, {}).get("path"), posts=posts[:POSTS_PER_MATCH],
-                                   posts_total=len(posts)))
+                                   path=rows[c.image_id].path if c.image_id in rows else None,
+                                   posts=posts[:POSTS_PER_MATCH], posts_total=len(posts)))
     query = QueryImage(image_id=image.image_id, width=image.width, height=image.height,
                        stored=bool(ctx.index.existing([image.image_id])))
     return SearchResponse(query=query, matches=matches)

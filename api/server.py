@@ -36,9 +36,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline for each request's head: uvicorn itself times a
-    connection out only while it is idle, so a client that sends half a header line would hold its
-    socket for ever. The body has its deadline in the app (:class:`memetrace.api.limits.BodyDeadline`)."""
+    """uvicorn's h11 protocol, plus a deadline for each request's head (MEMETRACE_API_HEADER_TIMEOUT_S):
+    uvicorn itself times a connection out only while it is idle, so a client that sends half a header
+    line would hold its socket for ever. The body has its deadline in the app (:class:`memetrace.api.limits.BodyDeadline`)."""
 
     def __init__(self, *args: Any, head_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,7 +74,7 @@ def server_for(app: FastAPI) -> uvicorn.Server:
     deadline on request heads, and the app's connection limit: beyond it uvicorn answers 503 before
     reading a request."""
     limits: ApiLimits = app.state.limits
-    protocol = partial(HeadDeadline, head_timeout_s=limits.body_timeout_s)
+    protocol = partial(HeadDeadline, head_timeout_s=limits.header_timeout_s)
     return uvicorn.Server(uvicorn.Config(app, http=protocol,  # type: ignore[arg-type] # a protocol factory
                                          log_config=None, access_log=False, server_header=False,
                                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",

@@ -23,7 +23,7 @@ from memetrace.clusterer.service import recluster
 from memetrace.clusterer.state import GraphState
 from memetrace.decode_budget import DecodeBudget
 from memetrace.fetch import Fetcher, FetchPolicy
-from memetrace.ingest.indexer import Indexer, IndexConfig, IndexReport, Outcome, Refused, Stored
+from memetrace.ingest.indexer import Indexer, IndexConfig, IndexReport, Outcome, Stored, Unindexable
 from memetrace.ingest.sources import iter_directory, iter_list_file
 from memetrace.matcher.matching import MatchConfig, Matcher
 from memetrace.models import Match
@@ -79,7 +79,7 @@ def record(batch: BatchCatalog, outcomes: list[Outcome]) -> None:
     stored = [o for o in outcomes if isinstance(o, Stored)]
     batch.add_images((o.image_id, o.nb_points) for o in stored)
     batch.add_paths((o.key, o.image_id) for o in stored)
-    batch.add_bad((o.key, o.reason, o.detail) for o in outcomes if isinstance(o, Refused))
+    batch.add_bad((o.key, o.reason, o.detail) for o in outcomes if isinstance(o, Unindexable))
 
 
 def counts(c: Context) -> dict[str, int]:

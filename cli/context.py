@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from pymilvus import MilvusClient
-
-from memetrace.cli.catalog import BatchCatalog, SqliteBatchCatalog
-from memetrace.cluster_board import ClusterBoard
-from memetrace.clusterer.state import GraphState, SqliteGraphState
-from memetrace.embedder import Embedder
-from memetrace.feature_store import FeatureStore, LocalFeatureStore
-from memetrace.keypoints import KeypointExtractor
-from memetrace.milvus import (MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect,
-                              stored_dim)
-from memetrace.occurrence_log import OccurrenceLog
 from memetrace.settings import Settings
-from memetrace.vector_index import VectorIndex
+
+if TYPE_CHECKING:  # the heavy modules (torch, pymilvus) load on first use: `memetrace --help` stays fast
+    from pymilvus import MilvusClient
+
+    from memetrace.cli.catalog import BatchCatalog
+    from memetrace.cluster_board import ClusterBoard
+    from memetrace.clusterer.state import GraphState
+    from memetrace.embedder import Embedder
+    from memetrace.feature_store import FeatureStore
+    from memetrace.keypoints import KeypointExtractor
+    from memetrace.milvus import MilvusConfig
+    from memetrace.occurrence_log import OccurrenceLog
+    from memetrace.vector_index import VectorIndex
 
 
 class Context:
+    """The components of one process, each built from the settings on first use."""
+
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         """``embedder``: one already loaded (a test session's, say) instead of one built on first use."""
         self.settings = settings
@@ -28,38 +32,54 @@ class Context:
 
     @cached_property
     def embedder(self) -> Embedder:
-        return Embedder(self.settings)
+        from memetrace.embedder import EmbedConfig, Embedder
+
+        return Embedder(EmbedConfig.from_settings(self.settings))
 
     @cached_property
     def extractor(self) -> KeypointExtractor:
+        from memetrace.keypoints import KeypointExtractor
+
         s = self.settings
         return KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max)
 
     @cached_property
     def milvus_config(self) -> MilvusConfig:
+        from memetrace.milvus import MilvusConfig
+
         return MilvusConfig.from_settings(self.settings)
 
     @cached_property
     def milvus(self) -> MilvusClient:
         """The one client the Milvus backends share."""
+        from memetrace.milvus import connect
+
         return connect(self.milvus_config)
 
     @cached_property
     def index(self) -> VectorIndex:
+        from memetrace.milvus import MilvusVectorIndex, stored_dim
+
         # services that never embed (match, cluster, serve) take the size from the stored collection
         dim = stored_dim(self.milvus, self.milvus_config)
         return MilvusVectorIndex(self.milvus, self.milvus_config, self.embedder.dim if dim is None else dim)
 
     @cached_property
     def occurrences(self) -> OccurrenceLog:
+        from memetrace.milvus import MilvusOccurrenceLog
+
         return MilvusOccurrenceLog(self.milvus, self.milvus_config)
 
     @cached_property
     def board(self) -> ClusterBoard:
+        from memetrace.milvus import MilvusClusterBoard
+
         return MilvusClusterBoard(self.milvus, self.milvus_config)
 
     @cached_property
     def features(self) -> FeatureStore:
+        from memetrace.feature_store import LocalFeatureStore
+
         if self.settings.feature_store == "s3":
             from memetrace.s3_feature_store import S3FeatureStore  # boto3 only when used
 
@@ -69,8 +89,12 @@ class Context:
     @cached_property
     def catalog(self) -> BatchCatalog:
         """The batch pipeline's record (two files, not one: see memetrace.cli.catalog)."""
+        from memetrace.cli.catalog import SqliteBatchCatalog
+
         return SqliteBatchCatalog(self.settings.data_dir / "catalog.db")
 
     @cached_property
     def graph_state(self) -> GraphState:
+        from memetrace.clusterer.state import SqliteGraphState
+
         return SqliteGraphState(self.settings.resolved_cluster_state_path())

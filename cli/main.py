@@ -11,6 +11,7 @@ import click
 from memetrace import logs
 from memetrace.cli.context import Context
 from memetrace.settings import Settings, unknown_env_names
+from memetrace.errors import DependencyDown, StorageDenied
 from memetrace.sqlite_file import IncompatibleFile
 
 log = logging.getLogger("memetrace")
@@ -20,12 +21,26 @@ def _context(ctx: click.Context) -> Context:
     return ctx.obj
 
 
+#: old verb -> the verb it became (accepted until 0.3, with a warning)
+RENAMED_VERBS = {"clusters": "export"}
+
+
 class _Group(click.Group):
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in RENAMED_VERBS:
+            log.warning(f"`memetrace {cmd_name}` is now `memetrace {RENAMED_VERBS[cmd_name]}`")
+            cmd_name = RENAMED_VERBS[cmd_name]
+        return super().get_command(ctx, cmd_name)
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except IncompatibleFile as exc:  # a store file of an older format: one line, not a traceback
-            raise click.ClickException(str(exc)) from exc
+        except (IncompatibleFile, StorageDenied, DependencyDown) as exc:
+            # a store file of an older format, an unwritable disk, a dependency down: one line that
+            # names the file or service and what to do; -v shows the traceback
+            if ctx.params.get("verbose"):
+                raise
+            raise click.ClickException(f"{exc} (-v for the traceback)") from exc
 
 
 @click.group(cls=_Group)
@@ -39,7 +54,8 @@ def main(ctx: click.Context, verbose: int, data_dir: Path | None) -> None:
     for name, closest in unknown_env_names().items():
         log.warning(f"{name} is not a memetrace setting, ignored" + (f": did you mean {closest}?" if closest else ""))
     settings = Settings(data_dir=data_dir) if data_dir else Settings()
-    ctx.obj = Context(settings)
+    # a caller running the CLI in-process (a test, a notebook) may hand a loaded embedder as ``obj``
+    ctx.obj = Context(settings, embedder=ctx.obj)
 
 
 @main.command()
@@ -61,8 +77,8 @@ def index(ctx: click.Context, source: Path) -> None:
 @click.option("--link-dir", type=click.Path(path_type=Path), default=None,
               help="one folder of symlinks per cluster (clusters of 2+ images)")
 @click.pass_context
-def clusters(ctx: click.Context, out: Path | None, html_dir: Path | None, link_dir: Path | None) -> None:
-    """Write the clusters: PIMMI-style CSV, optional HTML gallery and symlink folders."""
+def export(ctx: click.Context, out: Path | None, html_dir: Path | None, link_dir: Path | None) -> None:
+    """Write the clusters of the indexed folders: PIMMI-style CSV, optional HTML gallery and symlink folders."""
     from memetrace.cli.batch import cluster_table
     from memetrace.clusterer.export import write_csv, write_link_dir
 
@@ -145,7 +161,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     reasons: dict[str, int] = {}
     for _, reason, _ in c.catalog.bad_files():
         reasons[reason] = reasons.get(reason, 0) + 1
-    out = {**counts, "bad_files_by_reason": reasons, **_ingest_counts(c.settings),
+    out = {**counts, "bad_files_by_reason": reasons, **_ingest_counts(c),
            "data_dir": str(c.settings.data_dir)}
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -182,15 +198,14 @@ def demo(ctx: click.Context, out: Path | None) -> None:
     click.echo(f"clusters CSV: {csv_path}\ngallery: {page}")
 
 
-def _ingest_counts(s: Settings) -> dict:
+def _ingest_counts(c: Context) -> dict:
     """Streaming-ingest counts, kept in Milvus (shared by every worker): occurrences, dead letters."""
     from memetrace.milvus import stored_dim
 
     empty = {"occurrences": 0, "deadlettered": 0, "deadlettered_by_reason": {}}
-    uri = s.resolved_milvus_uri()
+    uri = c.settings.resolved_milvus_uri()
     if "://" not in uri and not Path(uri).exists():
         return empty
-    c = Context(s)
     if stored_dim(c.milvus, c.milvus_config) is None:
         return empty
     posts = c.occurrences

@@ -6,7 +6,7 @@ run a single replica: it owns the graph. Its state is a GraphState (SQLite, ``ME
     poll ─► image events ─► state.images + state.posts       (first row kept: redelivery-safe)
          └► match events ─► state.matches                    (keyed by pair)
          ─► commit offsets (the SQLite transactions are durable)
-    every N seconds: recluster ─► history events, per-cluster stats ─► Milvus (the API reads them)
+    every N seconds: recluster ─► history events, per-cluster stats ─► ClusterBoard (the API reads it)
                                ─► gauges: clusters, images clustered, largest, new, top growing
 
 Events that are not valid contracts (bad JSON, ids out of range, ``a`` ≥ ``b``...) are
@@ -32,7 +32,7 @@ from memetrace.clusterer.service import ClusterRun, recluster
 from memetrace.clusterer.state import GraphState
 from memetrace.messages import ImageEvent, MatchEvent
 from memetrace.settings import Settings
-from memetrace.stream import Abandoned, DeadLetter, StreamWorker
+from memetrace.stream import Abandoned, DeadLetter, StreamConfig, StreamWorker
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ class ClusterWorker(StreamWorker):
     def __init__(self, settings: Settings, state: GraphState, board: ClusterBoard, metrics: ClusterMetrics,
                  every_s: float, consumer: KafkaConsumer | None = None) -> None:
         s = settings
-        super().__init__(s, metrics, [s.kafka_images_topic, s.kafka_matches_topic], s.kafka_cluster_group_id,
-                         BATCH, consumer)
+        super().__init__(StreamConfig.from_settings(s), metrics, [s.kafka_images_topic, s.kafka_matches_topic],
+                         s.kafka_cluster_group_id, BATCH, consumer)
+        self.s = s
         self.metrics: ClusterMetrics = metrics
         self.board = board
         self.state = state
@@ -72,8 +73,8 @@ class ClusterWorker(StreamWorker):
         return dead + dead_images
 
     def tick(self) -> None:
-        if time.monotonic() >= self._next_run:
-            self.run_once()
+        if time.monotonic() >= self._next_run:  # its state write waits out a full or locked disk too
+            self.retry("recluster", self.run_once, poison=False)
 
     def close(self) -> None:
         if not self._dirty:
@@ -81,13 +82,13 @@ class ClusterWorker(StreamWorker):
         try:
             self.run_once()  # leave the published clusters up to date with what was committed
         except Abandoned:
-            log.warning("last reclustering abandoned (Milvus down): the next start publishes everything")
+            log.warning("last reclustering abandoned (cluster board down): the next start publishes everything")
 
     def run_once(self) -> ClusterRun:
-        """Recluster now, publish to Milvus (retried while it is down), update the gauges."""
+        """Recluster now, publish to the ClusterBoard (retried while it is down), update the gauges."""
         first = self.last_run is None
         run = recluster(self.state, self.s.cluster_algorithm, now=time.time(), publish_all=first,
-                        publish=lambda *a: self.retry("milvus", lambda: self.board.publish(*a)))
+                        publish=lambda *a: self.retry("cluster board", lambda: self.board.publish(*a)))
         self.last_run, self._dirty = run, False
         self._next_run = time.monotonic() + self.every_s
         self._observe(run)

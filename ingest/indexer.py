@@ -7,7 +7,7 @@ For each chunk of inputs::
     -> which images the vector index has already (same bytes = same id)   [dependency read]
     -> embed the others, once each (batched, GPU when present)              (pure compute)
     -> feature store (keypoints, thumbnail), then vector index (vectors)    [dependency writes]
-    -> one outcome per input: Stored(image id, keypoints, new) or Refused(reason)
+    -> one outcome per input: Stored(image id, keypoints, new) or Unindexable(reason)
 
 Dependency calls go through ``call``: the streaming worker passes its retry with backoff, the batch
 pipeline calls once. A retry repeats that one call, never the decoding or the embedding: the writes
@@ -30,13 +30,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Protocol, Self, TypeVar
+from typing import Protocol, Self
 
 import cv2
 import numpy as np
 
 from memetrace.decode_budget import DecodeBudget
 from memetrace.embedder import EmbedInput
+from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
 from memetrace.imageio import BadImage, DecodeLimits, decode
 from memetrace.ingest.sources import InputItem
@@ -46,16 +47,6 @@ from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-#: runs one dependency call (a read or a write of a store), e.g. with retries
-Call = Callable[[Callable[[], T]], T]
-
-
-def call_once(fn: Callable[[], T]) -> T:
-    """The default :data:`Call`: no retry, a failure propagates."""
-    return fn()
-
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -117,7 +108,7 @@ class Stored:
 
 
 @dataclass(frozen=True)
-class Refused:
+class Unindexable:
     """An input that is not an indexable image; ``reason`` as :class:`memetrace.imageio.BadImage`'s."""
 
     key: str
@@ -125,7 +116,7 @@ class Refused:
     detail: str
 
 
-Outcome = Stored | Refused
+Outcome = Stored | Unindexable
 
 
 @dataclass(frozen=True)
@@ -149,7 +140,7 @@ class IndexReport:
     def add(self, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes:
             self.seen += 1
-            if isinstance(o, Refused):
+            if isinstance(o, Unindexable):
                 self.bad[o.reason] = self.bad.get(o.reason, 0) + 1
             elif o.new:
                 self.new_images += 1
@@ -188,7 +179,7 @@ class Indexer:
 
     def index(self, items: Iterable[InputItem], call: Call = call_once) -> Iterator[list[Outcome]]:
         """Index ``items``; yields each chunk's outcomes (in input order) once the chunk is stored."""
-        pending: deque[list[Future[PreparedImage | Refused]]] = deque()
+        pending: deque[list[Future[PreparedImage | Unindexable]]] = deque()
         with ThreadPoolExecutor(self.config.prepare_threads) as pool:
             for chunk in _chunks(items, self.config.chunk_size):
                 pending.append([pool.submit(self.prepare, it) for it in chunk])
@@ -197,7 +188,7 @@ class Indexer:
             while pending:
                 yield self._finish(pending.popleft(), call)
 
-    def _finish(self, futures: list[Future[PreparedImage | Refused]], call: Call) -> list[Outcome]:
+    def _finish(self, futures: list[Future[PreparedImage | Unindexable]], call: Call) -> list[Outcome]:
         prepared = [f.result() for f in futures]
         ids = sorted({p.image_id for p in prepared if isinstance(p, PreparedImage)})
         chunk = self.embed(prepared, call(lambda: self.vectors.existing(ids)))
@@ -206,17 +197,17 @@ class Indexer:
 
     # ------------------------------------------------------------------ the steps
 
-    def prepare(self, item: InputItem) -> PreparedImage | Refused:
+    def prepare(self, item: InputItem) -> PreparedImage | Unindexable:
         """Read, decode and describe one input (thread-safe); pure compute, no store touched."""
         t0 = time.perf_counter()
         try:
             data = item.read()
         except (OSError, ValueError) as exc:
-            return Refused(item.key, "unreadable", str(exc))
+            return Unindexable(item.key, "unreadable", str(exc))
         try:
             image = decode(data, self.config.decode, self.decode_budget)
         except BadImage as exc:
-            return Refused(item.key, exc.reason, exc.detail)
+            return Unindexable(item.key, exc.reason, exc.detail)
         t1 = time.perf_counter()
         keypoints = self.extractor.extract(image.rgb)
         t2 = time.perf_counter()
@@ -227,12 +218,12 @@ class Indexer:
         self.observer.decode_seconds(time.perf_counter() - t2 + t1 - t0)
         return prepared
 
-    def embed(self, prepared: Sequence[PreparedImage | Refused], stored: set[int]) -> Embedded:
+    def embed(self, prepared: Sequence[PreparedImage | Unindexable], stored: set[int]) -> Embedded:
         """Outcomes of one chunk, embedding each image that ``stored`` (the vector index's) lacks once."""
         fresh: dict[int, PreparedImage] = {}
         outcomes: list[Outcome] = []
         for p in prepared:
-            if isinstance(p, Refused):
+            if isinstance(p, Unindexable):
                 log.info("bad input", extra={"input": p.key, "reason": p.reason, "detail": p.detail})
                 outcomes.append(p)
                 continue

@@ -2,25 +2,34 @@
 
 Used by ``memetrace index`` for the images a run added, by ``memetrace query`` for outside
 images, and by the streaming matcher service for each new image event.
+
+Every store read (vectors and candidates from the index, keypoints from the feature store) goes
+through ``call``: the streaming worker passes its retry, so a failed read is repeated alone, never
+the candidate searches and verifications already done; the batch pipeline calls once.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import partial
 from typing import Self
 
 import faiss
 import numpy as np
 
+from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
 from memetrace.matcher.verify import Prepared, Verifier, VerifyConfig
 from memetrace.models import Candidate, Match
 from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
+
+CACHED = 4096  # prepared keypoints kept: the images a viral batch verifies against again and again
 
 
 @dataclass(frozen=True)
@@ -47,31 +56,43 @@ class Matcher:
         self.index = index
         self.features = features
         self.verifier = verifier or Verifier(config.verify)
-        self.prepared = lru_cache(maxsize=4096)(self._load)
+        self._prepared: OrderedDict[int, Prepared | None] = OrderedDict()  # the latest CACHED, by use
+        self._cache_lock = threading.Lock()
         faiss.omp_set_num_threads(1)  # parallelism comes from our threads, one query each
 
-    def _load(self, image_id: int) -> Prepared | None:
-        kp = self.features.get_keypoints(image_id)
-        return Prepared(kp) if kp is not None else None
+    def prepared(self, image_id: int, call: Call = call_once) -> Prepared | None:
+        """The stored keypoints of ``image_id`` ready to verify (None: none stored), read through ``call``."""
+        with self._cache_lock:
+            if image_id in self._prepared:
+                self._prepared.move_to_end(image_id)
+                return self._prepared[image_id]
+        kp = call(lambda: self.features.get_keypoints(image_id))
+        p = Prepared(kp) if kp is not None else None
+        with self._cache_lock:
+            self._prepared[image_id] = p
+            if len(self._prepared) > CACHED:
+                self._prepared.popitem(last=False)
+        return p
 
     def _keep(self, cands: list[Candidate]) -> list[Candidate]:
         return [c for c in cands if c.similarity >= self.config.candidate_min_similarity]
 
-    def _verify(self, query: Prepared, cands: Sequence[Candidate]) -> list[tuple[Candidate, object]]:
-        loaded = [(c, self.prepared(c.image_id)) for c in cands]
+    def _verify(self, query: Prepared, cands: Sequence[Candidate], call: Call) -> list[tuple[Candidate, object]]:
+        loaded = [(c, self.prepared(c.image_id, call)) for c in cands]
         loaded = [(c, p) for c, p in loaded if p is not None]
         found = self.verifier.verify_many(query, [p for _, p in loaded])
         return [(loaded[v.candidate][0], v) for v in found]
 
-    def _candidates_of(self, image_ids: Sequence[int], since: int | None) -> tuple[list[int], list[list[Candidate]]]:
+    def _candidates_of(self, image_ids: Sequence[int], since: int | None,
+                       call: Call) -> tuple[list[int], list[list[Candidate]]]:
         # regions are only searched against images stored before ``since``: none, no regions needed
-        with_regions = since is None or self.index.stored_before(since)
-        ids, glob, regs = self.index.vectors(image_ids, with_regions=with_regions)
-        return ids, self.index.candidates_many(glob, regs, self.config.candidates_k, ids,
-                                               regions_vs_stored_before=since)
+        with_regions = since is None or call(lambda: self.index.stored_before(since))
+        ids, glob, regs = call(lambda: self.index.vectors(image_ids, with_regions=with_regions))
+        return ids, call(lambda: self.index.candidates_many(glob, regs, self.config.candidates_k, ids,
+                                                            regions_vs_stored_before=since))
 
     def match_stored(self, image_ids: Sequence[int], on_progress: Callable[[int], None] = lambda n: None,
-                     chunk: int = 64, all_stored_since: int | None = None) -> list[Match]:
+                     chunk: int = 64, all_stored_since: int | None = None, call: Call = call_once) -> list[Match]:
         """Verified matches of stored images against everything stored (each pair checked once).
 
         ``all_stored_since``: every image stored since that time (unix ms) is among ``image_ids``
@@ -81,19 +102,20 @@ class Matcher:
         done: set[tuple[int, int]] = set()
         matches: list[Match] = []
         chunks = [image_ids[i:i + chunk] for i in range(0, len(image_ids), chunk)]
+        candidates_of = partial(self._candidates_of, since=all_stored_since, call=call)
         with ThreadPoolExecutor(self.config.match_threads) as pool, ThreadPoolExecutor(1) as search:
-            ahead = search.submit(self._candidates_of, chunks[0], all_stored_since) if chunks else None
+            ahead = search.submit(candidates_of, chunks[0]) if chunks else None
             for k in range(len(chunks)):
                 ids, cand_lists = ahead.result()
                 if k + 1 < len(chunks):
-                    ahead = search.submit(self._candidates_of, chunks[k + 1], all_stored_since)
+                    ahead = search.submit(candidates_of, chunks[k + 1])
                 jobs = []
                 for qid, cands in zip(ids, cand_lists):
                     todo = [c for c in self._keep(cands) if (min(qid, c.image_id), max(qid, c.image_id)) not in done]
                     done.update((min(qid, c.image_id), max(qid, c.image_id)) for c in todo)
-                    query = self.prepared(qid)
-                    if query is not None and todo:
-                        jobs.append((qid, pool.submit(self._verify, query, todo)))
+                    query = self.prepared(qid, call) if todo else None
+                    if query is not None:
+                        jobs.append((qid, pool.submit(self._verify, query, todo, call)))
                 for qid, fut in jobs:
                     for cand, v in fut.result():
                         matches.append(Match(min(qid, cand.image_id), max(qid, cand.image_id), v.inliers, v.kind))
@@ -101,7 +123,7 @@ class Matcher:
         return matches
 
     def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints,
-                      exclude: int = -1) -> list[tuple[Candidate, object]]:
+                      exclude: int = -1, call: Call = call_once) -> list[tuple[Candidate, object]]:
         """Verified copies of an image that need not be stored (``memetrace query``, the API)."""
-        cands = self._keep(self.index.candidates(vector, regions, self.config.candidates_k, exclude))
-        return self._verify(Prepared(keypoints), cands)
+        cands = self._keep(call(lambda: self.index.candidates(vector, regions, self.config.candidates_k, exclude)))
+        return self._verify(Prepared(keypoints), cands, call)

@@ -30,13 +30,11 @@ from collections.abc import Sequence
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
-from memetrace.feature_store import FeatureStore
-from memetrace.matcher.matching import MatchConfig, Matcher
+from memetrace.matcher.matching import Matcher
 from memetrace.matcher.metrics import MatchMetrics
 from memetrace.messages import ImageEvent, MatchEvent
 from memetrace.settings import Settings
-from memetrace.stream import DeadLetter, StreamWorker
-from memetrace.vector_index import VectorIndex
+from memetrace.stream import DeadLetter, StreamConfig, StreamWorker, ping_probe
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +46,15 @@ class MatchWorker(StreamWorker):
 
     name = "match"
 
-    def __init__(self, settings: Settings, index: VectorIndex, features: FeatureStore, metrics: MatchMetrics,
+    def __init__(self, settings: Settings, matcher: Matcher, metrics: MatchMetrics,
                  producer: KafkaProducer | None = None, consumer: KafkaConsumer | None = None) -> None:
+        """``matcher``: built by the caller (``Matcher(MatchConfig.from_settings(s), index, features)``)."""
         s = settings
-        super().__init__(s, metrics, [s.kafka_images_topic], s.kafka_match_group_id, s.match_batch_size, consumer,
-                         producer)
+        super().__init__(StreamConfig.from_settings(s), metrics, [s.kafka_images_topic], s.kafka_match_group_id,
+                         s.match_batch_size, consumer, producer, probes={"milvus": ping_probe(matcher.index)})
+        self.s = s
         self.metrics: MatchMetrics = metrics
-        self.matcher = Matcher(MatchConfig.from_settings(s), index, features)
-        self.probes["milvus"] = index.count  # answers: a failing match of one event is that event's
+        self.matcher = matcher
         self.recent: OrderedDict[int, None] = OrderedDict()
         self.matched = 0
         self.published = 0
@@ -66,7 +65,8 @@ class MatchWorker(StreamWorker):
         if not todo:
             return dead
         t0 = time.perf_counter()
-        matches = self.retry("milvus", lambda: self.matcher.match_stored(todo))
+        # each store read retried alone, named by its dependency: no search or verification done twice
+        matches = self.matcher.match_stored(todo, call=lambda fn: self.retry("match reads", fn))
         per_image = (time.perf_counter() - t0) / len(todo)
         edges = [MatchEvent.of(m) for m in matches]
         self.send([(self.s.kafka_matches_topic, e.key(), e.to_bytes(), []) for e in edges])

@@ -8,11 +8,34 @@ Backends: ``memetrace.milvus.MilvusClusterBoard`` and :class:`MemoryClusterBoard
 
 from __future__ import annotations
 
+import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from memetrace.models import ClusterSummary
+
+#: the bytes of JSON a summary's platforms and history are kept in (Milvus VARCHARs), the platforms kept
+PLATFORMS_BYTES = 4096
+HISTORY_BYTES = 16_384
+MAX_PLATFORMS = 50
+
+
+def fitted_summary(c: ClusterSummary) -> ClusterSummary:
+    """``c`` as every backend keeps it: its most posted platforms (most first) and latest events
+    whose JSON fits their fields; the least posted platforms and the oldest events are left out first."""
+    platforms = sorted(c.platforms.items(), key=lambda kv: kv[1])[-MAX_PLATFORMS:]
+    platforms = _fitting_tail(platforms, PLATFORMS_BYTES, lambda kv: dict(reversed(kv)))
+    return replace(c, platforms=dict(reversed(platforms)), history=_fitting_tail(list(c.history), HISTORY_BYTES, list))
+
+
+def _fitting_tail(items: list, max_bytes: int, as_json: Callable[[list], object]) -> list:
+    """The longest tail of ``items`` whose ``as_json`` JSON fits in ``max_bytes``: cutting the JSON
+    text instead would leave it unreadable."""
+    while len(json.dumps(as_json(items)).encode("utf-8")) > max_bytes and items:
+        items = items[1:]
+    return items
 
 
 class ClusterBoard(ABC):
@@ -39,7 +62,7 @@ class ClusterBoard(ABC):
 
 
 class MemoryClusterBoard(ClusterBoard):
-    """Dicts; thread-safe. Summaries are kept whole (the Milvus backend trims oversized fields)."""
+    """Dicts; thread-safe. Summaries are trimmed as in Milvus (:func:`fitted_summary`)."""
 
     def __init__(self) -> None:
         self._cluster_of: dict[int, int] = {}
@@ -50,7 +73,7 @@ class MemoryClusterBoard(ClusterBoard):
                 removed: Sequence[int] = ()) -> None:
         with self._lock:
             self._cluster_of.update((int(i), int(c)) for i, c in assignment.items())
-            self._summaries.update((c.cluster_id, c) for c in summaries)
+            self._summaries.update((c.cluster_id, fitted_summary(c)) for c in summaries)
             for c in removed:
                 self._summaries.pop(int(c), None)
 

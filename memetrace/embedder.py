@@ -122,12 +122,15 @@ def machine_key(model_name: str, size: int) -> str:
 
 
 class PrecisionCache:
-    """The measured choice per machine key, in a small JSON file (unwritable: measured each start)."""
+    """The measured choice per machine key, in a small JSON file (None or unwritable: measured at
+    each start)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
 
     def get(self, key: str) -> str | None:
+        if self.path is None:
+            return None
         try:
             value = json.loads(self.path.read_text()).get(key)
         except (OSError, ValueError):
@@ -135,6 +138,8 @@ class PrecisionCache:
         return value if value in CPU_CANDIDATES else None
 
     def put(self, key: str, value: str) -> None:
+        if self.path is None:
+            return
         try:
             known = json.loads(self.path.read_text()) if self.path.exists() else {}
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,33 +168,55 @@ def gem(fmap: torch.Tensor, p: float) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What the embedder reads of the settings."""
+
+    model_name: str = "tf_efficientnet_lite0"
+    model_weights: Path | None = None  # None: the installed EfficientNet-Lite0 package
+    image_size: int = 224
+    box_image_size: int = 224
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    gem_p: float = 3.0
+    regions: bool = True
+    precision_cache: Path | None = None  # where precision=auto keeps its measured choice
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> EmbedConfig:
+        return cls(model_name=s.model_name, model_weights=s.model_weights, image_size=s.image_size,
+                   box_image_size=s.box_image_size, device=s.device, precision=s.precision,
+                   batch_size=s.batch_size, gem_p=s.gem_p, regions=s.regions,
+                   precision_cache=s.data_dir / "precision.json")
+
+
 class Embedder:
     """Batched descriptors: ``embed(images) -> (global N x D, [regional R_i x D per image])``."""
 
-    def __init__(self, settings: Settings, model: torch.nn.Module | None = None, probe: Probe | None = None,
+    def __init__(self, config: EmbedConfig, model: torch.nn.Module | None = None, probe: Probe | None = None,
                  cache: PrecisionCache | None = None) -> None:
         """``probe``: how ``precision=auto`` measures a CPU precision (default: time this model);
-        ``cache``: where the choice is kept per machine (default: ``data_dir/precision.json``)."""
-        self.settings = settings
-        self.device = pick_device(settings.device)
-        model = model if model is not None else load_backbone(settings.model_name, settings.model_weights)
+        ``cache``: where the choice is kept per machine (default: ``config.precision_cache``, or none)."""
+        self.config = config
+        self.device = pick_device(config.device)
+        model = model if model is not None else load_backbone(config.model_name, config.model_weights)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        self.size = settings.image_size
+        self.size = config.image_size
         self._frozen_by_size: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-        self.dtype = self._choose_dtype(probe or self._time_batch, cache or PrecisionCache(
-            settings.data_dir / "precision.json"))
+        self.dtype = self._choose_dtype(probe or self._time_batch, cache or PrecisionCache(config.precision_cache))
         if self.device.type == "cuda" and self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)  # inputs are cast to the same type
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.size, self.size, device=self.device)
             self.dim = int(self._features(probe).shape[1])
-        log.info("embedder ready", extra={"model": settings.model_name, "device": str(self.device),
+        log.info("embedder ready", extra={"model": config.model_name, "device": str(self.device),
                                           "dtype": str(self.dtype), "dim": self.dim})
 
     def _choose_dtype(self, probe: Probe, cache: PrecisionCache) -> torch.dtype:
-        if self.settings.precision != "auto" or self.device.type != "cpu":
-            return pick_dtype(self.settings.precision, self.device)
-        key = machine_key(self.settings.model_name, self.size)
+        if self.config.precision != "auto" or self.device.type != "cpu":
+            return pick_dtype(self.config.precision, self.device)
+        key = machine_key(self.config.model_name, self.size)
         if (known := cache.get(key)) is not None:
             return _DTYPES[known]
         dtype = pick_dtype("auto", self.device, probe)
@@ -269,21 +296,21 @@ class Embedder:
 
     def inputs(self, rgb: np.ndarray, boxes: Sequence[Box] | None = None) -> EmbedInput:
         """What :meth:`embed_inputs` needs of ``rgb``; its content boxes are found when not given."""
-        if not self.settings.regions:
+        if not self.config.regions:
             boxes = []
         elif boxes is None:
             boxes = content_boxes(rgb)
-        side = self.settings.box_image_size
+        side = self.config.box_image_size
         return EmbedInput(_square(rgb, self.size), tuple(_square(crop(rgb, b), side) for b in boxes))
 
     def embed_inputs(self, inputs: Sequence[EmbedInput]) -> tuple[np.ndarray, list[np.ndarray]]:
         """:meth:`embed` of images already reduced to their :meth:`inputs`."""
-        glob, grid = self._embed_all([x.whole for x in inputs], with_grid=self.settings.regions)
+        glob, grid = self._embed_all([x.whole for x in inputs], with_grid=self.config.regions)
         crops = [c for x in inputs for c in x.crops]
-        box_vecs, _ = self._embed_all(crops, with_grid=False, size=self.settings.box_image_size)
+        box_vecs, _ = self._embed_all(crops, with_grid=False, size=self.config.box_image_size)
         regions, k = [], 0
         for i, x in enumerate(inputs):
-            regions.append(np.concatenate([grid[i], box_vecs[k:k + len(x.crops)]]) if self.settings.regions
+            regions.append(np.concatenate([grid[i], box_vecs[k:k + len(x.crops)]]) if self.config.regions
                            else np.zeros((0, self.dim), np.float32))
             k += len(x.crops)
         return glob, regions
@@ -292,7 +319,7 @@ class Embedder:
                    ) -> tuple[np.ndarray, np.ndarray]:
         n_grid = len(grid_cells(1, 1)) if with_grid else 0
         glob, grid = [np.zeros((0, self.dim), np.float32)], [np.zeros((0, n_grid, self.dim), np.float32)]
-        bs = self.settings.batch_size
+        bs = self.config.batch_size
         for start in range(0, len(images), bs):
             batch = torch.stack([self.preprocess(im, size) for im in images[start:start + bs]])
             if self.device.type == "cuda":
@@ -305,7 +332,7 @@ class Embedder:
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor, with_grid: bool = True) -> tuple[np.ndarray, np.ndarray]:
         fmap = self._features(batch)
-        p = self.settings.gem_p
+        p = self.config.gem_p
         g = F.normalize(gem(fmap, p), dim=1).cpu().numpy()
         if not with_grid:
             return g, np.zeros((len(batch), 0, self.dim), np.float32)

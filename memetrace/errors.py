@@ -7,6 +7,19 @@ and readiness reports it. Anything else is either a bad input (dead-lettered) or
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: runs one dependency call (a read or a write of a store), e.g. with the consume loop's retries
+Call = Callable[[Callable[[], T]], T]
+
+
+def call_once(fn: Callable[[], T]) -> T:
+    """The default :data:`Call`: no retry, a failure propagates."""
+    return fn()
+
 
 class DependencyDown(Exception):
     """A dependency did not answer or refused for a reason that may pass (down, overloaded, restarting)."""
@@ -25,3 +38,8 @@ class Refused(Exception):
         super().__init__(f"{dependency} refused the message: {detail}")
         self.dependency = dependency
         self.detail = detail
+
+
+class StorageDenied(Exception):
+    """The local disk refused a write for a reason waiting cannot fix (permissions, read-only): the
+    consume loop stops the worker with this one-line message, nothing of the batch committed."""

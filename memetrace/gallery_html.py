@@ -1,6 +1,6 @@
 """The HTML of a cluster gallery: figures, thumbnail cells, cluster cards and the page around them.
 
-Shared by the static gallery of ``memetrace clusters --html`` (thumbnails copied next to the page)
+Shared by the static gallery of ``memetrace export --html`` (thumbnails copied next to the page)
 and the query API's ``/gallery`` (thumbnails served by the API): self-contained pages, inline CSS,
 no scripts, every text escaped.
 """
@@ -85,6 +85,6 @@ def render_page(cards: list[str], summary: str) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>memetrace clusters</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        f"<h1>memetrace clusters</h1>\n{summary}\n{body}\n</body>\n</html>\n"
+        f"<title>memetrace export</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f"<h1>memetrace export</h1>\n{summary}\n{body}\n</body>\n</html>\n"
     )

@@ -6,7 +6,7 @@ be sent, e.g. over ``max_request_size``: dead-lettered as poison)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
@@ -32,10 +32,15 @@ def client_config(s: Settings) -> dict[str, Any]:
 
 
 def make_producer(s: Settings) -> KafkaProducer:
+    """:func:`durable_producer` on the brokers of ``s``."""
+    return durable_producer(client_config(s))
+
+
+def durable_producer(client: Mapping[str, Any]) -> KafkaProducer:
     """Durable producer: every send waits for all in-sync replicas; retries keep order per partition.
     A send blocks at most 10 s for a broker (not kafka-python's 60 s): the consume loop's retry then
-    reports the outage (readiness red) and backs off."""
-    return KafkaProducer(**client_config(s), acks="all", retries=5, linger_ms=5,
+    reports the outage (readiness red) and backs off. ``client``: :func:`client_config`."""
+    return KafkaProducer(**client, acks="all", retries=5, linger_ms=5,
                          max_in_flight_requests_per_connection=1, max_block_ms=10_000)
 
 

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from memetrace.models import Match
 
@@ -34,6 +34,13 @@ ImageId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True)]
 MAX_MESSAGE_BYTES = 1_000_000  # the broker's default max.message.bytes; larger values are refused unread
 MAX_DEPTH = 32  # JSON nesting: a post is two levels deep; deeper is hostile (json recurses per level)
 MAX_DETAIL = 1024
+# identifiers are bounded in UTF-8 bytes, as the stores hold them (memetrace.varchar): a post id is
+# a key, never cut (two posts would merge), a URL cut would not name the image; the author is free
+# text, bounded in characters and cut to AUTHOR_BYTES by the stores
+POST_ID_BYTES = 1024
+URL_BYTES = 4096
+PLATFORM_BYTES = 64
+AUTHOR_BYTES = 256
 
 #: dead-letter header names (values are UTF-8)
 H_REASON = "memetrace-reason"
@@ -54,6 +61,21 @@ class InvalidMessage(Exception):
         self.detail = detail[:MAX_DETAIL]
 
 
+def _at_most_bytes(max_bytes: int) -> AfterValidator:
+    def check(v: str) -> str:
+        if (n := len(v.encode("utf-8"))) > max_bytes:
+            raise ValueError(f"at most {max_bytes} UTF-8 bytes, got {n}")
+        return v
+
+    return AfterValidator(check)
+
+
+# max_length (characters) first: a cheap bound the bytes one implies
+PostId = Annotated[str, Field(min_length=1, max_length=POST_ID_BYTES), _at_most_bytes(POST_ID_BYTES)]
+Url = Annotated[str, Field(min_length=1, max_length=URL_BYTES), _at_most_bytes(URL_BYTES)]
+Platform = Annotated[str, Field(max_length=PLATFORM_BYTES), _at_most_bytes(PLATFORM_BYTES)]
+
+
 class _Contract(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, allow_inf_nan=False)
 
@@ -66,11 +88,11 @@ class _Contract(BaseModel):
 class Post(_Contract):
     """One social-media post pointing at an image (what the outside world sends)."""
 
-    post_id: str = Field(min_length=1, max_length=1024)
-    url: str = Field(min_length=1, max_length=4096)
+    post_id: PostId
+    url: Url
     posted_at: datetime | None = None
-    platform: str = Field("", max_length=64)
-    author: str = Field("", max_length=256)
+    platform: Platform = ""
+    author: str = Field("", max_length=AUTHOR_BYTES)
 
     @field_validator("post_id", mode="before")
     @classmethod
@@ -92,24 +114,27 @@ class Post(_Contract):
     @field_validator("posted_at")
     @classmethod
     def _representable(cls, v: datetime | None) -> datetime | None:
-        if v is not None:
-            v.replace(tzinfo=v.tzinfo or timezone.utc).timestamp()  # raises (OverflowError -> invalid) if not
+        # raises (OverflowError -> invalid) if not representable; before 1970 it would not fit
+        # PostRef.posted_at (-1 = unknown), and no social post is that old
+        if v is not None and _unix(v) < 0:
+            raise ValueError(f"posted_at {v.isoformat()} is before 1970-01-01T00:00:00Z; omit it when unknown")
         return v
 
     def posted_at_unix(self) -> int:
         """Seconds since the epoch, -1 when unknown (naive times are taken as UTC)."""
-        if self.posted_at is None:
-            return -1
-        ts = self.posted_at
-        return int(ts.timestamp()) if ts.tzinfo else int(ts.replace(tzinfo=timezone.utc).timestamp())
+        return -1 if self.posted_at is None else _unix(self.posted_at)
+
+
+def _unix(ts: datetime) -> int:
+    return int(ts.replace(tzinfo=ts.tzinfo or timezone.utc).timestamp())
 
 
 class PostRef(_Contract):
     """What the clusterer keeps of a post: its id, time and platform."""
 
-    post_id: str = Field(min_length=1, max_length=1024)
+    post_id: PostId
     posted_at: int = Field(-1, ge=-1, le=2**62, description="unix seconds, -1 = unknown")
-    platform: str = Field("", max_length=64)
+    platform: Platform = ""
 
 
 class ImageEvent(_Contract):
@@ -186,10 +211,6 @@ def parse(model: type[M], raw: bytes | None, max_bytes: int = MAX_MESSAGE_BYTES)
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def parse_post(raw: bytes | None) -> Post:
-    return parse(Post, raw)
 
 
 # ----------------------------------------------------------------------------- keys and dead letters

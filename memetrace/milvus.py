@@ -7,12 +7,15 @@ deployment already runs (one fewer to operate); their interfaces let a relationa
 
 Failures: every backend method turns a transient client failure into
 ``DependencyDown("milvus", ...)``, after loading again a collection Milvus reports not loaded
-(a restarted Milvus Lite serves them released), so the caller's retry succeeds. A request
-Milvus refuses as malformed (a bad filter, a value the schema cannot hold) is a bug: raised as is.
+(a restarted Milvus Lite serves them released), so the caller's retry succeeds. A write Milvus
+refuses as malformed (a value the schema cannot hold) is refused for good: ``Refused("milvus", ...)``,
+which the consume loop dead-letters instead of retrying; a malformed read (a bad filter) is a bug:
+raised as is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,12 +31,13 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchException, MilvusException, ParamError,
                                  PrimaryKeyException)
 
-from memetrace.cluster_board import ClusterBoard
-from memetrace.errors import DependencyDown
-from memetrace.models import ClusterSummary, DeadLetterRow, ImageRow, OccurrenceRow
-from memetrace.occurrence_log import OCCURRENCE_FIELDS, OccurrenceLog
+from memetrace.cluster_board import HISTORY_BYTES, PLATFORMS_BYTES, ClusterBoard, fitted_summary
+from memetrace.errors import DependencyDown, Refused
+from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRow, OccurrenceRow
+from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, OccurrenceLog
 from memetrace.settings import Settings
-from memetrace.vector_index import IMAGE_FIELDS, Hits, VectorIndex, now_ms
+from memetrace.varchar import fitted
+from memetrace.vector_index import IMAGE_BYTES, Hits, VectorIndex, now_ms
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,12 +154,14 @@ def not_loaded(exc: BaseException) -> bool:
     return isinstance(exc, MilvusException) and (getattr(exc, "code", None) == 101 or "call load()" in str(exc))
 
 
-def _guarded(method: F) -> F:
+def _guarded(method: F, writes: bool) -> F:
     @functools.wraps(method)
     def call(self: _MilvusBackend, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except _FAILURES as exc:
+            if is_bug(exc) and writes:  # rows this schema cannot hold: the same message fails again
+                raise Refused("milvus", f"{type(exc).__name__}: {exc}") from exc
             if is_bug(exc):
                 raise
             if not_loaded(exc):
@@ -169,14 +175,16 @@ class _MilvusBackend:
     """What the three backends share: the client, their collections, the failure translation.
 
     Every public method of a subclass (and its constructor, which creates the collections) is
-    wrapped by :func:`_guarded`.
+    wrapped by :func:`_guarded`; those named in :attr:`WRITES` store the caller's rows.
     """
+
+    WRITES = frozenset({"upsert", "add_occurrences", "add_dead_letters", "publish"})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name, attr in list(vars(cls).items()):
             if callable(attr) and (name == "__init__" or not name.startswith("_")):
-                setattr(cls, name, _guarded(attr))
+                setattr(cls, name, _guarded(attr, writes=name in cls.WRITES))
 
     def __init__(self, client: MilvusClient, config: MilvusConfig, roles: Sequence[str]) -> None:
         self.client = client
@@ -245,6 +253,8 @@ def _ids(image_ids: Sequence[int]) -> list[int]:
 
 # ---------------------------------------------------------------------------------- vector index
 
+_IMAGE_FIELDS = ["id", "path", "width", "height", "nbytes", "nb_points"]  # what get() reads
+
 
 class MilvusVectorIndex(_MilvusBackend, VectorIndex):
     """Collections ``<prefix>_images`` (global descriptor, path, sizes, indexed_at in ms) and
@@ -258,7 +268,7 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-            schema.add_field("path", DataType.VARCHAR, max_length=4096)
+            schema.add_field("path", DataType.VARCHAR, max_length=IMAGE_BYTES["path"])
             schema.add_field("width", DataType.INT32)
             schema.add_field("height", DataType.INT32)
             schema.add_field("nbytes", DataType.INT64)
@@ -280,9 +290,9 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
             return
         now = now_ms()
         self.client.upsert(self.images, [
-            {"id": r.image_id, "vector": np.asarray(r.vector, dtype=np.float32), "path": r.path[:4096],
+            {"id": r.image_id, "vector": np.asarray(r.vector, dtype=np.float32), "path": r.path,
              "width": r.width, "height": r.height, "nbytes": r.nbytes, "nb_points": r.nb_points, "indexed_at": now}
-            for r in rows
+            for r in (fitted(r, IMAGE_BYTES) for r in rows)
         ])
         regions = [{"id": region_key(r.image_id, i), "image_id": r.image_id, "vector": np.asarray(v, np.float32)}
                    for r in rows for i, v in enumerate(r.regions)]
@@ -296,12 +306,13 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
                                  consistency_level=STRONG)
         return {int(r["id"]) for r in rows}
 
-    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
+    def get(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
         if not image_ids:
             return {}
-        rows = self.client.query(self.images, filter=f"id in {_ids(image_ids)}", output_fields=list(IMAGE_FIELDS),
+        rows = self.client.query(self.images, filter=f"id in {_ids(image_ids)}", output_fields=_IMAGE_FIELDS,
                                  consistency_level=STRONG)
-        return {int(r["id"]): {f: r[f] for f in IMAGE_FIELDS} for r in rows}
+        return {int(r["id"]): ImageRecord(int(r["id"]), r["path"], int(r["width"]), int(r["height"]), int(r["nbytes"]),
+                                          int(r["nb_points"])) for r in rows}
 
     def vectors(self, image_ids: Sequence[int], with_regions: bool = True
                 ) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
@@ -359,31 +370,30 @@ def _vectors_by_id(rows: Sequence[dict], key: str, dim: int) -> dict[int, list[n
 
 
 class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
-    """Collections ``<prefix>_occurrences`` and ``<prefix>_deadletters``; string fields are cut to their sizes."""
+    """Collections ``<prefix>_occurrences`` and ``<prefix>_deadletters``; string fields are cut to
+    their bytes (:data:`~memetrace.occurrence_log.OCCURRENCE_BYTES`, ``DEAD_LETTER_BYTES``)."""
 
     def __init__(self, client: MilvusClient, config: MilvusConfig) -> None:
         super().__init__(client, config, ["occurrences", "deadletters"])
         self.occurrences, self.deadletters = self.collections
-        self._ensure_records(self.occurrences, [("post_id", 1024), ("url", 4096), ("platform", 64), ("author", 256)],
-                             ["image_id", "posted_at", "seen_at"])
-        self._ensure_records(self.deadletters, [("reason", 64), ("detail", 1024), ("post_id", 1024), ("url", 4096),
-                                                ("source", 512)], ["dead_at"])
+        self._ensure_records(self.occurrences, list(OCCURRENCE_BYTES.items()), ["image_id", "posted_at", "seen_at"])
+        self._ensure_records(self.deadletters, list(DEAD_LETTER_BYTES.items()), ["dead_at"])
 
     def add_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:
         if rows:
             now = int(time.time())
             self.client.upsert(self.occurrences, [
-                {"id": r.id, "vector": DUMMY_VECTOR, "image_id": r.image_id, "post_id": r.post_id[:1024],
-                 "url": r.url[:4096], "posted_at": r.posted_at, "platform": r.platform[:64],
-                 "author": r.author[:256], "seen_at": now} for r in rows])
+                {"id": r.id, "vector": DUMMY_VECTOR, "image_id": r.image_id, "post_id": r.post_id, "url": r.url,
+                 "posted_at": r.posted_at, "platform": r.platform, "author": r.author, "seen_at": now}
+                for r in (fitted(r, OCCURRENCE_BYTES) for r in rows)])
 
     def add_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         if rows:
             now = int(time.time())
             self.client.upsert(self.deadletters, [
-                {"id": r.id, "vector": DUMMY_VECTOR, "reason": r.reason[:64], "detail": r.detail[:1024],
-                 "post_id": r.post_id[:1024], "url": r.url[:4096], "source": r.source[:512], "dead_at": now}
-                for r in rows])
+                {"id": r.id, "vector": DUMMY_VECTOR, "reason": r.reason, "detail": r.detail, "post_id": r.post_id,
+                 "url": r.url, "source": r.source, "dead_at": now}
+                for r in (fitted(r, DEAD_LETTER_BYTES) for r in rows)])
 
     def count_occurrences(self) -> int:
         return self._count(self.occurrences)
@@ -391,11 +401,11 @@ class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
     def count_dead_letters(self) -> int:
         return self._count(self.deadletters)
 
-    def occurrences_of(self, image_ids: Sequence[int]) -> list[dict]:
+    def occurrences_of(self, image_ids: Sequence[int]) -> list[OccurrenceRow]:
         if not image_ids:
             return []
-        rows = self._query_all(self.occurrences, list(OCCURRENCE_FIELDS), filter=f"image_id in {_ids(image_ids)}")
-        return [{f: r[f] for f in OCCURRENCE_FIELDS} for r in rows]
+        rows = self._query_all(self.occurrences, _OCCURRENCE_FIELDS, filter=f"image_id in {_ids(image_ids)}")
+        return [OccurrenceRow(**{f: r[f] for f in _OCCURRENCE_FIELDS}) for r in rows]
 
     def image_ids_of_occurrences(self) -> list[int]:
         return [int(v) for v in self._field_values(self.occurrences, "image_id")]
@@ -407,25 +417,26 @@ class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
         return dict(sorted(counts.items()))
 
 
+# a row holds every field of an occurrence (``seen_at`` too)
+_OCCURRENCE_FIELDS = [f.name for f in dataclasses.fields(OccurrenceRow)]
+
+
 # ---------------------------------------------------------------------------------- cluster board
 
 _UPSERT_CHUNK = 1000
-_PLATFORMS_CHARS = 4096
-_HISTORY_CHARS = 16_384
 _SUMMARY_FIELDS = ("id", "images", "posts", "first_seen", "last_seen", "growth_hour", "growth_day", "updated_at",
                    "platforms", "history")
 
 
 class MilvusClusterBoard(_MilvusBackend, ClusterBoard):
     """Collections ``<prefix>_clusters`` (image -> cluster) and ``<prefix>_cluster_summaries``
-    (platforms and history as JSON: the least posted platforms, the oldest events left out when
-    they do not fit)."""
+    (platforms and history as JSON, trimmed by :func:`~memetrace.cluster_board.fitted_summary`)."""
 
     def __init__(self, client: MilvusClient, config: MilvusConfig) -> None:
         super().__init__(client, config, ["clusters", "cluster_summaries"])
         self.clusters, self.cluster_summaries = self.collections
         self._ensure_records(self.clusters, [], ["cluster_id"])
-        self._ensure_records(self.cluster_summaries, [("platforms", _PLATFORMS_CHARS), ("history", _HISTORY_CHARS)],
+        self._ensure_records(self.cluster_summaries, [("platforms", PLATFORMS_BYTES), ("history", HISTORY_BYTES)],
                              ["images", "posts", "first_seen", "last_seen", "growth_hour", "growth_day", "updated_at"])
 
     def publish(self, assignment: dict[int, int], summaries: Sequence[ClusterSummary],
@@ -465,20 +476,11 @@ class MilvusClusterBoard(_MilvusBackend, ClusterBoard):
 
 
 def _summary_row(c: ClusterSummary) -> dict:
-    platforms = sorted(c.platforms.items(), key=lambda kv: kv[1])[-50:]  # least posted first: dropped first
+    c = fitted_summary(c)
     return {"id": c.cluster_id, "vector": DUMMY_VECTOR, "images": c.images, "posts": c.posts,
             "first_seen": c.first_seen, "last_seen": c.last_seen, "growth_hour": c.growth_hour,
-            "growth_day": c.growth_day, "updated_at": c.updated_at,
-            "platforms": _fitting_json(platforms, _PLATFORMS_CHARS, lambda kv: dict(reversed(kv))),
-            "history": _fitting_json(list(c.history), _HISTORY_CHARS, list)}
-
-
-def _fitting_json(items: list, chars: int, as_json: Callable[[list], object]) -> str:
-    """JSON of ``as_json`` of the longest tail of ``items`` that fits in ``chars`` (the first items
-    matter least): cutting the JSON text instead would leave it unreadable."""
-    while len(text := json.dumps(as_json(items))) > chars and items:
-        items = items[1:]
-    return text
+            "growth_day": c.growth_day, "updated_at": c.updated_at, "platforms": json.dumps(c.platforms),
+            "history": json.dumps(c.history)}
 
 
 def _summary_of(r: dict) -> ClusterSummary:

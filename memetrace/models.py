@@ -22,13 +22,21 @@ class Match:
 
 
 @dataclass(frozen=True)
-class ImageRow:
+class ImageRecord:
+    """What the vector index says of a stored image (:meth:`~memetrace.vector_index.VectorIndex.get`): no vectors."""
+
     image_id: int
     path: str
     width: int
     height: int
     nbytes: int
     nb_points: int
+
+
+@dataclass(frozen=True)
+class ImageRow(ImageRecord):
+    """An image as the ingest stores it: its record and its descriptors."""
+
     vector: np.ndarray  # global descriptor
     regions: np.ndarray  # R x D regional descriptors (R may be 0)
 
@@ -50,6 +58,7 @@ class OccurrenceRow:
     posted_at: int  # unix seconds, -1 = unknown
     platform: str
     author: str
+    seen_at: int = -1  # unix seconds the log stored it: set by the log (read back), ignored when written
 
 
 @dataclass(frozen=True)

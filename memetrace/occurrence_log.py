@@ -15,12 +15,17 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import replace
 
+from memetrace.messages import AUTHOR_BYTES, MAX_DETAIL, PLATFORM_BYTES, POST_ID_BYTES, URL_BYTES
 from memetrace.models import DeadLetterRow, OccurrenceRow
+from memetrace.varchar import fitted
 
-#: what :meth:`OccurrenceLog.occurrences_of` says of a post (``seen_at``: unix seconds it was stored)
-OCCURRENCE_FIELDS = ("image_id", "post_id", "url", "posted_at", "platform", "author", "seen_at")
+#: the UTF-8 bytes each backend keeps of a string field (:func:`memetrace.varchar.fitted`); a valid
+#: post's id, URL and platform fit whole (memetrace.messages bounds them so)
+OCCURRENCE_BYTES = {"post_id": POST_ID_BYTES, "url": URL_BYTES, "platform": PLATFORM_BYTES, "author": AUTHOR_BYTES}
+#: a dead letter's post id and URL are the message's, unchecked: cut like the rest
+DEAD_LETTER_BYTES = {"reason": 64, "detail": MAX_DETAIL, "post_id": POST_ID_BYTES, "url": URL_BYTES, "source": 512}
 
 
 class OccurrenceLog(ABC):
@@ -39,8 +44,8 @@ class OccurrenceLog(ABC):
     def count_dead_letters(self) -> int: ...
 
     @abstractmethod
-    def occurrences_of(self, image_ids: Sequence[int]) -> list[dict]:
-        """Every post of these images, as dicts of :data:`OCCURRENCE_FIELDS`, in no given order."""
+    def occurrences_of(self, image_ids: Sequence[int]) -> list[OccurrenceRow]:
+        """Every post of these images, with ``seen_at`` (unix seconds it was stored), in no given order."""
 
     @abstractmethod
     def image_ids_of_occurrences(self) -> list[int]:
@@ -52,22 +57,21 @@ class OccurrenceLog(ABC):
 
 
 class MemoryOccurrenceLog(OccurrenceLog):
-    """Dicts keyed like the real backend; thread-safe."""
+    """Dicts keyed like the real backend, strings cut alike; thread-safe."""
 
     def __init__(self) -> None:
-        self._posts: dict[int, dict] = {}
+        self._posts: dict[int, OccurrenceRow] = {}
         self._dead: dict[int, DeadLetterRow] = {}
         self._lock = threading.Lock()
 
     def add_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:
         now = int(time.time())
         with self._lock:
-            for r in rows:
-                self._posts[r.id] = {k: v for k, v in asdict(r).items() if k in OCCURRENCE_FIELDS} | {"seen_at": now}
+            self._posts.update((r.id, replace(fitted(r, OCCURRENCE_BYTES), seen_at=now)) for r in rows)
 
     def add_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         with self._lock:
-            self._dead.update((r.id, r) for r in rows)
+            self._dead.update((r.id, fitted(r, DEAD_LETTER_BYTES)) for r in rows)
 
     def count_occurrences(self) -> int:
         with self._lock:
@@ -77,14 +81,14 @@ class MemoryOccurrenceLog(OccurrenceLog):
         with self._lock:
             return len(self._dead)
 
-    def occurrences_of(self, image_ids: Sequence[int]) -> list[dict]:
+    def occurrences_of(self, image_ids: Sequence[int]) -> list[OccurrenceRow]:
         wanted = {int(i) for i in image_ids}
         with self._lock:
-            return [dict(p) for p in self._posts.values() if p["image_id"] in wanted]
+            return [p for p in self._posts.values() if p.image_id in wanted]
 
     def image_ids_of_occurrences(self) -> list[int]:
         with self._lock:
-            return [p["image_id"] for p in self._posts.values()]
+            return [p.image_id for p in self._posts.values()]
 
     def dead_letters_by_reason(self) -> dict[str, int]:
         with self._lock:

@@ -63,9 +63,13 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./memetrace-data"), description="where every local store lives")
     milvus_uri: str = Field("", description="Milvus URI; empty = Milvus Lite file in data_dir")
-    milvus_token: str = ""
-    milvus_collection_prefix: str = "memetrace"
-    milvus_index_type: str = "FLAT"
+    milvus_token: str = Field("", description='Milvus token or "user:password"; empty = none')
+    milvus_collection_prefix: str = Field(
+        "memetrace", description="prefix of every Milvus collection name: one Milvus can hold several memetrace "
+                                 "indexes")
+    milvus_index_type: str = Field(
+        "FLAT", description="Milvus index built when the collections are created: FLAT (exact), HNSW, IVF_FLAT, "
+                            "IVF_SQ8, DISKANN (docs/deploy.md)")
     milvus_metric: Literal["IP", "COSINE"] = Field(
         "IP", description="vector similarity; descriptors are L2-normalised, so IP and COSINE rank alike "
                           "(a distance metric such as L2 would invert MEMETRACE_CANDIDATE_MIN_SIMILARITY)")
@@ -74,30 +78,42 @@ class Settings(BaseSettings):
                           "history); empty = data_dir/cluster-state.db (the batch catalog is data_dir/catalog.db)")
 
     # embedder
-    model_name: str = "tf_efficientnet_lite0"
+    model_name: str = Field(
+        "tf_efficientnet_lite0", description="timm model of the embedder; another than the default needs "
+                                             "MEMETRACE_MODEL_WEIGHTS")
     model_weights: Path | None = Field(
         None, description="local weights file for model_name; empty = the installed EfficientNet-Lite0 package"
     )
-    image_size: int = 224
+    image_size: int = Field(224, description='CNN input side for the whole image')
     box_image_size: int = Field(
         224, description="input size for content-box crops (160 is cheaper but lost 0.01 F1 on the "
                          "benchmark, screenshots and collages first)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int = 32
-    gem_p: float = 3.0
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description='auto = cuda when a GPU is visible, else cpu')
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = fp16 on a GPU; on a CPU, fp32 or bf16, whichever is measured faster at the first "
+                            "start (cached in data_dir/precision.json)")
+    batch_size: int = Field(32, description='images per embedding batch (GPU memory, CPU cache)')
+    gem_p: float = Field(
+        3.0, description='GeM pooling exponent: 1 = average, higher leans towards the strongest activations')
     regions: bool = Field(True, description="store regional descriptors for partial copies")
 
     # keypoints
-    sift_features: int = 600
-    sift_max_side: int = 448
-    sift_flat_max: float = Field(0.35, description="drop keypoints whose patch is flatter than this (text, UI)")
-    thumbnail_side: int = 160
+    sift_features: int = Field(
+        600, description="SIFT keypoints kept per image: more find smaller partial copies, at more storage and "
+                         "matching time")
+    sift_max_side: int = Field(
+        448, description='longest side SIFT runs on: higher finds copies of smaller details, slower')
+    sift_flat_max: float = Field(
+        0.35, gt=0, le=1, description="a keypoint is kept when less than this share of its surroundings is flat: "
+                                      "raise it (e.g. 0.7) to keep more points on smooth photos (skies, walls), "
+                                      "lower it to drop more caption and interface points")
+    thumbnail_side: int = Field(160, description='longest side of the stored JPEG thumbnail (gallery, API)')
 
     # decoding guards (memetrace.imageio.DecodeLimits, memetrace.decode_budget.DecodeBudget)
-    max_pixels: int = 60_000_000
-    min_side: int = 32
-    max_file_bytes: int = 50_000_000
+    max_pixels: int = Field(
+        60_000_000, description='images with more pixels (read from the header) are refused as decompression bombs')
+    min_side: int = Field(32, description='images with a side below this are refused as too small to match')
+    max_file_bytes: int = Field(50_000_000, description='files and downloads larger than this are refused')
     max_jpeg_scans: int = Field(
         100, ge=1, description="refuse progressive JPEGs with more scans than this (each scan is one more "
                                "pass over the image: thousands cost minutes of CPU); raise it only if real "
@@ -113,11 +129,19 @@ class Settings(BaseSettings):
                                        "memory limit, raise it for more parallel decodes of large images")
 
     # matching
-    candidates_k: int = 8
-    candidate_min_similarity: float = 0.45
-    ratio_test: float = 0.8
-    min_inliers: int = 10
-    ransac_reproj_px: float = 6.0
+    candidates_k: int = Field(
+        8, description='vector-index candidates verified per image: raise to find copies in crowded clusters, slower')
+    candidate_min_similarity: float = Field(
+        0.45, description="descriptor similarity below which a candidate is not verified: lower to find harder "
+                          "copies, slower")
+    ratio_test: float = Field(
+        0.8, description="Lowe's ratio for SIFT matches: lower is stricter (fewer false matches, fewer copies found)")
+    min_inliers: int = Field(
+        10, description="keypoints RANSAC must verify for a match: raise to link fewer different images, lower to "
+                        "find harder copies")
+    ransac_reproj_px: float = Field(
+        6.0, description="RANSAC reprojection tolerance (pixels at the SIFT working size): higher accepts looser "
+                         "geometry")
     min_coverage: float = Field(0.6, description="share of one image's keypoints the match must explain")
     same_frame_min_coverage: float = Field(
         0.7, description="same, for both images, when the match is the identity (shared app frames)")
@@ -126,7 +150,9 @@ class Settings(BaseSettings):
     match_threads: int = Field(2, ge=1, le=256, description="threads verifying candidates (FAISS + RANSAC)")
 
     # clustering
-    cluster_algorithm: Literal["components", "louvain"] = "components"
+    cluster_algorithm: Literal["components", "louvain"] = Field(
+        "components", description="components = every verified chain is one cluster; louvain splits weakly linked "
+                                  "groups")
     cluster_every_s: float = Field(60.0, gt=0, description="clusterer service: seconds between two reclusterings")
     cluster_top_n: int = Field(10, ge=1, le=100, description="fastest-growing clusters exported as metrics "
                                                            "(bounds the label cardinality)")
@@ -137,19 +163,22 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = Field("", description="e.g. http://minio:9000; empty = AWS S3")
     s3_bucket: str = Field("memetrace", description="created on first use when missing")
     s3_prefix: str = Field("features", description="key prefix inside the bucket; empty = none")
-    s3_region: str = "us-east-1"
+    s3_region: str = Field("us-east-1", description='S3 region')
     s3_access_key_id: str = Field("", description="empty = boto3's default chain (AWS_*, ~/.aws, role)")
-    s3_secret_access_key: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key; empty = boto3's default chain")
     s3_connect_timeout: float = Field(5.0, description="seconds to open a connection")
     s3_read_timeout: float = Field(60.0, description="seconds to wait for a response")
     s3_max_attempts: int = Field(5, ge=1, description="tries per request, first included (botocore retries)")
 
     # streaming ingest (Kafka)
     kafka_bootstrap_servers: str = Field("localhost:9092", description="comma-separated host:port list")
-    kafka_posts_topic: str = "memetrace.posts"
-    kafka_images_topic: str = "memetrace.images"
-    kafka_deadletter_topic: str = "memetrace.deadletter"
-    kafka_matches_topic: str = "memetrace.matches"
+    kafka_posts_topic: str = Field("memetrace.posts", description='topic of the posts the ingest consumes')
+    kafka_images_topic: str = Field("memetrace.images", description='topic of the image events the ingest publishes')
+    kafka_deadletter_topic: str = Field(
+        "memetrace.deadletter", description="topic of the messages a service could not process, with the reason in "
+                                            "headers")
+    kafka_matches_topic: str = Field(
+        "memetrace.matches", description='topic of the verified edges the matcher publishes')
     kafka_ingest_group_id: str = Field("memetrace-ingest", description="consumer group of the ingest workers")
     kafka_match_group_id: str = Field("memetrace-match", description="consumer group of the matcher service")
     kafka_cluster_group_id: str = Field("memetrace-cluster", description="consumer group of the clusterer service")
@@ -157,7 +186,8 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(10_000, description="a dead worker's partitions move after this")
     kafka_max_poll_interval_ms: int = Field(
         300_000, description="a batch must finish within this, or the group hands its partitions away")
-    kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description='where a new consumer group starts: earliest = the whole topic')
     ingest_batch_size: int = Field(32, ge=1, description="posts per poll (bounded buffer: backpressure)")
     retry_max_s: float = Field(30.0, gt=0, description="every service: cap of the backoff while a dependency "
                                                        "(Kafka, Milvus, S3) is down")
@@ -172,26 +202,33 @@ class Settings(BaseSettings):
     # downloading post images (memetrace.fetch.FetchPolicy)
     fetch_allow_private_networks: bool = Field(
         False, description="1 = allow loopback/private addresses (tests, demos); never in production")
-    fetch_trusted_networks: list[str] = Field(default_factory=list, description='JSON list of CIDRs, e.g. ["10.1.0.0/16"]')
-    fetch_connect_timeout: float = 5.0
-    fetch_read_timeout: float = 15.0
-    fetch_request_timeout: float = 60.0
-    fetch_retries: int = 2
-    fetch_max_in_flight: int = 16
-    fetch_per_host: int = 4
+    fetch_trusted_networks: list[str] = Field(
+        default_factory=list, description='JSON list of CIDRs, e.g. ["10.1.0.0/16"]')
+    fetch_connect_timeout: float = Field(5.0, description='seconds to open a connection to an image host')
+    fetch_read_timeout: float = Field(15.0, description='seconds without a byte from an image host')
+    fetch_request_timeout: float = Field(
+        60.0, description='seconds for a whole download, redirects and retries included')
+    fetch_retries: int = Field(2, description='retries of a download after a timeout, a cut connection or a 5xx')
+    fetch_max_in_flight: int = Field(
+        16, ge=1, description="downloads at once per process; also how many downloaded bodies the ingest worker "
+                              "holds ahead of decoding (memory: this x MEMETRACE_MAX_FILE_BYTES at most)")
+    fetch_per_host: int = Field(4, description='downloads at once per host')
 
     # Prometheus /metrics (and /healthz, /readyz) of the ingest, match and cluster services
     metrics_port: int = Field(0, ge=0, description="port of /metrics, /healthz and /readyz; 0 = off")
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field("0.0.0.0", description='address of /metrics, /healthz and /readyz')
 
     # query API (memetrace serve)
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=1, le=65535)
+    api_host: str = Field("127.0.0.1", description='address the query API listens on (0.0.0.0 in containers)')
+    api_port: int = Field(8000, ge=1, le=65535, description="port of the query API")
     api_token: SecretStr | None = Field(None, description="bearer token the API requires; empty = no auth")
     api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
     api_search_concurrency: int = Field(2, ge=1, description="searches (decode, embed, SIFT, verify) run at once")
-    api_search_queue: int = Field(8, ge=0, description="searches waiting for a slot; beyond, 503 busy at once")
+    api_search_queue: int = Field(8, ge=0, description="searches receiving their image or waiting for a "
+                                  "slot; beyond, 503 busy at once")
     api_body_timeout_s: float = Field(15.0, gt=0, description="a request body must arrive within this, else 408")
+    api_header_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive within "
+                                        "this (from connecting, or the previous answer), else the connection is closed")
     api_max_connections: int = Field(512, ge=1, description="open connections; beyond, uvicorn answers 503")
 
     @classmethod

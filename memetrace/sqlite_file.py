@@ -5,16 +5,29 @@ the file) and ``user_version`` (its schema version). A file with no table is new
 schema; any other file must carry the store's own pair, else it is refused with one line that
 names the file and the fix, instead of failing later deep in SQL (files from before versioning
 carry neither, e.g. the catalog whose ``matches`` had a ``score`` column).
+
+SQLite reports a full disk, a lock held too long, a read-only file or one it cannot open as
+``sqlite3.OperationalError``, which the consume loop would take for a bug. :class:`SqliteFile`
+turns them into what they mean: a full volume (``SQLITE_FULL``) or a lock another connection keeps
+past the busy timeout (``SQLITE_BUSY``, ``SQLITE_LOCKED``) is :class:`~memetrace.errors.DependencyDown`
+``"disk"`` (waited for); a read-only or unopenable file (``SQLITE_READONLY``, ``SQLITE_CANTOPEN``,
+``SQLITE_PERM``) is :class:`~memetrace.errors.StorageDenied` (the worker stops with one line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+from memetrace.errors import DependencyDown, StorageDenied
+
+_WAIT = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_DENIED = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM})
 
 
 class IncompatibleFile(Exception):
@@ -37,13 +50,30 @@ class SqliteFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        with self._translated():
+            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
-            self._check_format(fmt)
-        except IncompatibleFile:
+            with self._translated():
+                self._check_format(fmt)
+                self.db.execute("PRAGMA journal_mode=WAL")
+        except Exception:
             self.db.close()
             raise
-        self.db.execute("PRAGMA journal_mode=WAL")
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's disk errors as the consume loop's: see the module docstring."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            code = exc.sqlite_errorcode & 0xFF  # the primary code of an extended one
+            if code in _WAIT:
+                raise DependencyDown("disk", f"{self.path}: {exc}: free space on its volume, or stop the other "
+                                             "process writing it; the worker resumes by itself") from exc
+            if code in _DENIED:
+                raise StorageDenied(f"cannot write {self.path} ({exc}): make it and its folder writable by this "
+                                    "user, or point its setting at a writable volume") from exc
+            raise
 
     def _check_format(self, fmt: FileFormat) -> None:
         app, version = (self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("application_id", "user_version"))
@@ -68,18 +98,19 @@ class SqliteFile:
         work = [(sql, rows) for sql, rows in work if rows]
         if not work:  # most chunks have no bad files, no re-found images: skip the transaction
             return
-        with self._lock:
+        with self._lock, self._translated():
             self.db.execute("BEGIN")
             try:
                 for sql, rows in work:
                     self.db.executemany(sql, rows)
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
 
     def read(self, sql: str, args: Sequence = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._translated():
             return self.db.execute(sql, args).fetchall()
 
 

@@ -22,16 +22,20 @@ compute again; the loop also wraps ``process`` in it):
 - :class:`~memetrace.errors.DependencyDown` (and Kafka's retriable errors): capped exponential
   backoff up to ``retry_max_s``, nothing committed, ``/readyz`` red with the reason meanwhile.
 - The same write failing ``poison_after_retries`` times in a row, each time while its dependency
-  answers a probe (``self.probes[dependency]``; none registered = assume an outage, keep waiting),
-  makes the batch *poison*; so does :class:`~memetrace.errors.Refused` (e.g. a record over the
-  producer's ``max_request_size``) at once. The loop then processes the batch record by record:
-  the valid ones are stored, the failing one is dead-lettered as ``poison_<dependency>`` and
-  counted in ``memetrace_poison_messages_total``; the partition moves on. When *every* record of
-  a batch fails alike, the dependency is at fault, not a message: the loop waits and tries again.
+  answers a probe (``probes[dependency]``, e.g. :func:`ping_probe`; none registered = assume an
+  outage, keep waiting; a failed probe starts the count again), makes the batch *suspect*; so does
+  :class:`~memetrace.errors.Refused` (e.g. a record over the producer's ``max_request_size``). The
+  loop then processes the batch record by record. A refused record is dead-lettered at once as
+  ``poison_<dependency>`` (counted in ``memetrace_poison_messages_total``). Any other failing record
+  is poison only when another record of the batch *passed that very write* (the same ``retry``
+  target) before it was tried: then the dependency works and the message is at fault. Otherwise (a one-record batch,
+  the others invalid or skipping that write, all failing alike) it is the dependency: the loop
+  waits ``retry_max_s``, readiness red, and tries the undecided records again. So a ``process``
+  must not call ``retry`` for a write with nothing to write.
 - A full disk (``ENOSPC``, ``EDQUOT``) waits as dependency ``disk`` (space can be freed: the
   worker resumes by itself), logged as an error naming the path. A permission error (``EACCES``,
   ``EPERM``, ``EROFS``) cannot pass by waiting: it is logged with the path and the fix, and the
-  worker stops (:class:`StorageDenied`, nothing of the batch committed).
+  worker stops (:class:`~memetrace.errors.StorageDenied`, nothing of the batch committed).
 - A :class:`~memetrace.messages.InvalidMessage` escaping ``process`` is dead-lettered like a
   poison message (record by record). Anything else is a bug and stops the worker.
 
@@ -46,22 +50,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
-from memetrace.errors import DependencyDown, Refused
-from memetrace.kafka_clients import Message, client_config, kafka_error, make_producer, publish
+from memetrace.errors import DependencyDown, Refused, StorageDenied
+from memetrace.kafka_clients import Message, client_config, durable_producer, kafka_error, publish
 from memetrace.messages import InvalidMessage, dead_letter, parse, source_of
 from memetrace.metrics import StreamMetrics, serve
 from memetrace.settings import Settings
@@ -72,6 +77,45 @@ M = TypeVar("M")
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 DISK_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What the consume loop reads from the settings (``MEMETRACE_`` + the upper-cased setting names
+    of :meth:`from_settings`)."""
+
+    kafka: Mapping[str, Any] = field(compare=False)  # client_config(): the brokers
+    deadletter_topic: str
+    auto_offset_reset: str
+    session_timeout_ms: int
+    max_poll_interval_ms: int
+    retry_max_s: float  # cap of the backoff while a dependency is down
+    poison_after_retries: int
+    fault_kill_before_commit: int  # test-only: SIGKILL before the N-th commit (0 = off)
+    metrics_port: int  # /metrics, /healthz, /readyz; 0 = off
+    metrics_host: str
+
+    def __post_init__(self) -> None:
+        if self.retry_max_s <= 0 or self.poison_after_retries < 1:
+            raise ValueError("retry_max_s must be > 0 and poison_after_retries >= 1")
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> StreamConfig:
+        return cls(kafka=client_config(s), deadletter_topic=s.kafka_deadletter_topic,
+                   auto_offset_reset=s.kafka_auto_offset_reset, session_timeout_ms=s.kafka_session_timeout_ms,
+                   max_poll_interval_ms=s.kafka_max_poll_interval_ms, retry_max_s=s.retry_max_s,
+                   poison_after_retries=s.poison_after_retries, fault_kill_before_commit=s.fault_kill_before_commit,
+                   metrics_port=s.metrics_port, metrics_host=s.metrics_host)
+
+
+class Pingable(Protocol):
+    def ping(self, timeout_s: float) -> None: ...
+
+
+def ping_probe(backend: Pingable, timeout_s: float = PROBE_TIMEOUT_S) -> Callable[[], object]:
+    """The probe of a dependency that has ``ping`` (the vector index): one cheap round trip, bounded."""
+    return lambda: backend.ping(timeout_s)
 
 
 @dataclass(frozen=True)
@@ -95,14 +139,12 @@ class Abandoned(Exception):
 class Poison(Exception):
     """A write of this batch cannot succeed (refused, or failing while its dependency answers)."""
 
-    def __init__(self, dependency: str, detail: str) -> None:
+    def __init__(self, dependency: str, detail: str, target: str, refused: bool) -> None:
         super().__init__(f"{dependency}: {detail}")
         self.dependency = dependency
         self.detail = detail
-
-
-class StorageDenied(Exception):
-    """The local disk refused a write for a reason waiting cannot fix (permissions, read-only)."""
+        self.target = target  # the write (retry's target) that failed
+        self.refused = refused  # the dependency refused this input for good (errors.Refused)
 
 
 @dataclass
@@ -117,23 +159,22 @@ class StreamWorker(ABC):
 
     name = "stream"
 
-    def __init__(self, settings: Settings, metrics: StreamMetrics, topics: Sequence[str], group_id: str,
-                 batch_size: int, consumer: KafkaConsumer | None = None,
-                 producer: KafkaProducer | None = None) -> None:
-        s = self.s = settings
+    def __init__(self, config: StreamConfig, metrics: StreamMetrics, topics: Sequence[str], group_id: str,
+                 batch_size: int, consumer: KafkaConsumer | None = None, producer: KafkaProducer | None = None,
+                 probes: Mapping[str, Callable[[], object]] | None = None) -> None:
+        c = self.config = config
         self.metrics = metrics
         self.topics = list(topics)
         self.group_id = group_id
         self.batch_size = batch_size
         self.consumer = consumer or KafkaConsumer(
-            **client_config(s), group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset=s.kafka_auto_offset_reset, max_poll_records=batch_size,
-            session_timeout_ms=s.kafka_session_timeout_ms,
-            heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 3),
-            max_poll_interval_ms=s.kafka_max_poll_interval_ms)
+            **c.kafka, group_id=group_id, enable_auto_commit=False, auto_offset_reset=c.auto_offset_reset,
+            max_poll_records=batch_size, session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=max(100, c.session_timeout_ms // 3), max_poll_interval_ms=c.max_poll_interval_ms)
         self.producer = producer  # outputs and dead letters; made on first use when not given
-        #: dependency -> a cheap call that raises unless it answers: tells poison from outage
-        self.probes: dict[str, Callable[[], object]] = {}
+        #: dependency -> a cheap call that raises unless it answers (e.g. :func:`ping_probe`): tells
+        #: poison from outage
+        self.probes: dict[str, Callable[[], object]] = dict(probes or {})
         self.stopped_by = ""
         self.partitions: set[str] = set()  # every partition this worker was assigned
         self.joined_at: float | None = None  # monotonic time of the first assignment (maybe empty)
@@ -142,6 +183,7 @@ class StreamWorker(ABC):
         self._stuck: _Stuck | None = None
         self._commits = 0
         self._durable: dict[TopicPartition, OffsetAndMetadata] = {}  # stored, not yet committed
+        self._passed: set[str] | None = None  # while one record is processed alone: the writes it passed
 
     # ------------------------------------------------------------------ what a service defines
 
@@ -228,6 +270,7 @@ class StreamWorker(ABC):
             log.warning("stopped while a write kept failing: what was not committed will be redelivered",
                         extra={"why": str(exc)})
         finally:
+            self.stop("error")  # after a crash too: the retries of commit() and close() give up (Abandoned)
             self.running.clear()
             self.commit()
             self.consumer.close(autocommit=False)
@@ -240,29 +283,47 @@ class StreamWorker(ABC):
 
     def _handle(self, records: Sequence[ConsumerRecord]) -> list[DeadLetter]:
         """``process(records)``; when that is poison, record by record so only the culprit is dead."""
-        while True:
-            try:
-                return list(self.retry("batch", lambda: self.process(records)) or ())
-            except (Poison, InvalidMessage) as exc:
-                if len(records) == 1:
-                    return [self._refused(records[0], exc)]
-                log.warning("a batch kept failing: processing it record by record", extra={
-                    "service": self.name, "records": len(records), "error": str(exc)[:500]})
-            outcomes = [self._one(r) for r in records]
-            if not all(isinstance(o, Poison) for o in outcomes):
-                return [d for r, o in zip(records, outcomes, strict=True)
-                        for d in ([self._refused(r, o)] if isinstance(o, Exception) else o)]
-            # every record fails alike: that is the dependency, not one message; wait as for an outage
-            log.warning("every record of the batch fails: waiting for the dependency", extra={
-                "service": self.name, "records": len(records), "error": str(outcomes[0])[:500]})
-            if self._stop.wait(self.s.retry_max_s):
-                raise Abandoned("stop requested while every record of a batch was failing")
-
-    def _one(self, record: ConsumerRecord) -> list[DeadLetter] | Poison | InvalidMessage:
         try:
-            return list(self.retry("record", lambda: self.process([record])) or ())
+            return list(self.retry("batch", lambda: self.process(records)) or ())
         except (Poison, InvalidMessage) as exc:
-            return exc
+            log.warning("a batch kept failing: processing it record by record", extra={
+                "service": self.name, "records": len(records), "error": str(exc)[:500]})
+        outcomes: dict[int, list[DeadLetter] | Poison | InvalidMessage] = {}
+        started: dict[int, int] = {}  # record -> when (attempt number) it was last processed
+        passed: dict[str, dict[int, int]] = {}  # write -> record -> when it first passed that write
+        todo, attempts = range(len(records)), itertools.count()
+        while True:
+            for i in todo:
+                started[i] = next(attempts)
+                outcomes[i], writes = self._one(records[i])
+                for write in writes:
+                    passed.setdefault(write, {}).setdefault(i, started[i])
+            # a failure is the message's only if another record passed that very write before it was
+            # tried (the write worked meanwhile); else it is the dependency's (an outage, a brief fault)
+            todo = [i for i, o in outcomes.items() if isinstance(o, Poison) and not o.refused
+                    and not any(j != i and when < started[i] for j, when in passed.get(o.target, {}).items())]
+            if not todo:
+                self._stuck = None
+                return [d for r, o in zip(records, outcomes.values(), strict=True)  # in order: round 1 filled it
+                        for d in ([self._refused(r, o)] if isinstance(o, Exception) else o)]
+            culprit = outcomes[todo[0]]
+            assert isinstance(culprit, Poison)
+            log.warning("no other record passed the failing write: waiting for the dependency", extra={
+                "service": self.name, "records": len(todo), "error": str(culprit)[:500]})
+            self._mark_stuck(culprit.dependency, culprit.detail, time.monotonic())
+            if self._stop.wait(self.config.retry_max_s):
+                self._stuck = None
+                raise Abandoned(f"stop requested while {culprit.dependency} kept failing")
+
+    def _one(self, record: ConsumerRecord) -> tuple[list[DeadLetter] | Poison | InvalidMessage, set[str]]:
+        """The outcome of processing ``record`` alone, and the writes (retry targets) it passed."""
+        self._passed = set()
+        try:
+            return list(self.retry("record", lambda: self.process([record])) or ()), self._passed
+        except (Poison, InvalidMessage) as exc:
+            return exc, self._passed
+        finally:
+            self._passed = None
 
     def _refused(self, record: ConsumerRecord, exc: Poison | InvalidMessage) -> DeadLetter:
         if isinstance(exc, InvalidMessage):
@@ -275,7 +336,7 @@ class StreamWorker(ABC):
         if not dead:
             return
         self.retry("dead letters", lambda: self.store_dead_letters(dead), poison=False)  # nowhere left to put them
-        topic = self.s.kafka_deadletter_topic
+        topic = self.config.deadletter_topic
         letters = [(d, *dead_letter(d.record.value, d.reason, d.detail, d.source, d.post_id)) for d in dead]
         try:
             self.send([(topic, d.record.key, value, headers) for d, value, headers in letters])
@@ -288,7 +349,7 @@ class StreamWorker(ABC):
 
     def _producer(self) -> KafkaProducer:
         if self.producer is None:
-            self.producer = make_producer(self.s)
+            self.producer = durable_producer(self.config.kafka)
         return self.producer
 
     def _mark_durable(self, records: Sequence[ConsumerRecord]) -> None:
@@ -298,7 +359,7 @@ class StreamWorker(ABC):
     def _fault_point(self) -> None:
         """Test-only: die between the flushed outputs and the commit (``fault_kill_before_commit``)."""
         self._commits += 1
-        if self._commits == self.s.fault_kill_before_commit:
+        if self._commits == self.config.fault_kill_before_commit:
             log.warning("fault injection: SIGKILL before commit", extra={"commit": self._commits})
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -307,7 +368,7 @@ class StreamWorker(ABC):
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
         log.info("batch stored", extra={"service": self.name, "records": size, "seconds": round(seconds, 3)})
-        if seconds * 1000 > self.s.kafka_max_poll_interval_ms / 2:
+        if seconds * 1000 > self.config.max_poll_interval_ms / 2:
             log.warning("batch took over half of max_poll_interval_ms: lower the batch size or raise "
                         "MEMETRACE_KAFKA_MAX_POLL_INTERVAL_MS", extra={"service": self.name, "seconds": seconds})
 
@@ -336,7 +397,7 @@ class StreamWorker(ABC):
         Raises :class:`Poison` (see the module docstring) when ``poison``, :class:`Abandoned` on stop,
         :class:`StorageDenied` for a disk that refuses, and anything that is no dependency error as is.
         """
-        delay, failures, answered = min(0.2, self.s.retry_max_s), 0, 0
+        delay, failures, answered = min(0.2, self.config.retry_max_s), 0, 0
         while True:
             started = time.monotonic()
             try:
@@ -346,30 +407,30 @@ class StreamWorker(ABC):
                 if isinstance(down, Refused):
                     if not poison:
                         raise
-                    raise Poison(down.dependency, down.detail) from exc
+                    raise Poison(down.dependency, down.detail, target, refused=True) from exc
                 if down is None:
                     raise
                 failures += 1
                 self._retrying(target, down, failures, delay, started)
-                # only failures while the dependency answers its probe count: a restarting one must not
-                # turn the messages in hand into poison
+                # only failures while the dependency answers its probe count, and a failed probe (an
+                # outage) starts the count again: a restarting one must not turn the messages in hand
+                # into poison. Readiness stays red: the caller decides whether it is poison.
                 answered = answered + 1 if poison and self._answers(down.dependency) else 0
-                if answered >= self.s.poison_after_retries:
-                    self._stuck = None
+                if answered >= self.config.poison_after_retries:
                     raise Poison(down.dependency, f"{down.detail} (failed {answered} times in a row while "
-                                                  f"{down.dependency} answered)") from exc
+                                                  f"{down.dependency} answered)", target, refused=False) from exc
             else:
                 self._stuck = None
+                if self._passed is not None:
+                    self._passed.add(target)
                 return result
             if self._stop.wait(delay):
                 self._stuck = None
                 raise Abandoned(f"stop requested while {target} was failing")
-            delay = min(delay * 2, self.s.retry_max_s)
+            delay = min(delay * 2, self.config.retry_max_s)
 
     def _retrying(self, target: str, down: DependencyDown, failures: int, delay: float, started: float) -> None:
-        if self._stuck is None or self._stuck.dependency != down.dependency:
-            self._stuck = _Stuck(down.dependency, started, down.detail[:300])  # a failed call may take long
-        self._stuck.detail = down.detail[:300]
+        self._mark_stuck(down.dependency, down.detail, started)  # a failed call may take long: since it started
         self.metrics.retries.labels(down.dependency).inc()
         extra = {"target": down.dependency, "write": target, "error": down.detail[:500], "failures": failures,
                  "retry_in_s": delay}
@@ -377,6 +438,12 @@ class StreamWorker(ABC):
             log.error("disk full, waiting for space", extra=extra)
         else:
             log.warning("write failed, retrying", extra=extra)
+
+    def _mark_stuck(self, dependency: str, detail: str, since: float) -> None:
+        """Readiness red, naming ``dependency``: call before every wait for it."""
+        if self._stuck is None or self._stuck.dependency != dependency:
+            self._stuck = _Stuck(dependency, since, detail[:300])
+        self._stuck.detail = detail[:300]
 
     def _answers(self, dependency: str) -> bool:
         """Whether ``dependency`` answers its probe (unknown = no: never drop messages in an outage)."""
@@ -446,8 +513,8 @@ def _stop_from_signal(worker: StreamWorker, signum: int) -> None:
 
 def run_service(worker: StreamWorker, max_idle: float | None = None) -> None:
     """Serve /metrics, /healthz, /readyz (ready while polling and not stuck), stop on SIGTERM/SIGINT, run."""
-    s = worker.s
-    server = serve(worker.metrics.registry, s.metrics_port, s.metrics_host, ready=worker.readiness)
+    c = worker.config
+    server = serve(worker.metrics.registry, c.metrics_port, c.metrics_host, ready=worker.readiness)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: _stop_from_signal(worker, signum))

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memetrace.models import Candidate, ImageRow
+from memetrace.models import Candidate, ImageRecord, ImageRow
+from memetrace.varchar import fitted
 
 #: one search's answer per query vector: (image id, score) pairs, the nearest first
 Hits = list[list[tuple[int, float]]]
-#: what :meth:`VectorIndex.get` says of an image
-IMAGE_FIELDS = ("id", "path", "width", "height", "nbytes", "nb_points")
+#: the UTF-8 bytes each backend keeps of a string field (:func:`memetrace.varchar.fitted`)
+IMAGE_BYTES = {"path": 4096}
 
 
 def now_ms() -> int:
@@ -46,8 +47,8 @@ class VectorIndex(ABC):
         """Those of ``image_ids`` that are stored."""
 
     @abstractmethod
-    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
-        """image id -> {:data:`IMAGE_FIELDS`} for the stored ones."""
+    def get(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """image id -> its record, for the stored ones."""
 
     @abstractmethod
     def vectors(self, image_ids: Sequence[int], with_regions: bool = True
@@ -131,7 +132,7 @@ class MemoryVectorIndex(VectorIndex):
         now = now_ms()
         with self._lock:
             for r in rows:
-                self._images[r.image_id] = _Stored(r, now)
+                self._images[r.image_id] = _Stored(fitted(r, IMAGE_BYTES), now)
                 # keyed per region as in Milvus: an upsert overwrites the regions it carries
                 self._regions.setdefault(r.image_id, {}).update(
                     (i, np.asarray(v, np.float32)) for i, v in enumerate(r.regions))
@@ -140,11 +141,10 @@ class MemoryVectorIndex(VectorIndex):
         with self._lock:
             return {int(i) for i in image_ids if int(i) in self._images}
 
-    def get(self, image_ids: Sequence[int]) -> dict[int, dict]:
+    def get(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
         with self._lock:
             found = [self._images[int(i)].row for i in image_ids if int(i) in self._images]
-        return {r.image_id: {"id": r.image_id, "path": r.path[:4096], "width": r.width, "height": r.height,
-                             "nbytes": r.nbytes, "nb_points": r.nb_points} for r in found}
+        return {r.image_id: ImageRecord(r.image_id, r.path, r.width, r.height, r.nbytes, r.nb_points) for r in found}
 
     def vectors(self, image_ids: Sequence[int], with_regions: bool = True
                 ) -> tuple[list[int], np.ndarray, list[np.ndarray]]:

@@ -63,9 +63,9 @@ def session_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 @pytest.fixture(scope="session")
 def embedder(session_settings: Settings):
     """The CPU embedder with the packaged EfficientNet-Lite0 weights, built once."""
-    from memetrace.embedder import Embedder
+    from memetrace.embedder import EmbedConfig, Embedder
 
-    return Embedder(session_settings.model_copy(update={"device": "cpu"}))
+    return Embedder(EmbedConfig.from_settings(session_settings.model_copy(update={"device": "cpu"})))
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 import pytest
+from fastapi import FastAPI
 from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
@@ -42,7 +43,9 @@ from memetrace.api.server import bind, server_for
 from memetrace.cli.batch import run_index
 from memetrace.cli.context import Context
 from memetrace.imageio import content_id
+from memetrace.models import ImageRecord
 from memetrace.settings import Settings
+from memetrace.vector_index import MemoryVectorIndex
 from tests.conftest import load_photo, make_settings
 
 TOKEN = "s3cret-token"
@@ -101,6 +104,7 @@ class Api:
     base: str
     token: str | None
     ctx: Context
+    app: FastAPI
 
     def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
              auth: bool = True) -> Reply:
@@ -144,10 +148,11 @@ def _api_context(settings: Settings, indexed: Context) -> Context:
 
 def _serve(ctx: Context) -> Iterator[Api]:
     sock = bind("127.0.0.1", 0)
-    server = server_for(create_app(ctx))
+    app = create_app(ctx)
+    server = server_for(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    api = Api(f"http://127.0.0.1:{sock.getsockname()[1]}", TOKEN if ctx.settings.api_token else None, ctx)
+    api = Api(f"http://127.0.0.1:{sock.getsockname()[1]}", TOKEN if ctx.settings.api_token else None, ctx, app)
     deadline = time.monotonic() + 60
     while api.get("/readyz").status != 200:
         assert time.monotonic() < deadline, api.get("/readyz").body
@@ -473,14 +478,22 @@ def test_aborted_upload_is_no_server_error(main: Api, caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.name == "memetrace.api.middleware"]
 
 
-def test_unexpected_error_is_a_logged_json_500(main: Api, monkeypatch: pytest.MonkeyPatch,
-                                               caplog: pytest.LogCaptureFixture) -> None:
-    def broken(image_ids: list[int]) -> dict:
+class _BurningIndex(MemoryVectorIndex):
+    def get(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(main.ctx.index, "get", broken)
+
+@pytest.fixture(scope="module")
+def burning(indexed: Context) -> Iterator[Api]:
+    """A server whose vector index fails every lookup with an unexpected error."""
+    ctx = _api_context(indexed.settings, indexed)
+    ctx.index = _BurningIndex(indexed.embedder.dim)
+    yield from _serve(ctx)
+
+
+def test_unexpected_error_is_a_logged_json_500(burning: Api, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="memetrace.api.middleware"):
-        body = _error(main.get("/v1/images/1"), 500, "internal_error")
+        body = _error(burning.get("/v1/images/1"), 500, "internal_error")
     assert "disk on fire" not in body["detail"]  # internals stay in the log
     record = next(r for r in caplog.records if r.name == "memetrace.api.middleware")
     assert record.exc_info and "disk on fire" in str(record.exc_info[1]) and record.path == "/v1/images/1"
@@ -535,7 +548,7 @@ def test_responses_validate_against_their_models(main: Api, corpus: Corpus) -> N
 
 def test_search_pool_refuses_beyond_its_queue() -> None:
     """1 search running and 1 waiting: a third is refused at once with 503 busy and Retry-After; once
-    they finish, searches are accepted again."""
+    they give their places back, searches are accepted again."""
     release = threading.Event()
     started = threading.Event()
 
@@ -544,26 +557,72 @@ def test_search_pool_refuses_beyond_its_queue() -> None:
         release.wait(10)
         return "done"
 
-    async def scenario() -> list[str]:
-        pool = SearchPool(threads=1, queue=1)
+    async def scenario(pool: SearchPool) -> list[str]:
         results: list[str] = []
 
-        async def run() -> None:
-            results.append(await pool.run(blocked))
+        async def run(fn: Any) -> None:
+            with pool.place() as place:
+                place.take()
+                results.append(await pool.run(fn))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            tg.start_soon(run)
+            tg.start_soon(run, blocked)
+            tg.start_soon(run, blocked)
             await anyio.to_thread.run_sync(started.wait, 10)
-            with pytest.raises(ApiError) as refused:
-                await pool.run(blocked)
+            with pytest.raises(ApiError) as refused, pool.place() as place:
+                place.take()
             assert refused.value.status == 503 and refused.value.error == "busy"
             assert int((refused.value.headers or {})["Retry-After"]) > 0
             release.set()
-        results.append(await pool.run(lambda: "again"))
+        await run(lambda: "again")
         return results
 
-    assert anyio.run(scenario) == ["done", "done", "again"]
+    pool = SearchPool(threads=1, queue=1)
+    assert anyio.run(scenario, pool) == ["done", "done", "again"]
+    assert (pool.held, pool.refused) == (0, 1)
+
+
+NARROW_ROOM = 2  # 1 search thread + 1 place in the queue
+SLOW_UPLOADS = 8
+
+
+@pytest.fixture(scope="module")
+def narrow(indexed: Context) -> Iterator[Api]:
+    """A server with room for NARROW_ROOM searches (MEMETRACE_API_SEARCH_CONCURRENCY + _QUEUE)."""
+    settings = indexed.settings.model_copy(update={"api_search_concurrency": 1, "api_search_queue": NARROW_ROOM - 1})
+    yield from _serve(_api_context(settings, indexed))
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_slow_uploads_hold_at_most_the_pools_room(narrow: Api, corpus: Corpus) -> None:
+    """SLOW_UPLOADS uploads send half their body and wait: only NARROW_ROOM take a place in the search
+    pool (and so may be read and held); the others are refused busy before any of their body is
+    parsed, and answered 503 once they have sent it."""
+    body, content_type = _multipart(corpus.files["astronaut.jpg"])
+    pool: SearchPool = narrow.app.state.searches
+    refused_before = pool.refused
+    headers = {"Content-Type": content_type, "Content-Length": str(len(body)), "Connection": "close"}
+    socks = [_raw_request(narrow, "POST /v1/search", headers, body[:len(body) // 2]) for _ in range(SLOW_UPLOADS)]
+    try:
+        _wait_for(lambda: pool.refused - refused_before == SLOW_UPLOADS - NARROW_ROOM,
+                  f"{SLOW_UPLOADS - NARROW_ROOM} uploads were not refused busy while their bodies arrived")
+        assert pool.held == NARROW_ROOM
+        for sock in socks:
+            sock.sendall(body[len(body) // 2:])
+        replies = [sock.makefile("rb").read().partition(b"\r\n\r\n") for sock in socks]  # the server closes
+    finally:
+        for sock in socks:
+            sock.close()
+    statuses = sorted(int(head.split()[1]) for head, _, _ in replies)
+    assert statuses == [200] * NARROW_ROOM + [503] * (SLOW_UPLOADS - NARROW_ROOM), statuses
+    assert {ErrorBody.model_validate_json(rest).error for head, _, rest in replies if b" 503 " in head} == {"busy"}
+    _wait_for(lambda: pool.held == 0, "places were not given back")
 
 
 IMPATIENT_S = 0.5
@@ -571,8 +630,11 @@ IMPATIENT_S = 0.5
 
 @pytest.fixture(scope="module")
 def impatient(indexed: Context) -> Iterator[Api]:
-    """A server whose requests must arrive within IMPATIENT_S (MEMETRACE_API_BODY_TIMEOUT_S)."""
-    yield from _serve(_api_context(indexed.settings.model_copy(update={"api_body_timeout_s": IMPATIENT_S}), indexed))
+    """A server whose request heads and bodies must arrive within IMPATIENT_S (MEMETRACE_API_HEADER_TIMEOUT_S,
+    MEMETRACE_API_BODY_TIMEOUT_S)."""
+    settings = indexed.settings.model_copy(update={"api_header_timeout_s": IMPATIENT_S,
+                                                   "api_body_timeout_s": IMPATIENT_S})
+    yield from _serve(_api_context(settings, indexed))
 
 
 def test_stalled_body_is_cut_with_408(impatient: Api) -> None:

@@ -4,7 +4,8 @@ deploy/k8s (read from the manifests, so a limit lowered there is checked here).
 Each case runs in a subprocess whose peak resident set size (``ru_maxrss`` from ``wait4``) is the
 measure: the test process' own memory does not count. The images are 10000 x 6000 PNGs of
 identical rows, 190 KB each on disk, 180 MB each decompressed; PNG cannot be decoded at
-reduced size, so every one is decompressed in full, under the decode budget.
+reduced size, so every one is decompressed in full, under the decode budget. The ingest worker's
+case serves them over HTTP padded to 40 MB each, so that the downloads it holds count too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -140,4 +142,75 @@ def test_indexing_32_images_of_60mp_stays_under_the_ingest_limit(png: bytes, tmp
     print(f"\nindex of 32 x 60 MP PNGs: peak RSS {peak / 2**20:.0f} MiB "
           f"(limit {memory_limit('ingest.yaml') / 2**20:.0f} MiB)")
     assert summary["new_images"] == 32 and summary["bad_inputs"] == {}, summary
+    assert peak < memory_limit("ingest.yaml")
+
+
+PAD_BYTES = 40_000_000  # per body: 32 of them near MEMETRACE_MAX_FILE_BYTES, as large posts are on the wire
+
+INGEST_WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[2])  # tests/: the in-memory Kafka stand-ins of test_poison
+from prometheus_client import CollectorRegistry
+from test_poison import AckingProducer, ListConsumer, record
+from memetrace.cli.context import Context
+from memetrace.feature_store import MemoryFeatureStore
+from memetrace.ingest.metrics import IngestMetrics
+from memetrace.ingest.worker import IngestWorker
+from memetrace.occurrence_log import MemoryOccurrenceLog
+from memetrace.settings import Settings
+from memetrace.vector_index import MemoryVectorIndex
+
+s = Settings()
+ctx = Context(s)
+posts = [json.dumps({"post_id": f"p{i}", "url": f"{sys.argv[1]}/{i}.png"}).encode() for i in range(32)]
+worker = IngestWorker(s, IngestMetrics(CollectorRegistry()), embedder=ctx.embedder, extractor=ctx.extractor,
+                      index=MemoryVectorIndex(ctx.embedder.dim), occurrences=MemoryOccurrenceLog(),
+                      features=MemoryFeatureStore(), producer=AckingProducer(),
+                      consumer=ListConsumer([record(i, p, topic=s.kafka_posts_topic) for i, p in enumerate(posts)]))
+worker.run(max_idle=1)
+print(json.dumps(worker.totals.as_dict()))
+"""
+
+
+@pytest.fixture(scope="module")
+def big_post_server(png: bytes):
+    """GET /<i>.png: the 60 MP PNG with label ``i`` and a PAD_BYTES ancillary chunk (decoders skip
+    it): 32 distinct images of 40 MB each on the wire, made per request from one shared pad."""
+    at = png.index(b"tEXt") - 4
+    head, tail = png[:at], png[at + 12 + struct.unpack(">I", png[at:at + 4])[0]:]
+    pad = _chunk(b"pdAt", bytes(PAD_BYTES))
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            label = _chunk(b"tEXt", f"Comment\x00{self.path}".encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(head) + len(label) + len(pad) + len(tail)))
+            self.end_headers()
+            for part in (head, label, pad, tail):
+                self.wfile.write(part)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_ingest_worker_on_32_posts_of_60mp_stays_under_the_ingest_limit(big_post_server: str,
+                                                                             tmp_path: Path) -> None:
+    """The worker's own code path (download window, indexer, decode budget) on 32 posts of 40 MB,
+    60 MP PNGs, with the Kafka consumer and the stores in memory."""
+    env = clean_env(MEMETRACE_DATA_DIR=str(tmp_path / "data"), MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS="1",
+                    MEMETRACE_DEVICE="cpu", MEMETRACE_METRICS_PORT="0", MEMETRACE_PREPARE_THREADS="8",
+                    MEMETRACE_INGEST_BATCH_SIZE="32")
+    out, peak = run_measured([sys.executable, "-c", INGEST_WORKER, big_post_server, str(REPO / "tests")], env,
+                             tmp_path)
+    totals = json.loads(out.strip().splitlines()[-1])
+    print(f"\ningest worker, 32 posts of 60 MP PNG ({PAD_BYTES / 1e6:.0f} MB each): peak RSS {peak / 2**20:.0f} MiB "
+          f"(limit {memory_limit('ingest.yaml') / 2**20:.0f} MiB)")
+    assert totals["new_images"] == 32 and totals["deadlettered"] == {}, totals
     assert peak < memory_limit("ingest.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import jpeg_roundtrip, make_settings, rgb
+from conftest import jpeg_roundtrip, rgb
 from memetrace.embedder import (
     Embedder,
     PrecisionCache,
@@ -103,7 +104,7 @@ def test_given_boxes_are_embedded_as_crops(embedder: Embedder, photos: dict[str,
 
 
 def test_regions_can_be_turned_off(embedder: Embedder, photos: dict[str, Image.Image]) -> None:
-    off = Embedder(embedder.settings.model_copy(update={"regions": False}), model=embedder.model)
+    off = Embedder(replace(embedder.config, regions=False), model=embedder.model)
     glob, regions = off.embed([rgb(photos["coffee"])])
     assert glob.shape == (1, DIM) and regions[0].shape == (0, DIM)
     ref, _ = embedder.embed([rgb(photos["coffee"])])
@@ -145,7 +146,7 @@ def test_auto_precision_follows_the_measurement(seconds: dict[str, float], chose
 
 
 def test_embedder_measures_auto_precision_once_per_machine(tmp_path: Path, embedder: Embedder) -> None:
-    settings = embedder.settings.model_copy(update={"precision": "auto", "device": "cpu", "data_dir": tmp_path})
+    config = replace(embedder.config, precision="auto", device="cpu")
     calls: list[str] = []
 
     def slow_bf16(precision: str) -> float:
@@ -153,16 +154,16 @@ def test_embedder_measures_auto_precision_once_per_machine(tmp_path: Path, embed
         return {"fp32": 0.1, "bf16": 0.5}[precision]
 
     cache = PrecisionCache(tmp_path / "precision.json")
-    assert Embedder(settings, model=embedder.model, probe=slow_bf16, cache=cache).dtype == torch.float32
+    assert Embedder(config, model=embedder.model, probe=slow_bf16, cache=cache).dtype == torch.float32
     assert sorted(calls) == ["bf16", "fp32"]
     # the next start on this machine reads the cached choice instead of measuring again
-    assert Embedder(settings, model=embedder.model, probe=slow_bf16, cache=cache).dtype == torch.float32
+    assert Embedder(config, model=embedder.model, probe=slow_bf16, cache=cache).dtype == torch.float32
     assert len(calls) == 2
 
 
 def test_the_real_probe_times_both_precisions(tmp_path: Path, embedder: Embedder) -> None:
-    settings = embedder.settings.model_copy(update={"precision": "auto", "device": "cpu", "data_dir": tmp_path})
-    e = Embedder(settings, model=embedder.model, cache=PrecisionCache(tmp_path / "none" / "precision.json"))
+    config = replace(embedder.config, precision="auto", device="cpu")
+    e = Embedder(config, model=embedder.model, cache=PrecisionCache(tmp_path / "none" / "precision.json"))
     seconds = {p: e._time_batch(p) for p in ("fp32", "bf16")}
     assert all(0 < s < 60 for s in seconds.values()), seconds
     assert e.dtype in (torch.float32, torch.bfloat16)
@@ -178,9 +179,9 @@ def test_pick_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fp16_matches_cpu(tmp_path: Path, embedder: Embedder, photos: dict[str, Image.Image]) -> None:
-    settings = make_settings(tmp_path, device="cuda", precision="fp16")
+    config = replace(embedder.config, device="cuda", precision="fp16")
     # a fresh backbone: Embedder moves the module it is given, the shared CPU one must stay put
-    gpu = Embedder(settings, model=load_backbone(settings.model_name, None))
+    gpu = Embedder(config, model=load_backbone(config.model_name, None))
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float16
     images = [rgb(photos[n]) for n in ("astronaut", "cat", "rocket")]
     g_gpu, r_gpu = gpu.embed(images)

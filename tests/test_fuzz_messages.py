@@ -3,9 +3,11 @@
 A seeded generator (:func:`hostile`) writes what an attacker or a buggy producer sends: nested
 brackets, huge strings, NaN and Infinity, ids at 2^63 and 2^64, negative ids, wrong types,
 invalid UTF-8, empty values, tombstones, self-loops, unknown schema versions, mixed with valid
-messages. First :func:`memetrace.messages.parse` on thousands of them per contract (nothing but a
-model or InvalidMessage may come out), then a few hundred per topic through the real broker
-(Tansu on 127.0.0.1) into the real match and cluster workers and the ingest worker.
+messages, many of them at their bounds (the longest ids in UTF-8 bytes, non-ASCII text, ids at
+2^63-1, posting times at their extremes): those must be processed, never dead-lettered. First
+:func:`memetrace.messages.parse` on thousands of them per contract (nothing but a model or
+InvalidMessage may come out), then a thousand per topic through the real broker (Tansu on
+127.0.0.1) into the real match and cluster workers and the ingest worker (the file: ~2 minutes).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from memetrace.clusterer.state import SqliteGraphState
 from memetrace.clusterer.worker import ClusterWorker
 from memetrace.kafka_clients import ensure_topics
 from memetrace.matcher.metrics import MatchMetrics
+from memetrace.matcher.matching import MatchConfig, Matcher
 from memetrace.matcher.worker import MatchWorker
 from memetrace.messages import (
     H_REASON,
@@ -47,6 +50,7 @@ from memetrace.messages import (
     InvalidMessage,
     MatchEvent,
     Post,
+    PostRef,
     parse,
     source_of,
 )
@@ -54,23 +58,49 @@ from memetrace.settings import Settings
 
 SEED = 20261201
 UNIT_CASES = 3000  # per contract
-KAFKA_CASES = 200  # per topic
+KAFKA_CASES = 1000  # per topic
 
 
 # ----------------------------------------------------------------------------- the generator
 
 
+# valid at their bounds: the longest post ids and platforms in UTF-8 bytes (3-byte CJK, 4-byte
+# emoji, 2-byte accents), free text longer in bytes than the stores keep, ids and times at their extremes
+EDGE_POST_IDS = ["日" * 341 + "x", "😀" * 256, "é" * 512, "a" * 1024, MAX_ID, -MAX_ID, 0, "ид-1"]
+EDGE_PLATFORMS = ["😀" * 16, "é" * 32, "p" * 64, "微博"]
+EDGE_AUTHORS = ["日" * 256, "😀" * 256, "a" * 256]
+EDGE_POSTED_AT = ["1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59", 0, 253402300799,
+                  "2024-05-01T10:00:00+14:00"]
+URL_BYTES = 4096
+
+
+def _edge(rng: random.Random, usual: Any, edges: Sequence[Any]) -> Any:
+    return rng.choice(edges) if rng.random() < 0.4 else usual
+
+
+def edge_url(url: str) -> str:
+    """``url`` padded with a query of 2-byte characters to the longest URL a post may carry."""
+    pad = "&pad=" if "?" in url else "?pad="
+    return url + pad + "é" * ((URL_BYTES - len((url + pad).encode())) // 2)
+
+
 def valid(kind: str, rng: random.Random) -> dict[str, Any]:
     if kind == "post":
-        return {"post_id": f"p{rng.randrange(10**9)}", "url": f"https://example.org/{rng.randrange(10**6)}.jpg",
-                "platform": rng.choice(["", "x", "mastodon"]), "author": "a" * rng.randrange(20)}
+        url = f"https://example.org/{rng.randrange(10**6)}.jpg"
+        doc = {"post_id": _edge(rng, f"p{rng.randrange(10**9)}", EDGE_POST_IDS),
+               "url": _edge(rng, url, [edge_url(url)]),
+               "platform": _edge(rng, rng.choice(["", "x", "mastodon"]), EDGE_PLATFORMS),
+               "author": _edge(rng, "a" * rng.randrange(20), EDGE_AUTHORS)}
+        return doc | ({"posted_at": rng.choice(EDGE_POSTED_AT)} if rng.random() < 0.4 else {})
     if kind == "image":
-        return {"v": 1, "image_id": rng.randrange(MAX_ID + 1), "nb_points": rng.randrange(5000),
-                "post": {"post_id": f"p{rng.randrange(10**9)}", "posted_at": rng.choice([-1, 1_700_000_000]),
-                         "platform": "x"}}
-    a = rng.randrange(MAX_ID)
-    return {"v": 1, "a": a, "b": rng.randrange(a + 1, MAX_ID + 1), "inliers": rng.randrange(1000),
-            "kind": rng.choice(["full", "partial"])}
+        return {"v": 1, "image_id": _edge(rng, rng.randrange(MAX_ID + 1), [0, MAX_ID]),
+                "nb_points": _edge(rng, rng.randrange(5000), [0, 1_000_000]),
+                "post": {"post_id": _edge(rng, f"p{rng.randrange(10**9)}", [str(p) for p in EDGE_POST_IDS]),
+                         "posted_at": rng.choice([-1, 0, 1_700_000_000, 2**62]),
+                         "platform": _edge(rng, "x", EDGE_PLATFORMS)}}
+    a = _edge(rng, rng.randrange(MAX_ID), [1, MAX_ID - 1])  # not 0: no edge between two edge images
+    return {"v": 1, "a": a, "b": _edge(rng, rng.randrange(a + 1, MAX_ID + 1), [MAX_ID]),
+            "inliers": _edge(rng, rng.randrange(1000), [0, 1_000_000]), "kind": rng.choice(["full", "partial"])}
 
 
 NUMBER_FIELDS = {"post": ["post_id"], "image": ["image_id", "nb_points"], "match": ["a", "b", "inliers"]}
@@ -138,7 +168,7 @@ def mixed(kind: str, n: int, seed: int, max_bytes: int) -> Iterator[tuple[bytes 
     rng = random.Random(seed)
     for _ in range(n):
         if rng.random() < 0.25:
-            yield _raw(valid(kind, rng)), True
+            yield json.dumps(valid(kind, rng), ensure_ascii=False).encode(), True  # raw UTF-8 on the wire
         else:
             yield hostile(kind, rng, max_bytes), False
 
@@ -168,6 +198,35 @@ def test_parse_gives_a_bounded_model_or_invalid_message_for_thousands_of_hostile
             assert 0 <= msg.a < msg.b <= MAX_ID
         assert len(msg.to_bytes()) < 20_000  # every field bounded: what we publish stays small
     assert accepted >= UNIT_CASES // 5 and refused >= UNIT_CASES // 2, (accepted, refused)
+
+
+def _post(**fields: Any) -> bytes:
+    return json.dumps({"post_id": "p", "url": "https://example.org/a.jpg"} | fields, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize(("field", "value", "ok"), [
+    ("post_id", "日" * 341 + "x", True), ("post_id", "😀" * 256, True), ("post_id", "日" * 342, False),
+    ("post_id", "😀" * 256 + "x", False), ("post_id", "a" * 1025, False),
+    ("url", edge_url("https://example.org/a.jpg"), True), ("url", edge_url("https://example.org/a.jpg") + "é", False),
+    ("platform", "😀" * 16, True), ("platform", "😀" * 16 + "x", False), ("author", "日" * 256, True),
+])
+def test_ids_are_bounded_in_utf8_bytes_as_the_stores_keep_them(field: str, value: str, ok: bool) -> None:
+    """A post id, URL or platform over its bytes is refused, never cut by a store (two posts would merge)."""
+    if ok:
+        assert getattr(parse(Post, _post(**{field: value})), field) == value
+    else:
+        with pytest.raises(InvalidMessage, match=f"{field}: .*at most"):
+            parse(Post, _post(**{field: value}))
+
+
+def test_posting_times_fit_the_image_event() -> None:
+    """Every accepted posting time fits the ImageEvent the ingest publishes; earlier than 1970 is refused."""
+    for at in EDGE_POSTED_AT:
+        post = parse(Post, _post(posted_at=at))
+        assert PostRef(post_id=post.post_id, posted_at=post.posted_at_unix()).posted_at >= 0
+    for at in ["1969-12-31T23:59:59Z", "0001-01-01T00:00:00Z", -1]:
+        with pytest.raises(InvalidMessage, match="before 1970"):
+            parse(Post, _post(posted_at=at))
 
 
 # ----------------------------------------------------------------------------- through Kafka
@@ -227,9 +286,9 @@ def test_match_worker_dead_letters_every_hostile_image_event_and_matches_every_v
     values = list(mixed("image", KAFKA_CASES, SEED, 900_000))
     sources = send_all(s, s.kafka_images_topic, [v for v, _ in values])
     good, bad = _split(values, sources)
-    worker = MatchWorker(s, _NoMilvus(), None, MatchMetrics(CollectorRegistry()))
+    worker = MatchWorker(s, Matcher(MatchConfig.from_settings(s), _NoMilvus(), None), MatchMetrics(CollectorRegistry()))
     seen: list[int] = []
-    worker.matcher.match_stored = lambda ids: seen.extend(ids) or []
+    worker.matcher.match_stored = lambda ids, call: seen.extend(ids) or []
     worker.run(max_idle=3)
     assert worker.stopped_by == "max_idle"
     assert sorted(seen) == sorted({json.loads(v)["image_id"] for v in good})
@@ -264,7 +323,8 @@ def hostile_posts(base: str, n: int, seed: int, photos: Sequence[str]) -> Iterat
     for i, (raw, ok) in enumerate(mixed("post", n, seed, 900_000)):
         if ok:
             doc = json.loads(raw)
-            doc["url"] = f"{base}/img/{rng.choice(photos)}?n={i}"
+            url = f"{base}/img/{rng.choice(photos)}?n={i}"
+            doc["url"] = edge_url(url) if rng.random() < 0.2 else url
             yield json.dumps(doc).encode(), True
         else:
             yield raw, False

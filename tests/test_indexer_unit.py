@@ -24,8 +24,8 @@ from memetrace.ingest.indexer import (
     IndexReport,
     Outcome,
     PreparedImage,
-    Refused,
     Stored,
+    Unindexable,
 )
 from memetrace.ingest.sources import InputItem
 from memetrace.keypoints import KeypointExtractor
@@ -133,7 +133,7 @@ def test_one_outcome_per_input_in_input_order_same_bytes_stored_once_refusals_wi
 
     assert [o.key for o in outcomes] == [it.key for it in items]
     by_key = {o.key: o for o in outcomes}
-    assert {k: (o.reason if isinstance(o, Refused) else "stored") for k, o in by_key.items()} == {
+    assert {k: (o.reason if isinstance(o, Unindexable) else "stored") for k, o in by_key.items()} == {
         "astronaut.jpg": "stored", "cat.jpg": "stored", "copy-of-cat.jpg": "stored", "coffee.jpg": "stored",
         "rocket.jpg": "stored", "empty.jpg": "empty", "notes.txt": "not_an_image", "locked.jpg": "unreadable"}
     assert "Permission denied" in by_key["locked.jpg"].detail
@@ -147,7 +147,7 @@ def test_one_outcome_per_input_in_input_order_same_bytes_stored_once_refusals_wi
         kp = features.get_keypoints(o.image_id)
         assert kp is not None and len(kp) == o.nb_points > 0
         assert features.get_thumbnail(o.image_id) is not None
-        assert index.get([o.image_id])[o.image_id]["nb_points"] == o.nb_points
+        assert index.get([o.image_id])[o.image_id].nb_points == o.nb_points
     report = IndexReport()
     report.add(outcomes)
     assert (report.seen, report.new_images, report.duplicates) == (len(items), len(NAMES), 1)
@@ -221,7 +221,7 @@ def test_a_prepared_image_holds_only_what_embedding_needs_whatever_the_input_siz
     prepared = indexer.prepare(item("big.png", buf.getvalue()))
 
     assert isinstance(prepared, PreparedImage) and (prepared.width, prepared.height) == (4000, 3000)
-    side, box_side = recording.inner.settings.image_size, recording.inner.settings.box_image_size
+    side, box_side = recording.inner.config.image_size, recording.inner.config.box_image_size
     assert prepared.cnn.whole.shape == (side, side, 3)
     assert all(c.shape == (box_side, box_side, 3) and c.base is None for c in prepared.cnn.crops)
     arrays = [prepared.cnn.whole, *prepared.cnn.crops, prepared.keypoints.xy, prepared.keypoints.desc]

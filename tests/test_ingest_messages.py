@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from memetrace.fetch import FetchPolicy
-from memetrace.messages import (H_REASON, H_SOURCE, InvalidMessage, dead_letter, deadletter_key, occurrence_key,
-                             parse_post, source_of)
+from memetrace.messages import (H_REASON, H_SOURCE, MAX_MESSAGE_BYTES, ImageEvent, InvalidMessage, Post, PostRef,
+                                dead_letter, deadletter_key, occurrence_key, parse, source_of)
 from memetrace.ingest.producer import lines_to_messages
 from kafka_broker import free_port
 from memetrace.ingest.metrics import IngestMetrics
@@ -20,13 +20,13 @@ from memetrace.settings import Settings
 
 
 def test_valid_post_keeps_the_fields_memetrace_reads() -> None:
-    post = parse_post(json.dumps({"post_id": 42, "url": "https://example.org/a.jpg", "posted_at": "2024-05-01T10:00:00Z",
-                                  "platform": "mastodon", "author": "ana", "text": "lol", "meta": {"likes": 3},
-                                  "unknown": "ignored"}).encode())
+    post = parse(Post, json.dumps({"post_id": 42, "url": "https://example.org/a.jpg",
+                                   "posted_at": "2024-05-01T10:00:00Z", "platform": "mastodon", "author": "ana",
+                                   "text": "lol", "meta": {"likes": 3}, "unknown": "ignored"}).encode())
     assert post.post_id == "42" and post.platform == "mastodon" and post.author == "ana"
     assert set(post.model_dump()) == {"v", "post_id", "url", "posted_at", "platform", "author"}  # the rest: unread
     assert post.posted_at_unix() == 1714557600
-    assert parse_post(b'{"post_id": "a", "url": "http://h/x"}').posted_at_unix() == -1
+    assert parse(Post, b'{"post_id": "a", "url": "http://h/x"}').posted_at_unix() == -1
 
 
 @pytest.mark.parametrize(("raw", "reason", "hint"), [
@@ -43,9 +43,22 @@ def test_valid_post_keeps_the_fields_memetrace_reads() -> None:
 ])
 def test_invalid_messages_name_the_reason(raw: bytes | None, reason: str, hint: str) -> None:
     with pytest.raises(InvalidMessage) as info:
-        parse_post(raw)
+        parse(Post, raw)
     assert info.value.reason == reason
     assert hint in info.value.detail
+
+
+def test_a_post_with_a_huge_text_gives_a_small_image_event_and_a_larger_one_is_refused_unread() -> None:
+    """A post's text and meta are read by no stage: they never reach the images topic, whose
+    events would otherwise exceed the broker's message size and be retried for ever."""
+    big = {"post_id": "p", "url": "https://example.org/a.jpg", "text": "x" * 900_000, "meta": {"k": "v" * 50_000}}
+    post = parse(Post, json.dumps(big).encode())
+    event = ImageEvent(image_id=1, nb_points=10, post=PostRef(post_id=post.post_id, posted_at=post.posted_at_unix(),
+                                                              platform=post.platform))
+    assert len(event.to_bytes()) < 200
+    with pytest.raises(InvalidMessage) as info:
+        parse(Post, json.dumps({**big, "text": "x" * (MAX_MESSAGE_BYTES + 1)}).encode())
+    assert info.value.reason == "too_large"
 
 
 def test_keys_are_stable_positive_int64() -> None:

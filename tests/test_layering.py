@@ -31,7 +31,8 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
+            # `from memetrace import ingest` imports the stage too: count module.name for each name
+            names.update({node.module, *(f"{node.module}.{a.name}" for a in node.names)})
     return names
 
 

@@ -14,6 +14,7 @@ Layout (``e_i``: the i-th unit vector; a region is what an image holds of anothe
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_settings, rgb
+from memetrace.errors import DependencyDown
 from memetrace.feature_store import MemoryFeatureStore
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.matcher.matching import MatchConfig, Matcher
@@ -154,4 +156,91 @@ def test_each_pair_is_verified_once(keypoints, config: MatchConfig, chunk: int) 
     matches = matcher.match_stored(sorted(VECTORS), chunk=chunk)
     assert _pairs(matches) == COPIES and len(matches) == len(COPIES)
     assert set(verifier.pairs) == {frozenset(p) for p in COPIES}  # only candidates above the similarity bound
+    assert max(verifier.pairs.values()) == 1, verifier.pairs
+
+
+# ----------------------------------------------------------------------------- store reads through ``call``
+
+
+class FlakyIndex(RecordingIndex):
+    """Fails the ``nth`` call of ``method`` once, as the Milvus adapter reports an outage."""
+
+    def __init__(self, dim: int, method: str, nth: int) -> None:
+        super().__init__(dim)
+        self.calls: Counter[str] = Counter()
+        self.method, self.nth = method, nth
+
+    def __getattribute__(self, name: str):
+        attr = super().__getattribute__(name)
+        if name in ("vectors", "candidates_many", "stored_before"):
+            self.calls[name] += 1
+            if name == self.method and self.calls[name] == self.nth:
+                raise DependencyDown("milvus", f"{name} timed out")
+        return attr
+
+
+class FlakyFeatures(MemoryFeatureStore):
+    """Fails the first read of ``image_id``'s keypoints once, as the S3 adapter reports an outage."""
+
+    def __init__(self, image_id: int) -> None:
+        super().__init__()
+        self.image_id, self.failed = image_id, False
+
+    def get_keypoints(self, image_id: int) -> Keypoints | None:
+        if image_id == self.image_id and not self.failed:
+            self.failed = True
+            raise DependencyDown("s3", "GetObject timed out")
+        return super().get_keypoints(image_id)
+
+
+def _retrying(failed: list[str]):
+    def call(fn):
+        while True:
+            try:
+                return fn()
+            except DependencyDown as exc:
+                failed.append(exc.dependency)
+    return call
+
+
+def test_a_failed_index_read_is_retried_alone_without_verifying_again(keypoints, config: MatchConfig) -> None:
+    """Chunks of one image: the third chunk's candidate search fails once; only it is repeated,
+    the pairs the first two chunks verified are not verified again."""
+    index, features = FlakyIndex(DIM, "candidates_many", 3), MemoryFeatureStore()
+    _store(index, features, keypoints, OLD + NEW)
+    verifier = RecordingVerifier(config.verify, keypoints)
+    failed: list[str] = []
+    matches = Matcher(config, index, features, verifier).match_stored(sorted(VECTORS), chunk=1,
+                                                                      call=_retrying(failed))
+    assert _pairs(matches) == COPIES and failed == ["milvus"]
+    assert index.calls["candidates_many"] == len(VECTORS) + 1 and index.calls["vectors"] == len(VECTORS)
+    assert max(verifier.pairs.values()) == 1, verifier.pairs
+
+
+def test_the_match_worker_retries_each_failed_read_under_its_dependency(keypoints, config: MatchConfig,
+                                                                        tmp_path) -> None:
+    from prometheus_client import CollectorRegistry
+    from test_poison import AckingProducer, ListConsumer, record
+
+    from memetrace.matcher.metrics import MatchMetrics
+    from memetrace.matcher.worker import MatchWorker
+    from memetrace.messages import ImageEvent, PostRef
+
+    s = make_settings(tmp_path, retry_max_s=0.02)
+    index, features = FlakyIndex(DIM, "vectors", 1), FlakyFeatures(CAT)
+    _store(index, features, keypoints, OLD + NEW)
+    verifier = RecordingVerifier(config.verify, keypoints)
+    events = [record(n, ImageEvent(image_id=i, nb_points=len(keypoints[i]),
+                                   post=PostRef(post_id=f"p{i}", posted_at=-1, platform="x")).to_bytes(),
+                     topic=s.kafka_images_topic) for n, i in enumerate(sorted(VECTORS))]
+    producer = AckingProducer()
+    worker = MatchWorker(s, Matcher(config, index, features, verifier), MatchMetrics(CollectorRegistry()),
+                         producer, ListConsumer(events))
+    worker.run(max_idle=0.3)
+    edges = {(e["a"], e["b"]) for e in (json.loads(v) for _, _, v, _ in producer.on(s.kafka_matches_topic))}
+    assert edges == COPIES
+    retries = {d: worker.metrics.registry.get_sample_value("memetrace_retries_total", {"target": d})
+               for d in ("milvus", "s3", "batch")}
+    assert retries == {"milvus": 1, "s3": 1, "batch": None}, retries
+    assert index.calls["candidates_many"] == 1 and index.calls["vectors"] == 2  # only the failed read again
     assert max(verifier.pairs.values()) == 1, verifier.pairs

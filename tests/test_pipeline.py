@@ -33,9 +33,10 @@ class Run:
     out: Path  # where clusters writes its files
     summary: dict
     truth: list[dict[str, str]]
+    embedder: object  # the session's, handed to every in-process CLI run
 
     def invoke(self, *args: str, data: Path | None = None) -> Result:
-        return invoke("--data-dir", str(data or self.data), *args)
+        return invoke("--data-dir", str(data or self.data), *args, embedder=self.embedder)
 
     def catalog(self) -> SqliteBatchCatalog:
         return SqliteBatchCatalog(self.data / "catalog.db")
@@ -54,12 +55,13 @@ class Run:
         return [r for r in self.truth if r["role"] != "bad"]
 
 
-def invoke(*args: str) -> Result:
-    """Run the CLI in-process; the root logger the CLI reconfigures is put back afterwards."""
+def invoke(*args: str, embedder=None) -> Result:
+    """Run the CLI in-process (with the session's ``embedder``: the model loads once); the root
+    logger the CLI reconfigures is put back afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+        return CliRunner().invoke(main, list(args), catch_exceptions=False, obj=embedder)
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -78,20 +80,18 @@ def run(tmp_path_factory: pytest.TempPathFactory, embedder):
             if key.upper().startswith("MEMETRACE_"):
                 mp.delenv(key)
         mp.chdir(base)  # no stray .env file
-        # every Context the CLI builds shares the session's embedder (the model loads once)
-        mp.setattr("memetrace.cli.context.Embedder", lambda settings: embedder)
         corpus = base / "corpus"
         images = make_demo_corpus(corpus)
         with (corpus / "ground_truth.csv").open(newline="", encoding="utf-8") as fh:
             truth = list(csv.DictReader(fh))
         data = base / "data"
-        summary = _json(invoke("--data-dir", str(data), "index", str(images)))
-        yield Run(corpus, images, data, base / "out", summary, truth)
+        summary = _json(invoke("--data-dir", str(data), "index", str(images), embedder=embedder))
+        yield Run(corpus, images, data, base / "out", summary, truth, embedder)
 
 
 @pytest.fixture(scope="module")
 def exported(run: Run) -> Result:
-    result = run.invoke("clusters", "--out", str(run.out / "clusters.csv"), "--html", str(run.out / "html"),
+    result = run.invoke("export", "--out", str(run.out / "clusters.csv"), "--html", str(run.out / "html"),
                         "--link-dir", str(run.out / "links"))
     assert result.exit_code == 0, result.output
     return result
@@ -157,6 +157,15 @@ def test_clusters_files(run: Run, exported: Result) -> None:
             target = link.resolve()
             assert target.is_file() and target.parent == run.images.resolve()
             assert link.name == target.name
+
+
+def test_the_old_clusters_verb_still_exports_with_a_warning(run: Run, exported: Result,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="memetrace"):
+        result = run.invoke("clusters", "--out", str(run.out / "old-verb.csv"))
+    assert result.exit_code == 0, result.output
+    assert (run.out / "old-verb.csv").read_text() == (run.out / "clusters.csv").read_text()
+    assert any("is now `memetrace export`" in r.getMessage() for r in caplog.records)
 
 
 def test_cluster_f1_against_the_demo_ground_truth(run: Run, exported: Result) -> None:

@@ -28,7 +28,7 @@ from memetrace.errors import DependencyDown
 from memetrace.messages import H_REASON, H_SHA256, H_SIZE, H_TRUNCATED, MatchEvent
 from memetrace.metrics import StreamMetrics, health_app
 from memetrace.models import Match
-from memetrace.stream import DeadLetter, StorageDenied, StreamWorker
+from memetrace.stream import DeadLetter, StorageDenied, StreamConfig, StreamWorker
 
 TOPIC = "in"
 MAX_REQUEST = 1_048_576  # KafkaProducer's default max_request_size
@@ -100,15 +100,16 @@ class Worker(StreamWorker):
                  batch: int = 10, **settings: Any) -> None:
         s = make_settings(tmp, retry_max_s=0.02, poison_after_retries=3, **settings)
         self.producer_ = AckingProducer()
-        super().__init__(s, StreamMetrics(CollectorRegistry()), [TOPIC], "g", batch, ListConsumer(records),
-                         self.producer_)
+        super().__init__(StreamConfig.from_settings(s), StreamMetrics(CollectorRegistry()), [TOPIC], "g", batch,
+                         ListConsumer(records), self.producer_)
         self.fail = fail
         self.stored: list[bytes] = []
         self.outputs: list[bytes] = []
 
     def process(self, records: Sequence[ConsumerRecord]) -> list[DeadLetter]:
         events, dead = self.parse(MatchEvent, records)
-        self.retry("milvus", lambda: self.fail([r for r, _ in events]))
+        if events:  # like the services: no write without rows (an invalid record never reaches Milvus)
+            self.retry("milvus", lambda: self.fail([r for r, _ in events]))
         self.send([("out", None, v, []) for v in self.outputs])
         self.stored.extend(r.value for r, _ in events)
         return dead
@@ -116,7 +117,7 @@ class Worker(StreamWorker):
     def dead(self) -> dict[int, str]:
         """offset of the consumed record -> reason, from the dead-letter topic's headers."""
         out = {}
-        for _, _, _, headers in self.producer_.on(self.s.kafka_deadletter_topic):
+        for _, _, _, headers in self.producer_.on(self.config.deadletter_topic):
             h = dict(headers)
             out[int(h["memetrace-source"].decode().rsplit("/", 1)[1])] = h[H_REASON].decode()
         return out
@@ -149,7 +150,7 @@ def test_a_dead_letter_too_large_for_the_broker_keeps_a_prefix_its_size_and_hash
     huge = b'{"a": 1, "b": 2, "inliers": 3, "kind": "' + b"x" * 5_000_000 + b'"}'
     w = Worker(tmp_path, [record(0, huge), record(1, edge(1, 2))])
     w.run(max_idle=0.2)
-    [(_, _, value, headers)] = w.producer_.on(w.s.kafka_deadletter_topic)
+    [(_, _, value, headers)] = w.producer_.on(w.config.deadletter_topic)
     h = dict(headers)
     assert h[H_REASON] == b"too_large" and h[H_SIZE] == str(len(huge)).encode() and h[H_TRUNCATED] == b"1"
     assert len(value) < MAX_REQUEST and huge.startswith(value) and len(h[H_SHA256]) == 64
@@ -187,6 +188,113 @@ def test_a_batch_whose_every_record_fails_is_the_dependency_not_poison(tmp_path:
     w.run(max_idle=0.2)
     assert w.dead() == {} and w.poison_count("milvus") == 0
     assert sorted(w.stored) == sorted(edge(1, i + 2) for i in range(3)) and w.consumer.committed_offset() == 3
+
+
+class ReadinessAtWaits(threading.Event):
+    """The worker's stop event: records what /readyz answers each time the loop waits (backs off)."""
+
+    def __init__(self, worker: StreamWorker) -> None:
+        super().__init__()
+        self.worker = worker
+        self.seen: list[tuple[bool, str]] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.seen.append(self.worker.readiness())
+        return super().wait(timeout)
+
+
+def failing_for(seconds: float) -> Callable[[Sequence[ConsumerRecord]], None]:
+    """A Milvus that refuses every write for ``seconds`` (e.g. reloading its collections)."""
+    until = time.monotonic() + seconds
+
+    def fail(records: Sequence[ConsumerRecord]) -> None:
+        if time.monotonic() < until:
+            raise DependencyDown("milvus", "collection not loaded")
+    return fail
+
+
+def test_a_one_record_batch_failing_while_milvus_answers_is_waited_for_not_poison(tmp_path: Path) -> None:
+    """At low traffic most polls hold one record: with no other record to prove Milvus writable, a
+    few seconds of failed writes are the dependency's, never that message's; readiness red meanwhile."""
+    w = Worker(tmp_path, [record(0, edge(1, 2))], failing_for(1.0))
+    w.probes["milvus"] = lambda: None
+    waits = w._stop = ReadinessAtWaits(w)
+    w.run(max_idle=0.2)
+    assert w.dead() == {} and w.poison_count("milvus") == 0
+    assert w.stored == [edge(1, 2)] and w.consumer.committed_offset() == 1
+    backoffs = waits.seen[:-1]  # the last wait is the idle poll's, after the batch
+    assert len(backoffs) > 10 and all(not ok and msg.startswith("retrying milvus for ") for ok, msg in backoffs)
+
+
+def test_an_invalid_record_beside_valid_ones_in_a_milvus_fault_does_not_make_them_poison(tmp_path: Path) -> None:
+    """The invalid record (a plain dead letter) never reaches Milvus, so it proves nothing about it:
+    the valid ones wait for Milvus instead of being dead-lettered as poison."""
+    w = Worker(tmp_path, [record(0, None), record(1, edge(1, 2)), record(2, edge(1, 3))], failing_for(1.0))
+    w.probes["milvus"] = lambda: None
+    waits = w._stop = ReadinessAtWaits(w)
+    w.run(max_idle=0.2)
+    assert w.dead() == {0: "invalid_json"} and w.poison_count("milvus") == 0
+    assert w.stored == [edge(1, 2), edge(1, 3)] and w.consumer.committed_offset() == 3
+    assert all(not ok and msg.startswith("retrying milvus for ") for ok, msg in waits.seen[:-1])
+
+
+def test_failures_counted_before_an_outage_do_not_carry_over_after_it(tmp_path: Path) -> None:
+    """Two write failures while Milvus answers, then an outage (probe fails), again and again ("not
+    loaded" after each restart): never poison_after_retries (3) in a row, so no poison."""
+    schedule = iter(["answers", "answers", "down"] * 4 + ["answers", "answers"])
+    state = {"now": "answers"}
+
+    def fail(records: Sequence[ConsumerRecord]) -> None:
+        if any(r.offset == 1 for r in records) and (step := next(schedule, None)) is not None:
+            state["now"] = step
+            raise DependencyDown("milvus", "collection not loaded" if step == "answers" else "connection refused")
+
+    def probe() -> None:
+        if state["now"] == "down":
+            raise DependencyDown("milvus", "connection refused")
+
+    w = Worker(tmp_path, [record(0, edge(1, 2)), record(1, edge(1, 3))], fail)
+    w.probes["milvus"] = probe
+    w.run(max_idle=0.2)
+    assert w.dead() == {} and w.poison_count("milvus") == 0
+    assert w.stored == [edge(1, 2), edge(1, 3)] and next(schedule, None) is None
+
+
+def test_a_crash_does_not_hang_in_the_clusterers_last_publish_while_the_board_is_down(tmp_path: Path) -> None:
+    """A bug stops the worker; its close() reclusters and publishes: with the board down, that retry
+    must give up (the worker is stopping) so the process exits with the bug."""
+    from memetrace.clusterer.metrics import ClusterMetrics
+    from memetrace.clusterer.state import MemoryGraphState
+    from memetrace.clusterer.worker import ClusterWorker
+
+    class DownBoard:
+        def publish(self, *args: Any) -> None:
+            raise DependencyDown("milvus", "connection refused")
+
+    def bug(rows: Any) -> None:
+        raise RuntimeError("a bug in the state")
+
+    state = MemoryGraphState()
+    state.add_images = bug  # type: ignore[method-assign]
+    s = make_settings(tmp_path, retry_max_s=0.02)
+    w = ClusterWorker(s, state, DownBoard(), ClusterMetrics(CollectorRegistry()), 3600.0,
+                      ListConsumer([record(0, edge(1, 2))]))
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.run(max_idle=0.2)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            crashed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    hung = t.is_alive()
+    w.stop()  # ends a hung run too
+    t.join(timeout=10)
+    assert not hung, "the worker hung in close() after a crash"
+    assert [str(e) for e in crashed] == ["a bug in the state"]
 
 
 def test_an_outage_is_waited_out_with_readiness_red_and_nothing_dead_lettered(tmp_path: Path) -> None:
@@ -241,17 +349,37 @@ def test_kafka_retriable_errors_are_an_outage_of_kafka(tmp_path: Path) -> None:
     assert w.metrics.registry.get_sample_value("memetrace_retries_total", {"target": "kafka"}) == 3
 
 
-def test_an_output_refused_for_its_size_is_poison_at_once_not_an_endless_retry(tmp_path: Path) -> None:
-    class Big(Worker):
-        def process(self, records: Sequence[ConsumerRecord]) -> list[DeadLetter]:
-            self.outputs = [b"x" * 2_000_000] if any(r.offset == 1 for r in records) else [b"ok"]
-            return super().process(records)
+class Big(Worker):
+    """Outputs a value over the producer's limit for the records at ``big`` offsets."""
 
-    w = Big(tmp_path, [record(i, edge(1, i + 2)) for i in range(3)])
+    big: frozenset[int] = frozenset({1})
+
+    def process(self, records: Sequence[ConsumerRecord]) -> list[DeadLetter]:
+        self.outputs = [b"x" * 2_000_000] if any(r.offset in self.big for r in records) else [b"ok"]
+        return super().process(records)
+
+
+@pytest.mark.parametrize("batch", [10, 1])
+def test_an_output_refused_for_its_size_is_poison_at_once_not_an_endless_retry(tmp_path: Path, batch: int) -> None:
+    w = Big(tmp_path, [record(i, edge(1, i + 2)) for i in range(3)], batch=batch)
     w.run(max_idle=0.2)
     assert w.dead() == {1: "poison_kafka"} and w.poison_count("kafka") == 1
     assert w.stored == [edge(1, 2), edge(1, 4)] and w.consumer.committed_offset() == 3
     assert w.metrics.registry.get_sample_value("memetrace_retries_total", {"target": "kafka"}) == 0
+
+
+def test_a_batch_whose_every_record_is_refused_is_dead_lettered_at_once_not_waited_for(tmp_path: Path) -> None:
+    w = Big(tmp_path, [record(i, edge(1, i + 2)) for i in range(3)])
+    w.big = frozenset({0, 1, 2})
+    t = threading.Thread(target=w.run, kwargs={"max_idle": 0.2}, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    hung = t.is_alive()
+    w.stop()
+    t.join(timeout=10)
+    assert not hung, "the worker kept waiting on records Kafka refuses for good"
+    assert w.dead() == {0: "poison_kafka", 1: "poison_kafka", 2: "poison_kafka"} and w.poison_count("kafka") == 3
+    assert w.stored == [] and w.consumer.committed_offset() == 3
 
 
 def test_a_full_disk_is_waited_for_as_disk_not_milvus(tmp_path: Path) -> None:

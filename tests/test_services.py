@@ -21,10 +21,13 @@ from kafka_broker import Broker, kafka_broker  # noqa: F401
 from prometheus_client import CollectorRegistry
 from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, produce, read_topic,  # noqa: F401
                        settings_from, write_posts)
+from test_poison import ListConsumer
 
+from memetrace.cluster_board import MemoryClusterBoard
 from memetrace.clusterer.worker import ClusterWorker
 from memetrace.errors import DependencyDown
 from memetrace.messages import MatchEvent
+from memetrace.matcher.matching import MatchConfig, Matcher
 from memetrace.matcher.worker import MatchWorker
 from memetrace.clusterer.state import SqliteGraphState
 from memetrace.models import Match
@@ -63,7 +66,8 @@ def _services(s: Settings, embedder, cluster_group: str | None = None, match_gro
     ctx = Context(s, embedder=embedder)  # the session's model: no second load
     ingest = ingest_worker(ctx, IngestMetrics(CollectorRegistry()))
     ms = s.model_copy(update={"kafka_match_group_id": match_group or s.kafka_match_group_id})
-    match = MatchWorker(ms, Context(ms).index, ctx.features, MatchMetrics(CollectorRegistry()))
+    matcher = Matcher(MatchConfig.from_settings(ms), Context(ms).index, ctx.features)
+    match = MatchWorker(ms, matcher, MatchMetrics(CollectorRegistry()))
     cs = s.model_copy(update={"kafka_cluster_group_id": cluster_group or s.kafka_cluster_group_id})
     cluster = ClusterWorker(cs, SqliteGraphState(s.data_dir / "cluster-state.db"), Context(cs).board,
                             ClusterMetrics(CollectorRegistry()), every_s=1.0)
@@ -161,7 +165,7 @@ def test_services_starting_together_create_the_collections_once(milvus_server: s
     assert stores[0][0].client.has_collection("race_cluster_summaries")
 
 
-class _MilvusDown:
+class _MilvusDown(MemoryClusterBoard):
     """A cluster board whose publish fails as a Milvus that is down does."""
 
     def publish(self, *_: object) -> None:
@@ -175,16 +179,17 @@ def test_cluster_worker_stopped_while_milvus_is_down_records_history_once(tmp_pa
     state = SqliteGraphState(tmp_path / "state.db")
     state.add_images([(1, 10), (2, 10)])
     state.add_matches([Match(1, 2, 50, "full")])
-    worker = ClusterWorker(s, state, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
+    worker = ClusterWorker(s, state, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0,
+                           consumer=ListConsumer([]))
     worker.stop("SIGTERM")
     with pytest.raises(Abandoned):
         worker.tick()
     worker.close()  # logs the abandoned run, raises nothing
-    published: list[tuple] = []
-    restarted = ClusterWorker(s, state, _MilvusDown(), ClusterMetrics(CollectorRegistry()), 60.0, consumer=object())
-    restarted.board.publish = lambda *a: published.append(a)  # Milvus is back
+    board = MemoryClusterBoard()  # Milvus is back
+    restarted = ClusterWorker(s, state, board, ClusterMetrics(CollectorRegistry()), 60.0, consumer=ListConsumer([]))
     run = restarted.run_once()
-    assert [e.event for e in run.events] == ["created"] and published[0][0] == state.clusters()
+    assert [e.event for e in run.events] == ["created"] and board.clusters_of([1, 2]) == state.clusters()
+    assert [c.cluster_id for c in board.summaries()] == [state.clusters()[1]]
     assert [h["event"] for h in state.cluster_histories()[state.clusters()[1]]] == ["created"]
 
 

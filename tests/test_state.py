@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from test_pipeline import invoke
 
 from memetrace.cli.batch import feed, to_match
+from memetrace.errors import DependencyDown, StorageDenied
 from memetrace.cli.catalog import BatchCatalog, MemoryBatchCatalog, SqliteBatchCatalog
 from memetrace.clusterer.state import GraphState, MemoryGraphState, OccurrenceStats, SqliteGraphState
 from memetrace.models import Match
@@ -259,3 +261,119 @@ def test_a_lost_state_is_refilled_by_the_next_batch_run() -> None:
     fresh = MemoryGraphState()  # the state file was deleted (or refused and deleted)
     fresh.add_images([(2, 20)])
     assert to_match(batch, fresh) == [1, 3]  # matched again: their edges and files go to the new state
+
+
+# ----------------------------------------------------------------------------- SQLite's disk errors
+
+
+def _events(n: int, first: int = 0) -> list:
+    from test_poison import record
+
+    from memetrace.messages import MatchEvent
+
+    s = Settings()
+    return [record(first + i, MatchEvent.of(Match(2 * i + 1, 2 * i + 2, 30, "full")).to_bytes(),
+                   topic=s.kafka_matches_topic) for i in range(n)]
+
+
+def _cluster_worker(tmp_path: Path, state: GraphState, records: list):
+    from conftest import make_settings
+    from prometheus_client import CollectorRegistry
+    from test_poison import ListConsumer
+
+    from memetrace.cluster_board import MemoryClusterBoard
+    from memetrace.clusterer.metrics import ClusterMetrics
+    from memetrace.clusterer.worker import ClusterWorker
+
+    s = make_settings(tmp_path, retry_max_s=0.05)
+    return ClusterWorker(s, state, MemoryClusterBoard(), ClusterMetrics(CollectorRegistry()), 3600,
+                         ListConsumer(records))
+
+
+def test_a_full_sqlite_file_is_a_disk_outage_that_rolls_back(tmp_path: Path) -> None:
+    state = SqliteGraphState(tmp_path / "state.db")
+    state.add_images([(1, 10)])
+    pages = state.file.db.execute("PRAGMA page_count").fetchone()[0]
+    state.file.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "database or disk is full"
+    with pytest.raises(DependencyDown, match="database or disk is full") as err:
+        state.add_images([(i, i) for i in range(2, 20_000)])
+    assert err.value.dependency == "disk" and str(tmp_path / "state.db") in err.value.detail
+    assert state.images() == {1: 10}  # nothing of the failed transaction, and the file still answers
+    state.file.db.execute("PRAGMA max_page_count = 1000000")  # space freed: the same write succeeds
+    state.add_images([(i, i) for i in range(2, 20_000)])
+    assert len(state.images()) == 19_999
+    state.close()
+
+
+def test_a_locked_sqlite_file_is_a_disk_outage(tmp_path: Path) -> None:
+    state = SqliteGraphState(tmp_path / "state.db")
+    state.file.db.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(DependencyDown, match="database is locked") as err:
+        state.add_matches([Match(1, 2, 30, "full")])
+    assert err.value.dependency == "disk"
+    other.execute("COMMIT")
+    state.add_matches([Match(1, 2, 30, "full")])
+    assert state.matches() == [Match(1, 2, 30, "full")]
+    other.close()
+    state.close()
+
+
+def _read_only_state(path: Path) -> SqliteGraphState:
+    """A state whose file is open read-only, as on a read-only volume (tests run as root, which
+    chmod does not stop)."""
+    state = SqliteGraphState(path)
+    state.file.db.close()
+    state.file.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+    return state
+
+
+def test_a_read_only_sqlite_file_is_storage_denied(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    state = _read_only_state(path)
+    with pytest.raises(StorageDenied, match="readonly database") as err:
+        state.add_images([(1, 10)])
+    assert str(path) in str(err.value) and "writable" in str(err.value)
+    state.close()
+
+
+def test_an_unopenable_sqlite_file_is_storage_denied(tmp_path: Path) -> None:
+    (tmp_path / "state.db").mkdir()  # a folder where the file should be: SQLITE_CANTOPEN
+    with pytest.raises(StorageDenied, match="unable to open database file"):
+        SqliteGraphState(tmp_path / "state.db")
+
+
+def test_the_clusterer_waits_while_its_state_is_locked_then_stores_the_batch(tmp_path: Path) -> None:
+    state = SqliteGraphState(tmp_path / "state.db")
+    state.file.db.execute("PRAGMA busy_timeout = 20")
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    w = _cluster_worker(tmp_path, state, _events(3))
+    seen: list[str] = []
+
+    def release_once_waiting() -> None:  # the lock goes once the worker reports it waits for the disk
+        while not seen or not seen[-1].startswith("retrying disk"):
+            seen.append(w.readiness()[1])
+            time.sleep(0.01)
+        other.execute("COMMIT")
+
+    release = threading.Thread(target=release_once_waiting, daemon=True)
+    release.start()
+    w.run(max_idle=0.3)
+    release.join(timeout=10)
+    assert "database is locked" in seen[-1]
+    assert w.metrics.registry.get_sample_value("memetrace_retries_total", {"target": "disk"}) >= 1
+    assert len(state.matches()) == 3 and w.last_run is not None
+    assert max(o.offset for c in w.consumer.commits for o in c.values()) == 3
+    other.close()
+    state.close()
+
+
+def test_the_clusterer_stops_on_a_read_only_state_without_committing(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    state = _read_only_state(path)
+    w = _cluster_worker(tmp_path, state, _events(2))
+    with pytest.raises(StorageDenied, match=str(path)):
+        w.run(max_idle=0.3)
+    assert w.consumer.commits == []

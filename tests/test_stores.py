@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,16 @@ from pymilvus.exceptions import MilvusException
 
 from conftest import make_settings, rgb
 from memetrace.cluster_board import ClusterBoard, MemoryClusterBoard
-from memetrace.errors import DependencyDown
+from memetrace.errors import DependencyDown, Refused
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
 from memetrace.keypoints import Keypoints
 from memetrace.milvus import (MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect,
                               region_key, stored_dim)
-from memetrace.models import ClusterSummary, DeadLetterRow, ImageRow, OccurrenceRow
-from memetrace.occurrence_log import OCCURRENCE_FIELDS, MemoryOccurrenceLog, OccurrenceLog
+from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRow, OccurrenceRow
+from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, MemoryOccurrenceLog, OccurrenceLog
 from memetrace.settings import Settings
-from memetrace.vector_index import IMAGE_FIELDS, MemoryVectorIndex, VectorIndex, now_ms
+from memetrace.varchar import cut_utf8
+from memetrace.vector_index import IMAGE_BYTES, MemoryVectorIndex, VectorIndex, now_ms
 
 # ----------------------------------------------------------------------------- backends
 
@@ -174,12 +175,17 @@ def test_existing_and_get(indexed) -> None:
     cat, coins = rows["cat"], rows["coins"]
     assert index.existing([cat.image_id, coins.image_id, 7, 8]) == {cat.image_id, coins.image_id}
     assert index.existing([]) == set()
-    got = index.get([cat.image_id, 7])
-    assert set(got) == {cat.image_id} and set(got[cat.image_id]) == set(IMAGE_FIELDS)
-    assert got[cat.image_id]["id"] == cat.image_id and got[cat.image_id]["path"] == cat.path
-    assert (got[cat.image_id]["width"], got[cat.image_id]["height"]) == (cat.width, cat.height)
-    assert got[cat.image_id]["nbytes"] == cat.nbytes and got[cat.image_id]["nb_points"] == cat.nb_points
+    assert index.get([cat.image_id, 7]) == {cat.image_id: ImageRecord(cat.image_id, cat.path, cat.width, cat.height,
+                                                                      cat.nbytes, cat.nb_points)}
     assert index.get([]) == {}
+
+
+def test_long_non_ascii_path_is_cut_to_its_bytes(backend: Backend) -> None:
+    """Milvus counts a VARCHAR in UTF-8 bytes: a 6000-byte CJK path is kept as its first whole
+    characters within 4096 bytes, on every backend."""
+    index = backend.index(4)
+    index.upsert([replace(_row(1, _unit(4, 0)[0]), path="画" * 2000)])
+    assert index.get([1])[1].path == "画" * (IMAGE_BYTES["path"] // 3)
 
 
 def test_empty_index_finds_nothing(backend: Backend) -> None:
@@ -275,16 +281,48 @@ def test_occurrences_are_keyed_by_post(backend: Backend) -> None:
     assert len(ids) == 2500 and ids.count(coins) == 834 and ids.count(cat) == 1666
     assert len(log.occurrences_of([coins, cat])) == 2500
     of_coins = log.occurrences_of([coins])
-    assert len(of_coins) == 834 and {r["image_id"] for r in of_coins} == {coins}
-    assert {r["post_id"] for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
-    first = next(r for r in of_coins if r["post_id"] == "p0")
-    assert set(first) == set(OCCURRENCE_FIELDS) and abs(first["seen_at"] - time.time()) < 600
-    assert (first["url"], first["posted_at"], first["platform"], first["author"]) == ("https://x.test/0",
-                                                                                     1_700_000_000, "x", "u0")
+    assert len(of_coins) == 834 and {r.image_id for r in of_coins} == {coins}
+    assert {r.post_id for r in of_coins} == {f"p{i}" for i in range(0, 2500, 3)}
+    first = next(r for r in of_coins if r.post_id == "p0")
+    assert abs(first.seen_at - time.time()) < 600 and first == OccurrenceRow(10, coins, "p0", "https://x.test/0",
+                                                                           1_700_000_000, "x", "u0", first.seen_at)
     log.add_occurrences([OccurrenceRow(10, coins, "p0", "https://x.test/moved", -1, "y", "u0")])  # same key: replaced
     assert log.count_occurrences() == 2500
-    again = next(r for r in log.occurrences_of([coins]) if r["post_id"] == "p0")
-    assert (again["url"], again["posted_at"], again["platform"]) == ("https://x.test/moved", -1, "y")
+    again = next(r for r in log.occurrences_of([coins]) if r.post_id == "p0")
+    assert (again.url, again.posted_at, again.platform) == ("https://x.test/moved", -1, "y")
+
+
+def test_cut_utf8_keeps_whole_characters() -> None:
+    assert cut_utf8("日本語", 8) == "日本" and cut_utf8("😀😀x", 8) == "😀😀" and cut_utf8("ab", 8) == "ab"
+    assert cut_utf8("é" * 600, 1024) == "é" * 512 and cut_utf8("", 3) == "" and cut_utf8("a\ud800b", 8) == "a?b"
+
+
+# at their bounds in UTF-8 bytes (whole), and over them (cut): 3-byte CJK, 4-byte emoji, 2-byte accents
+_FITS = {"post_id": "日" * 341 + "x", "url": "https://x.test/" + "😀" * 1020, "platform": "😀" * 16,
+         "author": "é" * 128}
+_OVER = {"post_id": "日" * 400, "url": "https://x.test/" + "é" * 3000, "platform": "😀" * 17, "author": "日" * 256}
+
+
+@pytest.mark.parametrize("fields", [_FITS, _OVER], ids=["at_bounds", "over_bounds"])
+def test_long_non_ascii_occurrences_are_cut_to_their_bytes(backend: Backend, fields: dict[str, str]) -> None:
+    """What fits in bytes is kept whole, the rest cut to whole characters, on every backend alike."""
+    log = backend.log()
+    log.add_occurrences([OccurrenceRow(1, 7, posted_at=5, **fields)])
+    (got,) = log.occurrences_of([7])
+    for name, limit in OCCURRENCE_BYTES.items():
+        assert getattr(got, name) == cut_utf8(fields[name], limit) and len(getattr(got, name).encode()) <= limit
+    if fields is _FITS:
+        assert all(getattr(got, name) == value for name, value in fields.items())
+    else:
+        assert got.author == "日" * 85 and got.platform == "😀" * 16
+
+
+def test_long_non_ascii_dead_letters_are_cut_to_their_bytes(backend: Backend) -> None:
+    log = backend.log()
+    log.add_dead_letters([DeadLetterRow(1, "理由" * 40, "詳細" * 1000, "日" * 2000,
+                                        "https://x.test/" + "😀" * 2000, "話題" * 300 + "/0/1")])
+    assert log.count_dead_letters() == 1
+    assert log.dead_letters_by_reason() == {cut_utf8("理由" * 40, DEAD_LETTER_BYTES["reason"]): 1}
 
 
 def test_dead_letters_are_keyed_by_message(backend: Backend) -> None:
@@ -334,10 +372,10 @@ def test_cluster_board_publishes_and_removes_summaries(backend: Backend) -> None
     assert board.clusters_of([4]) == {4: 6}  # removing a summary leaves assignments to the next publish
 
 
-def test_oversized_summaries_keep_what_fits(milvus: Backend) -> None:
+def test_oversized_summaries_keep_what_fits(backend: Backend) -> None:
     """More than Milvus' fields hold: the least posted platforms, the oldest events are left out,
-    the rest is readable."""
-    board = milvus.board()
+    the rest is readable; every backend alike."""
+    board = backend.board()
     platforms = {"é" * 60 + f"{k:02d}": 1000 + k for k in range(50)}
     history = [{"at": k, "event": "merged", "clusters": list(range(300))} for k in range(20)]
     board.publish({}, [ClusterSummary(5, 17_000, 99, 1, 2, 0, 0, platforms, history, 3)])
@@ -353,15 +391,15 @@ def test_oversized_summaries_keep_what_fits(milvus: Backend) -> None:
 
 
 class _Failing:
-    """A MilvusClient whose reads raise ``exc``; everything else goes to the real client."""
+    """A MilvusClient whose ``methods`` (default: the reads) raise ``exc``; the rest goes to the real client."""
 
     READS = ("query", "query_iterator")
 
-    def __init__(self, client: MilvusClient, exc: BaseException) -> None:
-        self._client, self._exc = client, exc
+    def __init__(self, client: MilvusClient, exc: BaseException, methods: tuple[str, ...] = READS) -> None:
+        self._client, self._exc, self._methods = client, exc, methods
 
     def __getattr__(self, name: str) -> Any:
-        if name not in self.READS:
+        if name not in self._methods:
             return getattr(self._client, name)
 
         def fail(*_: Any, **__: Any) -> Any:
@@ -391,9 +429,9 @@ def _reads(roles: Roles) -> list[tuple[Any, Callable[[], object], object]]:
 
 
 @contextmanager
-def _failing(store: Any, exc: BaseException) -> Iterator[None]:
+def _failing(store: Any, exc: BaseException, methods: tuple[str, ...] = _Failing.READS) -> Iterator[None]:
     real = store.client
-    store.client = _Failing(real, exc)
+    store.client = _Failing(real, exc, methods)
     try:
         yield
     finally:
@@ -419,8 +457,24 @@ def test_malformed_requests_are_bugs_not_outages(roles: Roles) -> None:
         with _failing(store, bad_filter.value), pytest.raises(MilvusException) as raised:
             read()
         assert raised.value is bad_filter.value
-    with pytest.raises(MilvusException, match="out of range"):  # refused by pymilvus: not an INT64
+
+
+
+def test_rows_milvus_refuses_are_refused_not_bugs(roles: Roles) -> None:
+    """A write of rows the schema cannot hold fails the same way every time: Refused, which the
+    consume loop dead-letters, instead of a crash that restarts on the same message for ever."""
+    index, log, board = roles
+    with pytest.raises(Refused, match="out of range") as refused:  # refused by pymilvus: not an INT64
         index.upsert([_row(2**64, _unit(8, 0)[0])])
+    assert refused.value.dependency == "milvus"
+    too_long = MilvusException(code=1100, message="length of varchar field post_id exceeds max length")
+    writes = [lambda: log.add_occurrences([OccurrenceRow(1, 1, "p", "u", -1, "", "")]),
+              lambda: log.add_dead_letters([DeadLetterRow(1, "r", "d", "p", "u", "s")]),
+              lambda: board.publish({1: 1}, [_summary(1, 2)]), lambda: index.upsert([_row(3, _unit(8, 0)[0])])]
+    for store, write in zip([log, log, board, index], writes, strict=True):
+        with _failing(store, too_long, ("upsert",)), pytest.raises(Refused) as refused:
+            write()
+        assert refused.value.dependency == "milvus" and refused.value.__cause__ is too_long
 
 
 def test_released_collections_are_loaded_again(roles: Roles) -> None:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from memetrace.kafka_clients import ensure_topics, make_producer
 from memetrace.metrics import StreamMetrics
-from memetrace.stream import StreamWorker
+from memetrace.stream import StreamConfig, StreamWorker
 
 
 class Recorder(StreamWorker):
@@ -38,7 +38,7 @@ def test_max_idle_counts_from_joining_the_group(kafka_broker: Broker, tmp_path: 
         producer.send(topic, value=f"m{i}".encode())
     producer.flush()
     producer.close()
-    worker = Recorder(s, StreamMetrics(CollectorRegistry()), [topic], f"group-{tag}", 10)
+    worker = Recorder(StreamConfig.from_settings(s), StreamMetrics(CollectorRegistry()), [topic], f"group-{tag}", 10)
     worker.run(max_idle=1.0)
     assert worker.stopped_by == "max_idle"
     assert sorted(worker.values) == [b"m0", b"m1", b"m2"]

@@ -77,8 +77,8 @@ def edges_on(s: Settings, expected: int) -> list[tuple[int, int]]:
                                  for r in read_topic(s, s.kafka_matches_topic, expected))]
 
 
-def cluster_edges(s: Settings, tmp: Path) -> set[tuple[int, int]]:
-    """What a clusterer stores from the topics: its edges, keyed by pair (asserted unique)."""
+def cluster_edges(s: Settings, tmp: Path) -> tuple[set[tuple[int, int]], int]:
+    """What a clusterer stores from the topics: its edges (keyed by pair), and how many edge events it consumed."""
     from memetrace.clusterer.metrics import ClusterMetrics
     from memetrace.clusterer.worker import ClusterWorker
     from prometheus_client import CollectorRegistry
@@ -89,10 +89,10 @@ def cluster_edges(s: Settings, tmp: Path) -> set[tuple[int, int]]:
 
     state = SqliteGraphState(tmp / "cluster-state.db")
     try:
-        ClusterWorker(s, state, Board(), ClusterMetrics(CollectorRegistry()), 3600.0).run(max_idle=3)
-        pairs = [(m.a, m.b) for m in state.matches()]
-        assert len(pairs) == len(set(pairs)), "the clusterer stored an edge twice"
-        return set(pairs)
+        worker = ClusterWorker(s, state, Board(), ClusterMetrics(CollectorRegistry()), 3600.0)
+        worker.run(max_idle=3)
+        consumed = worker.metrics.registry.get_sample_value("memetrace_cluster_edges_consumed_total") or 0
+        return {(m.a, m.b) for m in state.matches()}, int(consumed)
     finally:
         state.close()
 
@@ -140,7 +140,8 @@ def test_a_kill_between_publish_and_commit_republishes_but_stores_no_duplicate_r
     WorkerProcess(env, max_idle=5, name="match", verb="match").finish(timeout=300)
     published = edges_on(s, 2 * len(before))
     assert len(published) == 2 * len(before) and set(published) == set(before), "the restart did not republish"
-    stored = cluster_edges(s, tmp_path)
+    stored, consumed = cluster_edges(s, tmp_path)
+    assert consumed == len(published), "the clusterer did not consume every (republished) edge event"
     assert stored == set(published)
     must = {tuple(sorted((ids[a], ids[b]))) for a, b in [("cat", "cat-q40"), ("coffee", "coffee-crop")]}
     assert must <= stored, (must, stored)
@@ -285,7 +286,7 @@ def test_a_broker_gone_for_60_s_then_back_on_the_same_port_loses_nothing(
     counts = milvus_counts(s)
     assert counts == {"images": distinct, "occurrences": n, "distinct_in_occurrences": distinct,
                       "deadletters": {}}, counts
-    stored = cluster_edges(s, tmp_path)
+    stored, _ = cluster_edges(s, tmp_path)
     must = {tuple(sorted((ids[a], ids[b]))) for a, b in [("cat", "cat-q40"), ("coffee", "coffee-crop")]}
     assert must <= stored, (must, stored)
     red = [body for status, body in samples if status == 503]
