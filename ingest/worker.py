@@ -18,7 +18,7 @@ Its life::
       ▼                                               ▼                             │
     occurrence log (pk = hash(post_id))       dead letters (the loop: occurrence log, │
       ▼                                        pk = hash(topic/partition/offset), and │
-    publish memetrace.images events            the original bytes on memetrace.deadletter)
+    publish memetrace.images events            the message (a bounded prefix if large) on memetrace.deadletter)
       └──────────── acknowledged ─────────────────────┘                             │
       ▼                                                                             │
     commit last offset + 1 per partition ───────────────────────────────────────────┘

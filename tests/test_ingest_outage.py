@@ -100,7 +100,11 @@ def test_milvus_down_then_back_worker_retries_commits_nothing_then_stores_everyt
         totals = worker.finish(timeout=30)
         assert totals["stopped_by"] == "SIGTERM"
         assert totals["posts"] == n and totals["occurrences"] == n, totals  # no crash: nothing redelivered
-        assert totals["new_images"] == 6 and totals["deadlettered"] == {}, totals
+        # Milvus is the truth (below). The worker's own count of new images is what it found absent
+        # from the index: a batch retried record by record after a partial write (a restart's first
+        # writes can fail while the ping answers) counts the images it had written as duplicates
+        assert totals["new_images"] + totals["duplicates"] == n and totals["new_images"] <= 6, totals
+        assert totals["deadlettered"] == {}, totals
         counts = milvus_counts(s)
         assert counts == {"images": 6, "occurrences": n, "distinct_in_occurrences": 6, "deadletters": {}}, counts
         assert committed_total(kafka_broker.bootstrap, s.kafka_ingest_group_id, s.kafka_posts_topic) == n
