@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-deps
 
-.PHONY: install system-deps demo test test-fast bench stack clean
+.PHONY: install system-deps demo test test-fast bench bench-peers bench-propagation bench-scale bench-low-texture gallery-screenshot stack clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Debian packages the tests need: libmagic1 (AugLy, to generate the benchmark), prometheus (the
-# server and promtool: tests/test_observability.py scrapes the services and checks the dashboard).
+# server and promtool: tests/test_observability.py scrapes the services and checks the dashboard),
+# chromium-headless-shell (tests/browser.py: the gallery and /docs rendered; ~30 s to install).
 # Depends on the Makefile so a venv stamped before a package was added here checks again.
 $(SYSTEM_STAMP): Makefile | $(BIN)/python
-	@if ! ldconfig -p | grep -q libmagic.so.1 || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	@if ! ldconfig -p | grep -q libmagic.so.1 || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
+		|| ! command -v chromium-headless-shell >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmagic1 prometheus; fi
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmagic1 prometheus chromium-headless-shell; fi
 	touch $@
 
 system-deps: $(SYSTEM_STAMP)
@@ -38,6 +40,28 @@ test-fast: install system-deps
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.run
+
+# PIMMI 0.4.0 (own Python 3.10 virtualenv in .bench/pimmi-venv) and memetrace side by side on the dev split
+bench-peers: install system-deps
+	$(BIN)/python -m benchmarks.peers
+
+# Derivation trees on the benchmark's propagation set (make_propagation.py): index --posts, match,
+# cluster, trees, scored with score_propagation.py and score.py (benchmarks/propagation.py)
+bench-propagation: install system-deps
+	$(BIN)/python -m benchmarks.propagation
+
+# The clusterer at 10 k, 100 k and 1 M images on a synthetic stream (benchmarks/scale.py): reclustering
+# seconds after 10 k new images, peak RSS, state bytes per edge; curves in docs/scale.png
+bench-scale: install
+	$(BIN)/python -m benchmarks.scale
+
+# smooth packaged photos, their copies and smooth distractors: copies found and false links, low-texture rule off/on
+bench-low-texture: install
+	$(BIN)/python -m benchmarks.low_texture
+
+# docs/gallery.png, the README's picture: the demo's gallery served and shot in headless Chromium
+gallery-screenshot: demo system-deps
+	$(BIN)/python -m tools.gallery_screenshot --data-dir memetrace-data/demo --out docs/gallery.png
 
 # Every streaming service on this machine against the embedded defaults (Tansu, a milvus-lite
 # server, ingest, match, cluster, serve on :8000); `make stack STACK_ARGS=--demo` also posts the

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import mimetypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path as FsPath
 from typing import Annotated
 
 import anyio.to_thread
 from anyio import CapacityLimiter
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from memetrace.api.auth import COOKIE, BearerCredentials, TokenCheck
+from memetrace.api.docs import install_docs
 from memetrace.api.errors import ApiError, error_responses, install_error_handlers
-from memetrace.api.gallery import gallery_page
+from memetrace.api.explain import explain_links
+from memetrace.api.gallery import gallery_page, script
 from memetrace.api.limits import ApiLimits, BodyDeadline, SearchPool
 from memetrace.api.middleware import ObserveRequests
 from memetrace.api.records import posts_of, sorted_summaries, stored_image
-from memetrace.api.schemas import (MAX_ID, MAX_PAGE, MAX_POSTS, MAX_TIMELINE, ClusterDetail, ClusterItem,
+from memetrace.api.schemas import (MAX_ID, MAX_PAGE, MAX_POSTS, MAX_TIMELINE, ClusterDetail, ClusterItem, ClusterTree,
                                    ClusterList, Health, HistoryEvent, ImageResponse, Ready, SearchResponse, Sort)
 from memetrace.api.search import OPENAPI_BODY, read_query_image, search_image
+from memetrace.api.trees import cluster_tree as tree_of
+from memetrace.tree_html import tree_section
 from memetrace.api.warmup import Warmup
 from memetrace.fetch import Fetcher, FetchPolicy
+from memetrace.matcher.explain import NotStored, png, side_of_stored
 from memetrace.matcher.query import CopyFinder
+from memetrace.matcher.verify import VerifyConfig
+from memetrace.imageio import DecodeLimits
 from memetrace.components import Components
 from memetrace.api.metrics import ApiMetrics
 
@@ -34,8 +43,12 @@ MILVUS_PING_S = 3.0
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 Offset = Annotated[int, Query(ge=0)]
 V1_ERRORS = (401, 422, 503)  # every /v1 route: the token, its parameters, readiness
-# the gallery loads only its own thumbnails and inline CSS
-GALLERY_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+# the gallery loads only its own thumbnails, inline CSS and its script, which talks only to this API
+GALLERY_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'self'; "
+               "connect-src 'self'; base-uri 'none'; form-action 'self'")
+# an original served back: never run as a page, whatever its bytes claim
+FILE_HEADERS = {"Content-Security-Policy": "default-src 'none'; sandbox", "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "private, max-age=3600"}
 
 DESCRIPTION = """Find every copy of an image among those memetrace indexed, and browse the clusters.
 
@@ -56,6 +69,7 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
     searches = SearchPool(limits.search_threads, limits.search_queue)
     probes = CapacityLimiter(2)  # /readyz's Milvus ping: never behind the shared pool
     auth = TokenCheck(s.api_token)
+    explain_limits, explain_config = DecodeLimits.from_settings(s), VerifyConfig.from_settings(s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -68,7 +82,9 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
             raise ApiError(503, "not_ready", f"{problem}; retry shortly (GET /readyz says when)",
                            {"Retry-After": "5"})
 
-    app = FastAPI(title="memetrace", description=DESCRIPTION, version="1", lifespan=lifespan)
+    app = FastAPI(title="memetrace", description=DESCRIPTION, version="1", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # install_docs: served without a CDN
+    install_docs(app)
     app.state.limits = limits  # read by server_for: uvicorn's own limits
     app.state.searches = searches  # its counters: places held now, of how many
     install_error_handlers(app, s)
@@ -118,6 +134,44 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         # an image id is a hash of its bytes: the thumbnail never changes
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400, immutable"})
 
+    @v1.get("/explain", tags=["images"], response_class=Response,
+            responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "the pair side by side, inlier lines and shared boxes drawn; "
+                                            "header X-Memetrace-Match: true, or false (drawn all the same)"},
+                       **error_responses(404, *V1_ERRORS)})
+    def explain(a: Annotated[int, Query(ge=0, le=MAX_ID)], b: Annotated[int, Query(ge=0, le=MAX_ID)]) -> Response:
+        """Why two stored images match (ids as in search results): a PNG of both with the verified keypoint
+        pairs joined and the shared region boxed."""
+        try:
+            sides = [side_of_stored(ctx, i, explain_limits) for i in (a, b)]
+        except NotStored as exc:
+            raise ApiError(404, "unknown_image", f"no stored image (with keypoints) has id {exc}; ids come from "
+                                                 "POST /v1/search or GET /v1/clusters/{id}") from None
+        data, e = png(*sides, explain_config)
+        return Response(data, media_type="image/png",
+                        headers={"X-Memetrace-Match": "true" if e.geometry else "false",
+                                 "Cache-Control": "private, max-age=3600"})
+
+    @v1.get("/images/{image_id}/file", tags=["images"], response_class=Response,
+            responses={200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "the indexed file"},
+                       307: {"description": "to the URL the image was downloaded from"},
+                       **error_responses(404, *V1_ERRORS)})
+    def original(image_id: ImageId) -> Response:
+        """The full-size image: the indexed local file, or a redirect to the URL it came from."""
+        row = ctx.index.get([image_id]).get(image_id)
+        if row is None:
+            raise ApiError(404, "unknown_image", f"no stored image has id {image_id}")
+        if row.path.startswith(("http://", "https://")):
+            return RedirectResponse(row.path, status_code=307)
+        path = FsPath(row.path)
+        if not path.is_absolute() or not path.is_file():
+            raise ApiError(404, "no_file", f"image {image_id}'s file {row.path} is not readable by this server "
+                                           "(moved, deleted, or indexed on another machine)")
+        media = mimetypes.guess_type(path.name)[0] or ""
+        return FileResponse(path, media_type=media if media.startswith("image/") else "application/octet-stream",
+                            headers=FILE_HEADERS)
+
     @v1.get("/clusters", tags=["clusters"], responses=error_responses(*V1_ERRORS))
     def clusters(sort: Sort = "size", limit: PageSize = 50, offset: Offset = 0) -> ClusterList:
         """Clusters of 2+ images: `size` (most images), `growth` (most posts in the last hour, then
@@ -142,6 +196,17 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
             members_total=len(members), timeline=timeline[:MAX_TIMELINE], timeline_total=len(timeline),
             members=[stored_image(rows[i], cluster_id, thumbnail_url(request, i)) for i in page if i in rows])
 
+    @v1.get("/clusters/{cluster_id}/tree", tags=["clusters"], responses=error_responses(404, *V1_ERRORS))
+    def cluster_tree(request: Request, cluster_id: ClusterId) -> ClusterTree:
+        """A cluster's derivation tree: which image was made from which, by what edit, how surely,
+        with each image's first observed post (docs/propagation.md)."""
+        tree = ctx.trees.get(cluster_id)
+        if not tree:
+            raise ApiError(404, "unknown_tree", f"no derivation tree for cluster {cluster_id}: list clusters with "
+                                                "GET /v1/clusters (trees are built when a run reclusters)")
+        rows = ctx.index.get([d.image_id for d in tree])
+        return tree_of(cluster_id, tree, rows, ctx.occurrences, lambda i: thumbnail_url(request, i))
+
     app.include_router(v1)
 
     @app.get("/", include_in_schema=False)
@@ -165,8 +230,16 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
             return redirect
         auth.require(request, creds)
         require_ready()
-        return HTMLResponse(gallery_page(ctx.board, ctx.index, sort, limit),
+        return HTMLResponse(gallery_page(ctx.board, ctx.index, ctx.occurrences, sort, limit, needs_token=auth.enabled,
+                                         hooks=[explain_links, tree_section(ctx.trees, ctx.occurrences, tree_thumb)]),
                             headers={"Content-Security-Policy": GALLERY_CSP})
+
+    def tree_thumb(image_id: int) -> str:
+        return f"v1/images/{image_id}/thumbnail"  # relative: the page is served at /gallery
+
+    @app.get("/gallery.js", include_in_schema=False)
+    def gallery_script() -> Response:
+        return Response(script(), media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", tags=["operations"], responses=error_responses())
     async def healthz() -> Health:

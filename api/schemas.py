@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memetrace.models import ClusterSummary
+from memetrace.models import ClusterSummary, Geometry
 
 MAX_ID = 2**63 - 1  # Milvus INT64 primary keys
 POSTS_PER_MATCH = 10  # posts listed per search match; posts_total says how many there are
@@ -85,6 +85,30 @@ class QueryImage(Schema):
     stored: bool = Field(description="these very bytes are stored")
 
 
+MAX_SIDE = 1_000_000  # pixels: far above any side the decoder accepts (MEMETRACE_MAX_PIXELS)
+Pixel = Annotated[int, Field(ge=0, le=MAX_SIDE)]
+BoxSchema = Annotated[tuple[Pixel, Pixel, Pixel, Pixel], Field(description="x0, y0, x1, y1 in the image file's "
+                                                                          "pixels (x1, y1 excluded)")]
+
+
+class MatchGeometry(Schema):
+    """Where the two images share content, from the geometric check's model (query -> match)."""
+
+    box_query: BoxSchema = Field(description="the shared region in the query image")
+    box_match: BoxSchema = Field(description="the same region in the matched image")
+    scale: float = Field(gt=0, le=1_000_000, allow_inf_nan=False,
+                         description="size in the match / size in the query (< 1: the match shows it smaller)")
+    rotation: float = Field(ge=-180, le=180, allow_inf_nan=False,
+                            description="degrees counter-clockwise, query -> match")
+    mirrored: bool = Field(description="the match shows the query mirrored left-right")
+    inliers: Count = Field(description="keypoint pairs the model explains")
+
+    @classmethod
+    def of(cls, g: Geometry) -> MatchGeometry:
+        return cls(box_query=g.box_a, box_match=g.box_b, scale=g.scale, rotation=g.rotation,
+                   mirrored=g.mirrored, inliers=g.inliers)
+
+
 class SearchMatch(Schema):
     image_id: Id
     inliers: Count = Field(description="keypoints the geometric check verified: the match's score")
@@ -93,6 +117,8 @@ class SearchMatch(Schema):
     similarity: float = Field(allow_inf_nan=False, description="best descriptor score of the candidate search "
                               "(MEMETRACE_MILVUS_METRIC)")
     mirrored: bool = Field(description="the copy is the mirror image of the query")
+    geometry: MatchGeometry | None = Field(description="boxes and transform; null when the match's size is "
+                                                       "no longer stored")
     cluster_id: Id | None
     path: Path | None = Field(description="null when the image row was removed since the search")
     posts: list[Post] = Field(max_length=POSTS_PER_MATCH, description="its first posts, oldest first")
@@ -152,3 +178,37 @@ class ClusterDetail(ClusterItem):
     members: list[StoredImage] = Field(max_length=MAX_PAGE)
     timeline: list[Post] = Field(max_length=MAX_TIMELINE, description="posts of this page's members, oldest first")
     timeline_total: Count
+
+
+Edit = Annotated[str, Field(max_length=16, description="the edit that made the image from its parent: crop, caption, "
+                                                      "pad, collage, mirror, rotate, scale, overlay, re-encode")]
+Confidence = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class TreeNode(Schema):
+    """One image of a derivation tree, with its first observed post."""
+
+    image_id: Id
+    path: Path
+    thumbnail: str = Field(max_length=256, description="path of its JPEG thumbnail on this API")
+    parent: Id | None = Field(description="the image it was most likely made from; null = a root (an origin)")
+    edit: Edit
+    confidence: Confidence
+    first_post: Post | None = Field(description="its earliest observed post; null = none known")
+    author: str = Field("", max_length=256, description="author of the first post")
+
+
+class TreeEdge(Schema):
+    parent: Id
+    child: Id
+    edit: Edit
+    confidence: Confidence
+
+
+class ClusterTree(Schema):
+    """A cluster's derivation forest: nodes origin first, then by first post; edges parent -> child."""
+
+    cluster_id: Id
+    nodes_total: Count
+    nodes: list[TreeNode] = Field(max_length=MAX_PAGE)
+    edges: list[TreeEdge] = Field(max_length=MAX_PAGE)

@@ -15,7 +15,7 @@ from starlette.types import Message, Receive
 from memetrace.api.errors import ApiError, describe_validation
 from memetrace.api.limits import Place
 from memetrace.api.records import posts_of
-from memetrace.api.schemas import POSTS_PER_MATCH, Post, QueryImage, SearchMatch, SearchResponse
+from memetrace.api.schemas import POSTS_PER_MATCH, MatchGeometry, Post, QueryImage, SearchMatch, SearchResponse
 from memetrace.fetch import Fetcher
 from memetrace.matcher.query import Copy, CopyFinder
 from memetrace.imageio import BadImage, DecodedImage
@@ -181,6 +181,7 @@ def _describe(ctx: Components, image: DecodedImage, copies: list[Copy]) -> Searc
         posts = posts_by_image.get(c.image_id, [])
         matches.append(SearchMatch(image_id=c.image_id, inliers=c.inliers, kind=c.kind, similarity=c.similarity,
                                    mirrored=c.mirrored, cluster_id=clusters.get(c.image_id),
+                                   geometry=MatchGeometry.of(c.geometry) if c.geometry else None,
                                    path=rows[c.image_id].path if c.image_id in rows else None,
                                    posts=posts[:POSTS_PER_MATCH], posts_total=len(posts)))
     query = QueryImage(image_id=image.image_id, width=image.width, height=image.height,

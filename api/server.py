@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import sys
 from functools import partial
 from typing import Any
 
@@ -16,6 +18,7 @@ from memetrace.api.app import create_app
 from memetrace.api.auth import TokenCheck
 from memetrace.api.limits import ApiLimits
 from memetrace.components import Components
+from memetrace.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +29,13 @@ KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads so a taken port fails at once."""
+    """The listening socket, bound before the model loads so a taken port fails at once (ConfigError)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise OSError(f"cannot serve the API on {host}:{port} ({exc}); pass --port/--host or set "
-                      "MEMETRACE_API_PORT / MEMETRACE_API_HOST") from exc
+        raise ConfigError(f"cannot serve the API on {host}:{port}: {exc.strerror or exc}; use --port (or "
+                          "MEMETRACE_API_PORT), or --host (MEMETRACE_API_HOST)") from exc
 
 
 class HeadDeadline(H11Protocol):
@@ -90,4 +93,12 @@ def serve(components: Components, host: str | None = None, port: int | None = No
     sock = bind(host, port)
     log.info("query API listening", extra={"host": host, "port": sock.getsockname()[1],
                                            "auth": TokenCheck(settings.api_token).enabled})
-    server_for(create_app(components)).run(sockets=[sock])
+    run(server_for(create_app(components)), sock)
+
+
+def run(server: uvicorn.Server, sock: socket.socket) -> None:
+    """Serve on ``sock`` until SIGTERM/SIGINT. uvicorn stops gracefully, then raises the signal again
+    under the handler it found: for SIGTERM one that exits (status 143) instead of dying by the signal,
+    so the atexit hooks run (a Milvus Lite this process hosts is closed and its record removed)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    server.run(sockets=[sock])

@@ -48,9 +48,11 @@ SEED = 20240611  # make_bench.py's default seed: ground_truth.csv is then byte-i
 GEN_WORKERS = 2
 STAMP = "memetrace-bench-stamp.json"
 
-# the project's required quality floor on the dev split (the slow test enforces it)
-QUALITY_FLOOR = {"cluster_f1": 0.90, "cluster_precision": 0.97}
-TRANSFORM_FLOOR = 0.8  # every transform family: share of copies clustered with their original
+# the project's required quality floor on the dev split (the slow test enforces it): the level
+# reached before the speed work of issue 11 (F1 0.975, P 1.000, lowest family chain 0.89), so that
+# speed cannot buy itself with recall
+QUALITY_FLOOR = {"cluster_f1": 0.965, "cluster_precision": 0.99}
+TRANSFORM_FLOOR = 0.85  # every transform family: share of copies clustered with their original
 
 # reported in the project's issue for PIMMI 0.4.0 on this benchmark and machine kind: NOT measured here
 REFERENCE = [
@@ -356,7 +358,7 @@ def quality_failures(s: dict[str, Any]) -> list[str]:
 
 
 def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT_CACHE,
-              stream: bool = False, ingest_count: int | None = None) -> dict[str, Any]:
+              stream: bool = False, ingest_count: int | None = None, query: bool = True) -> dict[str, Any]:
     """Generate (or reuse) the split, run and score the pipeline, then (``stream``) the streaming
     benchmark on ``ingest_count`` of the images (None: all); write ``out/bench.json``."""
     bench = bench_dir()
@@ -381,6 +383,10 @@ def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT
         "reference": REFERENCE,
         "clusters_csv": str(clusters_csv),
     }
+    if query:  # the copies queried against the originals and distractors alone (benchmarks.query)
+        from benchmarks.query import run_query_bench
+
+        result["query"] = run_query_bench(gt, out / "query-data")
     if stream:
         from benchmarks.ingest import run_ingest_bench
 
@@ -457,6 +463,10 @@ def format_report(r: dict[str, Any]) -> str:
                            _f(r["end_to_end_images_per_s"], 1), here]]
                          + [[x["system"], _f(x["cluster_f1"], 3), _f(x["end_to_end_s"], 1), _f(x["images_per_s"], 1),
                              x["source"]] for x in r["reference"]])]
+    if "query" in r:
+        from benchmarks.query import format_query
+
+        parts += ["", format_query(r["query"])]
     if "ingest" in r:
         from benchmarks.ingest import format_ingest
 
@@ -479,13 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest-count", type=int, default=None,
                     help="posts for the streaming benchmark, the first images by name (default: all; a subset "
                          "is scored against its own ground-truth rows)")
+    ap.add_argument("--skip-query", action="store_true",
+                    help="skip the query benchmark (benchmarks.query: copies never indexed, queried one by one)")
     a = ap.parse_args(argv)
     from memetrace import logs
 
     logs.configure(0)
     try:
         result = run_bench(a.split, a.out.resolve(), a.cache.resolve(),
-                           stream=not a.skip_ingest, ingest_count=a.ingest_count)
+                           stream=not a.skip_ingest, ingest_count=a.ingest_count, query=not a.skip_query)
     except BenchError as exc:
         print(f"benchmark: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # the heavy modules (torch, pymilvus) load on first use: `mem
     from memetrace.cli.catalog import BatchCatalog
     from memetrace.cluster_board import ClusterBoard
     from memetrace.clusterer.state import GraphState
+    from memetrace.tree_store import TreeStore
     from memetrace.embedder import Embedder
     from memetrace.feature_store import FeatureStore
     from memetrace.keypoints import KeypointExtractor
@@ -41,7 +42,7 @@ class Context:
         from memetrace.keypoints import KeypointExtractor
 
         s = self.settings
-        return KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max)
+        return KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, s.sift_detect_half)
 
     @cached_property
     def milvus_config(self) -> MilvusConfig:
@@ -98,3 +99,22 @@ class Context:
         from memetrace.clusterer.state import SqliteGraphState
 
         return SqliteGraphState(self.settings.resolved_cluster_state_path())
+
+    @cached_property
+    def trees(self) -> TreeStore:
+        """Derivation trees of the clusters (memetrace.tree_store), next to the clusterer state."""
+        from memetrace.tree_store import SqliteTreeStore
+
+        return SqliteTreeStore(self.settings.resolved_cluster_state_path().with_name("trees.db"))
+
+    def close(self) -> None:
+        """Close what was built: the SQLite files and the Milvus client (a later use opens them again).
+        A Milvus Lite this process serves (memetrace.lite_server) serves on until the process ends."""
+        built = vars(self)  # the cached properties built so far
+        for name in ("catalog", "graph_state", "trees"):
+            if name in built:
+                built.pop(name).close()
+        for name in ("index", "occurrences", "board"):  # they hold the client closed below
+            built.pop(name, None)
+        if "milvus" in built:
+            built.pop("milvus").close()

@@ -23,7 +23,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +286,11 @@ def make_demo_corpus(out_dir: Path, seed: int = 0) -> Path:
     for name, (data, reason) in BAD_FILES.items():
         write(name, data, "", "bad", reason)
 
+    # originals older than their copies, as in the wild: the gallery marks the earliest copy by file time
+    born = time.time() - 86400
+    for path, _, role, _ in rows:
+        if role == "original":
+            os.utime(out_dir / path, (born, born))
     with (out_dir / "ground_truth.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)

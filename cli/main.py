@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from memetrace import logs
 from memetrace.cli.context import Context
-from memetrace.settings import Settings, unknown_env_names
-from memetrace.errors import DependencyDown, StorageDenied
+from memetrace.settings import Settings, invalid_settings, unknown_env_names
+from memetrace.errors import ConfigError, DependencyDown, StorageDenied
 from memetrace.sqlite_file import IncompatibleFile
 
 log = logging.getLogger("memetrace")
@@ -35,9 +36,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except (IncompatibleFile, StorageDenied, DependencyDown) as exc:
-            # a store file of an older format, an unwritable disk, a dependency down: one line that
-            # names the file or service and what to do; -v shows the traceback
+        except (IncompatibleFile, StorageDenied, DependencyDown, ConfigError) as exc:
+            # a store file of an older format, an unwritable disk, a dependency down, a bad setting,
+            # port or data dir: one line that names it and what to do; -v shows the traceback
             if ctx.params.get("verbose"):
                 raise
             raise click.ClickException(f"{exc} (-v for the traceback)") from exc
@@ -53,47 +54,145 @@ def main(ctx: click.Context, verbose: int, data_dir: Path | None) -> None:
     logs.configure(verbose)
     for name, closest in unknown_env_names().items():
         log.warning(f"{name} is not a memetrace setting, ignored" + (f": did you mean {closest}?" if closest else ""))
-    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    try:
+        settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    except ValidationError as exc:
+        raise ConfigError("\n".join(invalid_settings(exc))) from exc
     # a caller running the CLI in-process (a test, a notebook) may hand a loaded embedder as ``obj``
     ctx.obj = Context(settings, embedder=ctx.obj)
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--posts", "posts_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV of the posts showing the files: path, post_id, posted_at, platform, author")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="threads decoding and verifying (default: MEMETRACE_PREPARE_THREADS, MEMETRACE_MATCH_THREADS)")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="skip files and folders whose path below the folder, or name, matches (repeatable)")
+@click.option("--limit", type=click.IntRange(1), default=None, help="read at most N new or changed files this run")
+@click.option("--follow-links", is_flag=True, help="enter symlinked folders (linked files are always read)")
 @click.pass_context
-def index(ctx: click.Context, source: Path) -> None:
-    """Index a folder (recursive) or a text file of paths/URLs, match new images, recluster."""
-    from memetrace.cli.batch import run_index
+def index(ctx: click.Context, sources: tuple[Path, ...], posts_csv: Path | None, workers: int | None,
+          exclude: tuple[str, ...], limit: int | None, follow_links: bool) -> None:
+    """Index SOURCES (folders, recursive; image files; text files of paths/URLs, one per line), re-read
+    files changed in place, match the new images, recluster. Prints the summary as JSON, then the
+    first bad files and the missing ones (removed by `memetrace prune`) on stderr."""
+    from memetrace.cli.batch import IndexOptions, index_notes, run_index
+    from memetrace.cli.posts import PostsFileError
+    from memetrace.ingest.sources import UnsupportedInput
 
-    summary = run_index(_context(ctx), source)
+    c = _context(ctx)
+    try:
+        summary = run_index(c, sources, posts_csv, options=IndexOptions(workers, exclude, limit, follow_links))
+    except (PostsFileError, UnsupportedInput) as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary, indent=2))
+    for line in index_notes(c, summary):
+        click.echo(line, err=True)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_context
+def remove(ctx: click.Context, paths: tuple[str, ...]) -> None:
+    """Remove indexed files or URLs (a folder: every file indexed below it) from every store; their
+    images leave their clusters. Prints the summary as JSON."""
+    from memetrace.cli.batch import remove_paths
+
+    summary = remove_paths(_context(ctx), paths)
+    click.echo(json.dumps(summary, indent=2))
+    for given in summary["not_indexed"]:
+        click.echo(f"{given}: not indexed in {_context(ctx).settings.data_dir}, nothing removed", err=True)
+
+
+@main.command()
+@click.pass_context
+def prune(ctx: click.Context) -> None:
+    """Remove the indexed files that no longer exist (as `memetrace remove` would). Prints the summary as JSON."""
+    from memetrace.cli.batch import prune as prune_missing
+
+    click.echo(json.dumps(prune_missing(_context(ctx)), indent=2))
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="do not ask")
+@click.pass_context
+def reset(ctx: click.Context, yes: bool) -> None:
+    """Delete everything in the data dir (refused for a folder that is not a memetrace data dir, or
+    while another process serves its Milvus Lite); a Milvus server or S3 bucket set by
+    MEMETRACE_MILVUS_URI / MEMETRACE_FEATURE_STORE is not touched."""
+    from memetrace.cli.batch import reset as reset_stores
+
+    c = _context(ctx)
+    data_dir = c.settings.data_dir
+    if not yes:
+        click.confirm(f"Delete everything in {data_dir}?", abort=True)
+    try:
+        deleted = reset_stores(c)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{data_dir}: {len(deleted)} entr{'y' if len(deleted) == 1 else 'ies'} deleted")
+
+
+@main.command(name="bad-files")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header: path, reason, detail")
+@click.pass_context
+def bad_files(ctx: click.Context, as_csv: bool) -> None:
+    """Every file `index` could not index, with the reason (read again by the next `index`)."""
+    import csv
+    import sys
+
+    from memetrace.cli.tables import bad_file_rows
+
+    rows = bad_file_rows(_context(ctx).catalog)
+    if as_csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "reason", "detail"])
+        w.writerows(rows)
+        return
+    for path, reason, detail in rows:
+        click.echo(f"{path}\t{reason}" + (f"\t{detail}" if detail else ""))
 
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="clusters CSV (default: DATA_DIR/clusters.csv)")
+              help="clusters file (default: DATA_DIR/clusters.csv, .json or .parquet)")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "parquet"]), default=None,
+              help="csv: PIMMI's columns; json: clusters with their members; parquet: the CSV's rows, typed "
+                   "(needs memetrace[parquet]). Default: --out's suffix, else csv")
 @click.option("--html", "html_dir", type=click.Path(path_type=Path), default=None,
               help="write the HTML gallery into this folder")
 @click.option("--link-dir", type=click.Path(path_type=Path), default=None,
               help="one folder of symlinks per cluster (clusters of 2+ images)")
 @click.pass_context
-def export(ctx: click.Context, out: Path | None, html_dir: Path | None, link_dir: Path | None) -> None:
-    """Write the clusters of the indexed folders: PIMMI-style CSV, optional HTML gallery and symlink folders."""
-    from memetrace.cli.batch import cluster_table
-    from memetrace.clusterer.export import write_csv, write_link_dir
+def export(ctx: click.Context, out: Path | None, fmt: str | None, html_dir: Path | None,
+           link_dir: Path | None) -> None:
+    """Write the clusters of the indexed folders: CSV (PIMMI's), JSON or Parquet, optional HTML gallery and
+    symlink folders."""
+    from memetrace.cli.tables import cluster_table
+    from memetrace.clusterer.export import MissingExtra, format_of, write_clusters, write_link_dir
 
     c = _context(ctx)
     rows = cluster_table(c)
-    out = out or c.settings.data_dir / "clusters.csv"
-    write_csv(rows, out)
-    click.echo(f"clusters CSV: {out} ({len(rows)} rows)")
+    fmt = fmt or (format_of(out) if out else "csv")
+    out = out or c.settings.data_dir / f"clusters.{fmt}"
+    try:
+        write_clusters(rows, out, fmt)
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"clusters {fmt.upper()}: {out} ({len(rows)} rows)")
+    stored = cluster_table(c, absolute=True) if link_dir or html_dir else []  # the same rows, paths as stored
     if link_dir:
-        root = Path(c.catalog.meta("root") or ".")
-        click.echo(f"link folders: {write_link_dir(rows, root, link_dir)} in {link_dir}")
+        targets = [r.path for r in stored]  # each file below its own root
+        click.echo(f"link folders: {write_link_dir(rows, Path('/'), link_dir, targets=targets)} in {link_dir}")
     if html_dir:
-        from memetrace.clusterer.gallery import write_gallery
+        from memetrace.clusterer.gallery import thumb_name, write_gallery
+        from memetrace.tree_html import tree_section
 
-        page = write_gallery(rows, c.features, html_dir)
+        trees = tree_section(c.trees, c.occurrences, lambda i: f"thumbs/{thumb_name(i)}")
+        # absolute paths: each thumbnail links to its file, the tooltip shows where it is
+        page = write_gallery(stored, c.features, html_dir, log=c.occurrences, hooks=[trees])
         click.echo(f"gallery: {page}")
 
 
@@ -103,16 +202,15 @@ def export(ctx: click.Context, out: Path | None, html_dir: Path | None, link_dir
 @click.pass_context
 def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
     """Copies of the given image(s) among the indexed ones, with scores and cluster ids."""
-    from memetrace.cli.batch import display_path
-    from memetrace.matcher.query import CopyFinder
+    from memetrace.cli.tables import display_paths, stored_images
+    from memetrace.matcher.query import CopyFinder, describe_geometry
     from memetrace.imageio import BadImage
 
     c = _context(ctx)
-    if not c.catalog.images():
+    if not c.catalog.images() and not stored_images(c):  # the streaming ingest stores no catalog rows
         raise click.ClickException(f"nothing indexed in {c.settings.data_dir}: run `memetrace index FOLDER` first")
     finder = CopyFinder(c)
-    root, clusters = c.catalog.meta("root"), c.graph_state.clusters()
-    paths = {i: [display_path(p, root) for p in ps] for i, ps in c.catalog.paths_by_image().items()}
+    clusters, paths = c.graph_state.clusters(), display_paths(c.catalog)
     results = []
     for path in images:
         try:
@@ -121,7 +219,8 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
             results.append({"query": str(path), "error": exc.reason, "detail": exc.detail, "matches": []})
             continue
         matches = [{"image_id": m.image_id, "paths": paths.get(m.image_id, []), "inliers": m.inliers, "kind": m.kind,
-                    "similarity": m.similarity, "mirrored": m.mirrored, "cluster_id": clusters.get(m.image_id)}
+                    "similarity": m.similarity, "mirrored": m.mirrored, "cluster_id": clusters.get(m.image_id),
+                    "geometry": m.geometry.to_dict() if m.geometry else None}
                    for m in copies]
         results.append({"query": str(path), "image_id": image.image_id, "matches": matches})
     if as_json:
@@ -133,14 +232,80 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
             continue
         click.echo(f"{r['query']}: {len(r['matches'])} cop{'y' if len(r['matches']) == 1 else 'ies'}")
         for m in r["matches"]:
-            click.echo(f"  {m['inliers']:4d} inliers  {m['kind']:9s} cluster {m['cluster_id']}  {', '.join(m['paths'])}")
+            click.echo(f"  {m['inliers']:4d} inliers  {m['kind']:9s} cluster {m['cluster_id']}  {', '.join(m['paths'])}"
+                       f"{describe_geometry(m['geometry'])}")
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("pair.png"), show_default=True,
+              help="the PNG to write")
+@click.pass_context
+def explain(ctx: click.Context, a: str, b: str, out: Path) -> None:
+    """Draw why A and B match (paths or indexed image ids): both side by side, the verified keypoint
+    pairs joined, the shared region boxed. Exit status 1 (picture still written) when they do not match."""
+    from memetrace.imageio import BadImage, DecodeLimits
+    from memetrace.matcher.explain import NotStored, caption, png, side_of_argument
+    from memetrace.matcher.verify import VerifyConfig
+
+    c = _context(ctx)
+    limits = DecodeLimits.from_settings(c.settings)
+    sides = []
+    for arg in (a, b):
+        try:
+            sides.append(side_of_argument(arg, c, limits))
+        except NotStored:
+            raise click.ClickException(f"{arg}: neither a readable file nor the id of an image indexed in "
+                                       f"{c.settings.data_dir} (ids: `memetrace query FILE --json`)") from None
+        except BadImage as exc:
+            raise click.ClickException(f"{arg}: not an image ({exc.reason}: {exc.detail})") from None
+    data, e = png(*sides, VerifyConfig.from_settings(c.settings))
+    out.write_bytes(data)
+    if e.geometry is None:
+        click.echo(f"{a} and {b}: no verified match (MEMETRACE_MIN_INLIERS, MEMETRACE_MIN_COVERAGE decide); "
+                   f"the pair is drawn in {out}", err=True)
+        ctx.exit(1)
+    click.echo(f"{out}: {caption(e)}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="file to write (default: stdout)")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "graphml"]), default=None,
+              help="default: from --out's extension, else csv")
+@click.pass_context
+def matches(ctx: click.Context, out: Path | None, fmt: str | None) -> None:
+    """The verified edges (image pairs, inliers, kind, geometry when stored) for graph tools."""
+    from memetrace.cli.tables import display_paths
+    from memetrace.cli.edges import FORMATS, rows
+
+    c = _context(ctx)
+    fmt = fmt or (out.suffix.lstrip(".").lower() if out and out.suffix.lstrip(".").lower() in FORMATS else "csv")
+    path_of = {i: ps[0] for i, ps in display_paths(c.catalog).items() if ps}
+    edges = rows(c.graph_state.matches(), path_of)
+    if out is None:
+        click.echo(FORMATS[fmt](edges), nl=False)
+        return
+    out.write_text(FORMATS[fmt](edges))
+    click.echo(f"{out}: {len(edges)} edges ({fmt})", err=True)
 
 
 @main.command(name="eval")
 @click.argument("ground_truth", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("clusters_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def eval_(ground_truth: Path, clusters_csv: Path) -> None:
-    """Score a clusters CSV against a ground truth (PIMMI's cluster P/R/F1, query AP, pairwise F1)."""
+    """Score a clusters CSV against a ground truth (PIMMI's cluster P/R/F1, query AP, pairwise F1,
+    copy-with-original rate per transform family).
+
+    GROUND_TRUTH columns: path, group_id (empty: a distractor, an image with no copies), and
+    optionally role (original | copy | distractor: a distractor never forms a group, whatever its
+    group_id) and transform (the family of a copy; "a > b" counts as "chain"); others are ignored.
+    Paths are relative to the ground truth's folder.
+
+    CLUSTERS_CSV columns: path, cluster_id (as `memetrace export` writes them); a path may also be
+    absolute or a bare file name; an image absent or with an empty cluster_id is a singleton.
+    """
     from memetrace.clusterer.evaluate import evaluate
 
     try:
@@ -153,21 +318,32 @@ def eval_(ground_truth: Path, clusters_csv: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
-    """Counts: images, paths, bad files (by reason), matches, clusters."""
-    from memetrace.cli.batch import counts as store_counts
+    """Counts of what is stored, whichever of `index` or the streaming services stored it: images and
+    occurrences (Milvus), keypoints, matches and clusters, paths and bad files (by reason), dead letters."""
+    from memetrace.cli.tables import stored_counts
 
-    c = _context(ctx)
-    counts = store_counts(c)
-    reasons: dict[str, int] = {}
-    for _, reason, _ in c.catalog.bad_files():
-        reasons[reason] = reasons.get(reason, 0) + 1
-    out = {**counts, "bad_files_by_reason": reasons, **_ingest_counts(c),
-           "data_dir": str(c.settings.data_dir)}
+    out = stored_counts(_context(ctx))
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
         for k, v in out.items():
-            click.echo(f"{k:20s} {v}")
+            click.echo(f"{k:22s} {json.dumps(v) if isinstance(v, dict) else v}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="parents file (default: DATA_DIR/parents.<format>)")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "graphml"]), default="csv", show_default=True)
+@click.pass_context
+def tree(ctx: click.Context, out: Path | None, fmt: str) -> None:
+    """Write each cluster's derivation tree: path,parent_path,cluster_id,edit,confidence,first_seen."""
+    from memetrace.cli.posts import tree_table
+    from memetrace.clusterer.tree_export import write_tree
+
+    c = _context(ctx)
+    rows = tree_table(c)
+    out = write_tree(rows, out or c.settings.data_dir / f"parents.{fmt}", fmt)
+    click.echo(f"trees: {out} ({len(rows)} images, {sum(not r.parent_path for r in rows)} roots)")
 
 
 @main.command()
@@ -190,27 +366,13 @@ def demo(ctx: click.Context, out: Path | None) -> None:
     rows = cluster_table(c)
     csv_path = c.settings.data_dir / "clusters.csv"
     write_csv(rows, csv_path)
-    page = write_gallery(rows, c.features, c.settings.data_dir / "gallery")
+    page = write_gallery(cluster_table(c, absolute=True), c.features, c.settings.data_dir / "gallery",
+                         log=c.occurrences)
     scores = evaluate(corpus / "ground_truth.csv", csv_path)
     click.echo(json.dumps({**summary, "cluster_f1": scores["cluster_f1"],
                            "cluster_precision": scores["cluster_precision"],
                            "cluster_recall": scores["cluster_recall"]}, indent=2))
     click.echo(f"clusters CSV: {csv_path}\ngallery: {page}")
-
-
-def _ingest_counts(c: Context) -> dict:
-    """Streaming-ingest counts, kept in Milvus (shared by every worker): occurrences, dead letters."""
-    from memetrace.milvus import stored_dim
-
-    empty = {"occurrences": 0, "deadlettered": 0, "deadlettered_by_reason": {}}
-    uri = c.settings.resolved_milvus_uri()
-    if "://" not in uri and not Path(uri).exists():
-        return empty
-    if stored_dim(c.milvus, c.milvus_config) is None:
-        return empty
-    posts = c.occurrences
-    return {"occurrences": posts.count_occurrences(), "deadlettered": posts.count_dead_letters(),
-            "deadlettered_by_reason": posts.dead_letters_by_reason()}
 
 
 _MAX_IDLE = click.option("--max-idle", type=float, default=None,

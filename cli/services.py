@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from memetrace.cli.context import Context
-from memetrace.clusterer.metrics import ClusterMetrics
+from memetrace.clusterer.metrics import ClusterMetrics, TreeMetrics
+from memetrace.clusterer.service import ClusterRun
+from memetrace.clusterer.tree_update import update_trees
 from memetrace.clusterer.worker import ClusterWorker
 from memetrace.ingest.metrics import IngestMetrics
 from memetrace.ingest.worker import IngestWorker
@@ -48,6 +50,12 @@ def run_cluster(settings: Settings, every_s: float, max_idle: float | None = Non
     s = settings
     ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic])
     ctx = Context(s)
-    worker = ClusterWorker(s, ctx.graph_state, ctx.board, ClusterMetrics(registry or CollectorRegistry()), every_s)
+    registry = registry or CollectorRegistry()
+    tree_metrics = TreeMetrics(registry)
+
+    def redo_trees(run: ClusterRun) -> None:  # the trees of the clusters the run touched, nothing else
+        update_trees(ctx.graph_state, ctx.features, ctx.trees, run.touched, metrics=tree_metrics)
+
+    worker = ClusterWorker(s, ctx.graph_state, ctx.board, ClusterMetrics(registry), every_s, after_run=redo_trees)
     run_service(worker, max_idle)
     return worker

@@ -1,8 +1,10 @@
 """Score a clusters CSV against a ground truth, with the benchmark's (and PIMMI's) metrics.
 
-Ground truth CSV: ``path,group_id`` (other columns ignored, except an optional ``role``); an empty
-``group_id`` marks a distractor (an image with no copies). Clusters CSV: ``path,cluster_id`` as
-written by :func:`clusterer.export.write_csv`. A prediction path may be relative to the ground
+Ground truth CSV: ``path,group_id`` and optional ``role`` (``original``, ``copy``, ``distractor``)
+and ``transform`` columns, other columns ignored; an empty ``group_id`` marks a distractor (an image
+with no copies), and so does ``role=distractor`` whatever its ``group_id`` (a warning says how many
+rows carried one: scored as one-image groups they would raise the scores). Clusters CSV:
+``path,cluster_id`` as written by :func:`clusterer.export.write_csv`. A prediction path may be relative to the ground
 truth's folder, absolute, or a bare file name (when that name is unique in the ground truth).
 Ground-truth images missing from the prediction, or with an empty ``cluster_id``, are singletons;
 prediction rows naming no ground-truth image are counted, not scored.
@@ -18,18 +20,26 @@ Metrics (the definitions of the benchmark's ``score.py``):
   a singleton or a cluster with no other non-original), averaged over originals.
 * ``pairwise_precision/recall/f1`` -- over image pairs put in one cluster vs. in one true group
   (each distractor alone).
+* ``copy_with_original_rate_per_transform`` -- needs ``role`` and ``transform``: per transform
+  family, the share of copies put in their original's cluster; a chain of transforms (``a > b``)
+  counts as the family ``chain``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHAIN = "chain"  # the transform family of a copy made by several transforms in a row ("a > b")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class Truth:
     paths: list[str]
     group: dict[str, str | None]  # None: distractor
     role: dict[str, str] | None  # None when the file has no role column
+    transform: dict[str, str] | None = None  # None when the file has no transform column
 
 
 def _read_rows(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
@@ -69,6 +80,8 @@ def read_truth(path: Path, root: str) -> Truth:
     paths: list[str] = []
     group: dict[str, str | None] = {}
     role: dict[str, str] = {}
+    transform: dict[str, str] = {}
+    grouped_distractors = 0
     for line, row in enumerate(rows, start=2):
         p = normalise(row["path"] or "", root)
         if not p:
@@ -76,9 +89,17 @@ def read_truth(path: Path, root: str) -> Truth:
         if p in group:
             raise ValueError(f"{path}: line {line}: path {p!r} listed twice")
         paths.append(p)
-        group[p] = (row["group_id"] or "").strip() or None
         role[p] = (row.get("role") or "").strip()
-    return Truth(paths, group, role if "role" in columns else None)
+        group[p] = (row["group_id"] or "").strip() or None
+        if role[p] == "distractor" and group[p] is not None:
+            grouped_distractors += 1
+            group[p] = None  # a distractor has no copies: never a group, even of one
+        transform[p] = (row.get("transform") or "").strip()
+    if grouped_distractors:
+        log.warning(f"{path}: {grouped_distractors} rows with role=distractor carry a group_id: scored as "
+                    "distractors (no group), as their role says")
+    return Truth(paths, group, role if "role" in columns else None,
+                 transform if "transform" in columns else None)
 
 
 def read_prediction(path: Path, truth: Truth, root: str) -> tuple[dict[str, Hashable], int]:
@@ -154,6 +175,22 @@ def query_average_precision(truth: Truth, label: dict[str, Hashable], sizes: Cou
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def copy_with_original_rate(truth: Truth, label: dict[str, Hashable]) -> dict[str, float]:
+    """Per transform family, the share of copies in the same cluster as their group's original."""
+    assert truth.role is not None and truth.transform is not None
+    original = {truth.group[p]: p for p in truth.paths if truth.role[p] == "original"}
+    hits: dict[str, list[int]] = {}
+    for p in truth.paths:
+        if truth.role[p] != "copy":
+            continue
+        family = CHAIN if ">" in truth.transform[p] else truth.transform[p]
+        o = original.get(truth.group[p])
+        counts = hits.setdefault(family, [0, 0])
+        counts[0] += o is not None and label[p] == label[o]
+        counts[1] += 1
+    return {family: n / total for family, (n, total) in sorted(hits.items())}
+
+
 def pairs(n: int) -> int:
     """Unordered pairs among n items."""
     return n * (n - 1) // 2
@@ -170,10 +207,11 @@ def pairwise(truth: Truth, label: dict[str, Hashable], sizes: Counter) -> tuple[
     return precision, recall, f1(precision, recall)
 
 
-def evaluate(ground_truth: Path, clusters: Path, root: Path | None = None) -> dict[str, float | int]:
+def evaluate(ground_truth: Path, clusters: Path, root: Path | None = None) -> dict[str, float | int | dict]:
     """All metrics of ``clusters`` against ``ground_truth`` (``root``: GT paths' folder, default its own).
 
-    ``query_average_precision`` is present only when the ground truth has a ``role`` column.
+    ``query_average_precision`` is present only when the ground truth has a ``role`` column,
+    ``copy_with_original_rate_per_transform`` when it has ``role`` and ``transform``.
     """
     base = str(root) if root is not None else os.path.dirname(os.path.abspath(ground_truth))
     truth = read_truth(ground_truth, base)
@@ -187,7 +225,7 @@ def evaluate(ground_truth: Path, clusters: Path, root: Path | None = None) -> di
     groups = [by_group[g] for g in sorted(by_group)]
     distractors = [[p] for p in truth.paths if truth.group[p] is None]
 
-    out: dict[str, float | int] = {
+    out: dict[str, float | int | dict] = {
         "images": len(truth.paths),
         "groups": len(groups),
         "distractors": len(distractors),
@@ -201,6 +239,8 @@ def evaluate(ground_truth: Path, clusters: Path, root: Path | None = None) -> di
         out["query_average_precision"] = query_average_precision(truth, label, sizes)
     p, r, f = pairwise(truth, label, sizes)
     out |= {"pairwise_precision": p, "pairwise_recall": r, "pairwise_f1": f}
+    if truth.role is not None and truth.transform is not None:
+        out["copy_with_original_rate_per_transform"] = copy_with_original_rate(truth, label)
     return out
 
 

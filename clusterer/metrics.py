@@ -32,3 +32,22 @@ class ClusterMetrics(StreamMetrics):
                                 ["rank", "cluster_id"], registry=r)
         self.top_size = Gauge("memetrace_cluster_size_posts", "posts of the same fastest-growing clusters",
                               ["rank", "cluster_id"], registry=r)
+
+
+COPY_RANKS = (2, 5, 10)  # the n of "time from a cluster's first post to its n-th image" (bounded labels)
+DELAY_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400)
+
+
+class TreeMetrics:
+    """What each derivation tree written says of its cluster's spread (observed per tree update)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.copy_delay = Histogram("memetrace_tree_copy_delay_seconds",
+                                    "time from a cluster's first post to its n-th image's first post",
+                                    ["n"], buckets=DELAY_BUCKETS, registry=r)
+        self.platforms = Histogram("memetrace_tree_platforms_reached", "platforms a cluster's posts reached",
+                                   buckets=(1, 2, 3, 4, 6, 8, 12), registry=r)
+        self.depth = Histogram("memetrace_tree_depth", "edges on a cluster's deepest derivation branch",
+                               buckets=(0, 1, 2, 3, 4, 6, 8, 12), registry=r)
+        self.trees = Counter("memetrace_trees_updated_total", "derivation trees written", registry=r)

@@ -13,15 +13,17 @@ Events that are not valid contracts (bad JSON, ids out of range, ``a`` ≥ ``b``
 dead-lettered by the consume loop (:mod:`memetrace.stream`); an edge whose images were never seen
 as image events is kept but left out of the graph until both are (:func:`~memetrace.clusterer.graph.build_graph`).
 
-The first run after a start publishes every assignment again, healing a publish that a crash
-interrupted; later runs publish what changed.
+Each run recomputes and publishes only what the changes since the last saved run touched; a start
+resumes from the stored state (labels, clusters, change log). A publish that a crash interrupted
+is healed by the next run: the change log is cleared only once a run is published and saved, so
+that run recomputes and publishes the same clusters again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -45,7 +47,9 @@ class ClusterWorker(StreamWorker):
     name = "cluster"
 
     def __init__(self, settings: Settings, state: GraphState, board: ClusterBoard, metrics: ClusterMetrics,
-                 every_s: float, consumer: KafkaConsumer | None = None) -> None:
+                 every_s: float, consumer: KafkaConsumer | None = None,
+                 after_run: Callable[[ClusterRun], None] | None = None) -> None:
+        """``after_run`` gets each saved run (e.g. to redo the derivation trees of ``run.touched``)."""
         s = settings
         super().__init__(StreamConfig.from_settings(s), metrics, [s.kafka_images_topic, s.kafka_matches_topic],
                          s.kafka_cluster_group_id, BATCH, consumer)
@@ -54,6 +58,7 @@ class ClusterWorker(StreamWorker):
         self.board = board
         self.state = state
         self.every_s = every_s
+        self.after_run = after_run
         self.last_run: ClusterRun | None = None
         self._next_run = 0.0  # monotonic; 0 = at the first tick
         self._dirty = True
@@ -82,17 +87,19 @@ class ClusterWorker(StreamWorker):
         try:
             self.run_once()  # leave the published clusters up to date with what was committed
         except Abandoned:
-            log.warning("last reclustering abandoned (cluster board down): the next start publishes everything")
+            log.warning("last reclustering abandoned (cluster board down): the next run publishes it")
 
     def run_once(self) -> ClusterRun:
         """Recluster now, publish to the ClusterBoard (retried while it is down), update the gauges."""
-        first = self.last_run is None
-        run = recluster(self.state, self.s.cluster_algorithm, now=time.time(), publish_all=first,
+        run = recluster(self.state, self.s.cluster_algorithm, now=time.time(),
                         publish=lambda *a: self.retry("cluster board", lambda: self.board.publish(*a)))
         self.last_run, self._dirty = run, False
+        if self.after_run is not None:
+            self.after_run(run)
         self._next_run = time.monotonic() + self.every_s
         self._observe(run)
         log.info("reclustered", extra={"clusters": run.clusters, "images": run.images_clustered,
+                                       "touched": run.images_touched,
                                        "largest": run.largest, "new": run.new_clusters,
                                        "events": len(run.events), "seconds": round(run.seconds, 3)})
         return run

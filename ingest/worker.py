@@ -92,6 +92,12 @@ class Totals:
                 "batches": self.batches, "partitions": sorted(self.partitions), "stopped_by": self.stopped_by}
 
 
+def index_config(s: Settings) -> IndexConfig:
+    """The batch pipeline's, in chunks of a quarter of a poll: one poll is indexed at a time, and
+    only with several chunks in it is the next chunk decoded while one is embedded."""
+    return replace(IndexConfig.from_settings(s), chunk_size=max(1, min(s.batch_size, -(-s.ingest_batch_size // 4))))
+
+
 def observer_of(m: IngestMetrics) -> IndexObserver:
     """The indexer's step timings, into the ingest metrics."""
     return IndexObserver(decode_seconds=m.decode_seconds.observe, sift_seconds=m.sift_seconds.observe,
@@ -114,7 +120,7 @@ class IngestWorker(StreamWorker):
         self.metrics: IngestMetrics = metrics
         self.occurrences = occurrences
         self.fetcher = Fetcher(FetchPolicy.from_settings(s))
-        self.indexer = Indexer(IndexConfig.from_settings(s), embedder, extractor, index, features,
+        self.indexer = Indexer(index_config(s), embedder, extractor, index, features,
                                observer_of(metrics), DecodeBudget.from_settings(s))
         metrics.device.labels(str(embedder.device)).set(1)
         self.totals = Totals()

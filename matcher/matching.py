@@ -24,8 +24,9 @@ import numpy as np
 from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.matcher.verify import Prepared, Verifier, VerifyConfig
-from memetrace.models import Candidate, Match
+from memetrace.matcher.low_texture import LowTextureConfig, decide, sketch_of_jpeg
+from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, geometry
+from memetrace.models import Candidate, Geometry, Match
 from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
 
@@ -40,11 +41,23 @@ class MatchConfig:
     candidate_min_similarity: float
     match_threads: int
     verify: VerifyConfig
+    low_texture: LowTextureConfig
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
         return cls(candidates_k=s.candidates_k, candidate_min_similarity=s.candidate_min_similarity,
-                   match_threads=s.match_threads, verify=VerifyConfig.from_settings(s))
+                   match_threads=s.match_threads, verify=VerifyConfig.from_settings(s),
+                   low_texture=LowTextureConfig.from_settings(s))
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A candidate the verifier accepted, with both sides' prepared keypoints (for its geometry)."""
+
+    query: Prepared
+    candidate: Candidate
+    prepared: Prepared
+    verification: Verification
 
 
 class Matcher:
@@ -77,18 +90,58 @@ class Matcher:
     def _keep(self, cands: list[Candidate]) -> list[Candidate]:
         return [c for c in cands if c.similarity >= self.config.candidate_min_similarity]
 
-    def _verify(self, query: Prepared, cands: Sequence[Candidate], call: Call) -> list[tuple[Candidate, object]]:
+    def _verify(self, query: Prepared, cands: Sequence[Candidate], call: Call, vector: np.ndarray,
+                sketch: Callable[[], np.ndarray | None]) -> list[Verified]:
+        """The candidates verified locally, then by the low-texture rule; ``vector``: the query's
+        global descriptor, ``sketch``: reads its thumbnail sketch when needed."""
         loaded = [(c, self.prepared(c.image_id, call)) for c in cands]
         loaded = [(c, p) for c, p in loaded if p is not None]
         found = self.verifier.verify_many(query, [p for _, p in loaded])
-        return [(loaded[v.candidate][0], v) for v in found]
+        done = {v.candidate for v in found}
+        lt = self.config.low_texture
+        # the candidate's similarity is the best of its global and regional ones: >= the global one
+        smooth = [i for i, (c, p) in enumerate(loaded)
+                  if i not in done and lt.applies(query, p) and c.similarity >= lt.min_similarity]
+        found += self._low_texture(query, [loaded[i] for i in smooth], smooth, vector, sketch, call)
+        return [Verified(query, *loaded[v.candidate], v) for v in found]
+
+    def _low_texture(self, query: Prepared, pairs: list[tuple[Candidate, Prepared]], index: list[int],
+                     vector: np.ndarray, sketch: Callable[[], np.ndarray | None], call: Call) -> list[Verification]:
+        """Verdicts of :func:`memetrace.matcher.low_texture.decide` on ``pairs`` (``index``: their
+        places in the candidate list)."""
+        if not pairs:
+            return []
+        ids, glob, _ = call(lambda: self.index.vectors([c.image_id for c, _ in pairs], with_regions=False))
+        similarity = dict(zip(ids, (glob @ vector).tolist()))
+        q_sketch = sketch()
+        verdicts = (decide(self.config.low_texture, i, similarity[c.image_id], query, q_sketch, p,
+                           self.sketch(c.image_id, call)) if c.image_id in similarity else None
+                    for i, (c, p) in zip(index, pairs))
+        return [v for v in verdicts if v is not None]
+
+    def sketch(self, image_id: int, call: Call = call_once) -> np.ndarray | None:
+        """The stored thumbnail of ``image_id`` as the low-texture rule compares it (None: none stored)."""
+        data = call(lambda: self.features.get_thumbnail(image_id))
+        return None if data is None else sketch_of_jpeg(data)
+
+    def _geometries(self, found: Sequence[tuple[int, Verified]], sizes: dict[int, tuple[int, int]],
+                    call: Call) -> list[Geometry | None]:
+        """Each (query id, verified pair)'s geometry in file pixels (None: a size no longer stored);
+        ``sizes``: those already known, the others are read from the index."""
+        missing = {i for qid, f in found for i in (qid, f.candidate.image_id)} - sizes.keys()
+        if missing:
+            rows = call(lambda: self.index.get(sorted(missing)))
+            sizes = {**sizes, **{i: (r.width, r.height) for i, r in rows.items()}}
+        pad = self.config.verify.coverage_radius
+        return [geometry(f.verification, f.query, f.prepared, sizes[qid], sizes[f.candidate.image_id], pad)
+                if qid in sizes and f.candidate.image_id in sizes else None for qid, f in found]
 
     def _candidates_of(self, image_ids: Sequence[int], since: int | None,
-                       call: Call) -> tuple[list[int], list[list[Candidate]]]:
+                       call: Call) -> tuple[list[int], np.ndarray, list[list[Candidate]]]:
         # regions are only searched against images stored before ``since``: none, no regions needed
         with_regions = since is None or call(lambda: self.index.stored_before(since))
         ids, glob, regs = call(lambda: self.index.vectors(image_ids, with_regions=with_regions))
-        return ids, call(lambda: self.index.candidates_many(glob, regs, self.config.candidates_k, ids,
+        return ids, glob, call(lambda: self.index.candidates_many(glob, regs, self.config.candidates_k, ids,
                                                             regions_vs_stored_before=since))
 
     def match_stored(self, image_ids: Sequence[int], on_progress: Callable[[int], None] = lambda n: None,
@@ -106,24 +159,31 @@ class Matcher:
         with ThreadPoolExecutor(self.config.match_threads) as pool, ThreadPoolExecutor(1) as search:
             ahead = search.submit(candidates_of, chunks[0]) if chunks else None
             for k in range(len(chunks)):
-                ids, cand_lists = ahead.result()
+                ids, glob, cand_lists = ahead.result()
                 if k + 1 < len(chunks):
                     ahead = search.submit(candidates_of, chunks[k + 1])
                 jobs = []
-                for qid, cands in zip(ids, cand_lists):
+                for qid, vector, cands in zip(ids, glob, cand_lists):
                     todo = [c for c in self._keep(cands) if (min(qid, c.image_id), max(qid, c.image_id)) not in done]
                     done.update((min(qid, c.image_id), max(qid, c.image_id)) for c in todo)
                     query = self.prepared(qid, call) if todo else None
                     if query is not None:
-                        jobs.append((qid, pool.submit(self._verify, query, todo, call)))
-                for qid, fut in jobs:
-                    for cand, v in fut.result():
-                        matches.append(Match(min(qid, cand.image_id), max(qid, cand.image_id), v.inliers, v.kind))
+                        jobs.append((qid, pool.submit(self._verify, query, todo, call, vector,
+                                                      partial(self.sketch, qid, call))))
+                found = [(qid, f) for qid, fut in jobs for f in fut.result()]
+                for (qid, f), geo in zip(found, self._geometries(found, {}, call)):
+                    cid, v = f.candidate.image_id, f.verification
+                    oriented = geo if geo is None or qid < cid else geo.swapped()
+                    matches.append(Match(min(qid, cid), max(qid, cid), v.inliers, v.kind, oriented))
                 on_progress(len(ids))
         return matches
 
-    def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints,
-                      exclude: int = -1, call: Call = call_once) -> list[tuple[Candidate, object]]:
-        """Verified copies of an image that need not be stored (``memetrace query``, the API)."""
+    def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints, size: tuple[int, int],
+                      exclude: int = -1, call: Call = call_once, sketch: np.ndarray | None = None
+                      ) -> list[tuple[Verified, Geometry | None]]:
+        """Verified copies of an image that need not be stored (``memetrace query``, the API), with
+        their geometry (query -> copy); ``size``: the query file's width and height; ``sketch``: its
+        :func:`~memetrace.matcher.low_texture.sketch_of_rgb` (None: no low-texture rule)."""
         cands = self._keep(call(lambda: self.index.candidates(vector, regions, self.config.candidates_k, exclude)))
-        return self._verify(Prepared(keypoints), cands, call)
+        found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, lambda: sketch)]
+        return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]

@@ -9,9 +9,11 @@ import threading
 from dataclasses import dataclass
 
 from memetrace.matcher.matching import MatchConfig, Matcher
+from memetrace.matcher.low_texture import sketch_of_rgb
 from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodedImage, DecodeLimits, decode
+from memetrace.models import Geometry
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Copy:
     kind: str  # full | partial | identical (the query's very bytes are stored)
     similarity: float  # best descriptor similarity of the Milvus candidate search
     mirrored: bool
+    geometry: Geometry | None  # query (a) -> stored image (b); None: its size is no longer stored
 
 
 class CopyFinder:
@@ -44,8 +47,18 @@ class CopyFinder:
             glob, regions = c.embedder.embed([image.rgb])
         keypoints = c.extractor.extract(image.rgb)
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
-        found = Matcher(self.config, c.index, c.features).match_outside(glob[0], regions[0], keypoints, exclude=-1)
-        copies = [Copy(cand.image_id, v.inliers,
-                       "identical" if cand.image_id == image.image_id else v.kind,
-                       round(cand.similarity, 4), v.mirrored) for cand, v in found]
+        found = Matcher(self.config, c.index, c.features).match_outside(
+            glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=sketch_of_rgb(image.rgb))
+        copies = [Copy(f.candidate.image_id, f.verification.inliers,
+                       "identical" if f.candidate.image_id == image.image_id else f.verification.kind,
+                       round(f.candidate.similarity, 4), f.verification.mirrored, geo) for f, geo in found]
         return image, sorted(copies, key=lambda m: (-m.inliers, -m.similarity, m.image_id))
+
+
+def describe_geometry(g: dict | None) -> str:
+    """``  [box in the query] -> [box in the copy] x0.50 turned 90° mirrored``, from :meth:`Geometry.to_dict`."""
+    if g is None:
+        return ""
+    turn = f" turned {g['rotation']:g}°" if abs(g["rotation"]) >= 1 else ""
+    return (f"  {list(g['box_a'])} -> {list(g['box_b'])} x{g['scale']:.2f}{turn}"
+            f"{' mirrored' if g['mirrored'] else ''}")

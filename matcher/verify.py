@@ -17,7 +17,7 @@ re-encoded, recoloured or captioned copy matches all over.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Self
 
@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from memetrace.keypoints import Keypoints
+from memetrace.models import Box, Geometry
 from memetrace.settings import Settings
 
 
@@ -54,6 +55,10 @@ class Verification:
     coverage_query: float
     coverage_candidate: float
     mirrored: bool
+    # the RANSAC similarity query -> candidate (of the mirrored query when ``mirrored``), working-size pixels
+    model: np.ndarray = field(default_factory=lambda: np.eye(2, 3), compare=False, repr=False)
+    # K x 4 inlier pairs: query x, y (as given, never mirrored), candidate x, y; working-size pixels
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32), compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -142,9 +147,9 @@ class Verifier:
         mask = mask.ravel().astype(bool)
         return (model, mask) if mask.sum() >= self.config.min_inliers else None
 
-    def _accept(self, query: Prepared, q_xy: np.ndarray, cand: Prepared, q_idx: np.ndarray,
-                c_idx: np.ndarray) -> tuple[int, float, float] | None:
-        """(inliers, coverage of query, coverage of candidate) when the pair is a copy."""
+    def _accept(self, query: Prepared, q_xy: np.ndarray, cand: Prepared, q_idx: np.ndarray, c_idx: np.ndarray
+                ) -> tuple[int, float, float, np.ndarray, np.ndarray] | None:
+        """(inliers, coverage of query, coverage of candidate, model, inlier index pairs) when the pair is a copy."""
         found = self._geometry(q_xy[q_idx], cand.xy[c_idx])
         if found is None:
             return None
@@ -156,7 +161,8 @@ class Verifier:
             accepted = min(cov_q, cov_c) >= self.config.same_frame_min_coverage
         else:
             accepted = max(cov_q, cov_c) >= self.config.min_coverage
-        return (int(mask.sum()), cov_q, cov_c) if accepted else None
+        pairs = np.stack([q_idx[mask], c_idx[mask]], axis=1)
+        return (int(mask.sum()), cov_q, cov_c, model, pairs) if accepted else None
 
     def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
         """The candidates that are copies of the query (tried as is, then mirrored)."""
@@ -181,6 +187,59 @@ class Verifier:
                 if result is None:
                     failed.append(i)
                 else:
-                    out.append(Verification(i, *result, mirrored))
+                    inliers, cov_q, cov_c, model, pairs = result
+                    xy = np.hstack([query.xy[pairs[:, 0]], candidates[i].xy[pairs[:, 1]]]).astype(np.float32)
+                    out.append(Verification(i, inliers, cov_q, cov_c, mirrored, model, xy))
             pending = failed
         return sorted(out, key=lambda v: v.candidate)
+
+
+def geometry(v: Verification, query: Prepared, cand: Prepared, query_size: tuple[int, int],
+             cand_size: tuple[int, int], pad: float) -> Geometry:
+    """The shared region and transform of a verified pair, in the pixels of each file (``*_size``: w, h).
+
+    A box is where the two frames overlap under the model. When the match holds only part of an
+    image (kind partial: a crop, a collage tile) it is the inliers' extent instead, each side moved
+    out to the overlap's edge when near it (``pad``: a share of the extent's longest side, like the
+    coverage radius): SIFT finds no points right at a border, yet the crop reaches it."""
+    model = _from_query(v.model, query.width) if v.mirrored else v.model
+    inverse = cv2.invertAffineTransform(model)
+    partial = v.kind == "partial"
+    box_q = _box(_warp_frame(inverse, cand), query, v.pairs[:, :2] if partial else None, pad)
+    box_c = _box(_warp_frame(model, query), cand, v.pairs[:, 2:] if partial else None, pad)
+    fq, fc = query_size[0] / query.width, cand_size[0] / cand.width  # working size -> file, per image
+    turn = -float(np.degrees(np.arctan2(v.model[1, 0], v.model[0, 0])))  # image y points down: negate
+    return Geometry(_to_file(box_q, query_size, query), _to_file(box_c, cand_size, cand),
+                    round(float(np.hypot(v.model[0, 0], v.model[1, 0])) * fc / fq, 4),
+                    round(180.0 if turn <= -180.0 else turn, 2) + 0.0, v.mirrored, v.inliers,  # + 0.0: no -0.0
+                    round(v.coverage_query, 4), round(v.coverage_candidate, 4), query_size, cand_size)
+
+
+def _from_query(model: np.ndarray, width: int) -> np.ndarray:
+    """``model`` (of the mirrored query) composed with the mirror: a transform of the query itself."""
+    mirror = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return model @ mirror
+
+
+def _warp_frame(model: np.ndarray, p: Prepared) -> np.ndarray:
+    corners = np.array([[0, 0], [p.width, 0], [p.width, p.height], [0, p.height]], np.float64)
+    return corners @ model[:, :2].T + model[:, 2]
+
+
+def _box(warped: np.ndarray, p: Prepared, inliers_xy: np.ndarray | None, pad: float) -> np.ndarray:
+    """x0, y0, x1, y1 in ``p``: the other frame's outline ``warped`` into it, held to its frame; or
+    the inliers' extent, snapped to that overlap's sides within twice ``pad`` of the extent's size."""
+    lo = np.maximum(warped.min(axis=0), 0.0)
+    hi = np.minimum(warped.max(axis=0), np.array([p.width, p.height], np.float64))
+    if inliers_xy is not None and len(inliers_xy):
+        in_lo, in_hi = np.maximum(inliers_xy.min(axis=0), lo), np.minimum(inliers_xy.max(axis=0), hi)
+        snap = 2 * pad * float((in_hi - in_lo).max())
+        lo = np.where(in_lo - lo <= snap, lo, in_lo)
+        hi = np.where(hi - in_hi <= snap, hi, in_hi)
+    return np.concatenate([lo, np.maximum(hi, lo)])
+
+
+def _to_file(box: np.ndarray, size: tuple[int, int], p: Prepared) -> Box:
+    sx, sy = size[0] / p.width, size[1] / p.height
+    x0, y0, x1, y1 = (int(round(float(v))) for v in (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    return min(x0, size[0]), min(y0, size[1]), min(x1, size[0]), min(y1, size[1])

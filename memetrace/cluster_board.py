@@ -57,6 +57,10 @@ class ClusterBoard(ABC):
     def summary(self, cluster_id: int) -> ClusterSummary | None: ...
 
     @abstractmethod
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        """Delete the published cluster of these images (the summaries follow on the next publish)."""
+
+    @abstractmethod
     def summaries(self) -> list[ClusterSummary]:
         """Every published summary, in no given order."""
 
@@ -92,6 +96,11 @@ class MemoryClusterBoard(ClusterBoard):
     def summary(self, cluster_id: int) -> ClusterSummary | None:
         with self._lock:
             return self._summaries.get(int(cluster_id))
+
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        with self._lock:
+            for i in image_ids:
+                self._cluster_of.pop(int(i), None)
 
     def summaries(self) -> list[ClusterSummary]:
         with self._lock:

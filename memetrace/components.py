@@ -15,6 +15,7 @@ from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import KeypointExtractor
 from memetrace.occurrence_log import OccurrenceLog
 from memetrace.settings import Settings
+from memetrace.tree_store import TreeStore
 from memetrace.vector_index import VectorIndex
 
 
@@ -41,3 +42,6 @@ class Components(Protocol):
 
     @property
     def features(self) -> FeatureStore: ...
+
+    @property
+    def trees(self) -> TreeStore: ...

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -168,6 +169,15 @@ def gem(fmap: torch.Tensor, p: float) -> torch.Tensor:
     return fmap.clamp(min=1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
+def cpu_threads(setting: int, prepare_threads: int) -> int:
+    """Torch threads for CPU embedding: ``setting``, or when 0 the usable CPUs that the
+    ``prepare_threads`` (decoding and SIFT, running at the same time) leave, at least one."""
+    if setting > 0:
+        return setting
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus - prepare_threads)
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """What the embedder reads of the settings."""
@@ -179,6 +189,7 @@ class EmbedConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 32
+    threads: int = 1  # torch threads on a CPU
     gem_p: float = 3.0
     regions: bool = True
     precision_cache: Path | None = None  # where precision=auto keeps its measured choice
@@ -187,7 +198,8 @@ class EmbedConfig:
     def from_settings(cls, s: Settings) -> EmbedConfig:
         return cls(model_name=s.model_name, model_weights=s.model_weights, image_size=s.image_size,
                    box_image_size=s.box_image_size, device=s.device, precision=s.precision,
-                   batch_size=s.batch_size, gem_p=s.gem_p, regions=s.regions,
+                   batch_size=s.batch_size, threads=cpu_threads(s.embed_threads, s.prepare_threads),
+                   gem_p=s.gem_p, regions=s.regions,
                    precision_cache=s.data_dir / "precision.json")
 
 
@@ -200,6 +212,8 @@ class Embedder:
         ``cache``: where the choice is kept per machine (default: ``config.precision_cache``, or none)."""
         self.config = config
         self.device = pick_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.threads)  # process-wide: before the precision probe, which depends on it
         model = model if model is not None else load_backbone(config.model_name, config.model_weights)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.size = config.image_size

@@ -30,6 +30,11 @@ class DependencyDown(Exception):
         self.detail = detail
 
 
+class ConfigError(Exception):
+    """A setting, address, port or data dir that cannot be used as given: the message names it and the
+    fix, and the CLI prints it as one line (``-v`` for the traceback)."""
+
+
 class Refused(Exception):
     """A dependency refused this input for good (too large for it, not representable): retrying the
     same message cannot help, so the consume loop dead-letters it as poison at once."""

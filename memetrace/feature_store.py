@@ -11,6 +11,7 @@ import io
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,16 @@ class FeatureStore(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object if there is one."""
+
+    def remove_images(self, image_ids: Iterable[int]) -> None:
+        """Delete the keypoints and thumbnail of these images."""
+        for i in image_ids:
+            self.delete(self.keypoints_key(i))
+            self.delete(self.thumbnail_key(i))
 
     @staticmethod
     def keypoints_key(image_id: int) -> str:
@@ -79,6 +90,9 @@ class LocalFeatureStore(FeatureStore):
     def exists(self, key: str) -> bool:
         return (self.root / key).is_file()
 
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
 
 class MemoryFeatureStore(FeatureStore):
     def __init__(self) -> None:
@@ -92,3 +106,6 @@ class MemoryFeatureStore(FeatureStore):
 
     def exists(self, key: str) -> bool:
         return key in self.blobs
+
+    def delete(self, key: str) -> None:
+        self.blobs.pop(key, None)

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from memetrace.models import Match
+from memetrace.models import Geometry, Match
 
 SCHEMA_VERSION = 1
 MAX_ID = 2**63 - 1  # Milvus and SQLite keys are signed 64-bit
@@ -145,6 +145,27 @@ class ImageEvent(_Contract):
     post: PostRef
 
 
+_Px = Annotated[int, Field(ge=0, le=1_000_000)]
+_Cover = Annotated[float, Field(ge=-1.0, le=1.0)]
+
+
+class GeometryEvent(BaseModel):
+    """Where the two images of a match share content, a -> b (memetrace.models.Geometry)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    box_a: tuple[_Px, _Px, _Px, _Px]
+    box_b: tuple[_Px, _Px, _Px, _Px]
+    scale: float = Field(gt=0.0, le=1000.0)
+    rotation: float = Field(ge=-180.0, le=180.0)
+    mirrored: bool
+    inliers: int = Field(ge=0, le=1_000_000)
+    cover_a: _Cover = -1.0
+    cover_b: _Cover = -1.0
+    size_a: tuple[_Px, _Px] = (0, 0)
+    size_b: tuple[_Px, _Px] = (0, 0)
+
+
 class MatchEvent(_Contract):
     """A verified copy relation; ``a`` < ``b``, never a self-loop."""
 
@@ -152,6 +173,7 @@ class MatchEvent(_Contract):
     b: ImageId
     inliers: int = Field(ge=0, le=1_000_000, strict=True, description="keypoints verified by the geometric check")
     kind: Literal["full", "partial"] = Field(description="full (same content) or partial (one holds a part of the other)")
+    geometry: GeometryEvent | None = Field(None, description="shared region and transform a -> b; absent = unknown")
 
     @field_validator("b")
     @classmethod
@@ -163,10 +185,13 @@ class MatchEvent(_Contract):
 
     @classmethod
     def of(cls, m: Match) -> MatchEvent:
-        return cls(a=min(m.a, m.b), b=max(m.a, m.b), inliers=m.inliers, kind=m.kind)
+        geo = m.geometry if m.geometry is None or m.a < m.b else m.geometry.swapped()
+        return cls(a=min(m.a, m.b), b=max(m.a, m.b), inliers=m.inliers, kind=m.kind,
+                   geometry=None if geo is None else GeometryEvent(**geo.to_dict()))
 
     def to_match(self) -> Match:
-        return Match(self.a, self.b, self.inliers, self.kind)
+        geo = None if self.geometry is None else Geometry.from_dict(self.geometry.model_dump())
+        return Match(self.a, self.b, self.inliers, self.kind, geo)
 
     def key(self) -> bytes:
         return f"{self.a}:{self.b}".encode()

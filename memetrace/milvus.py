@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchExceptio
                                  PrimaryKeyException)
 
 from memetrace.cluster_board import HISTORY_BYTES, PLATFORMS_BYTES, ClusterBoard, fitted_summary
-from memetrace.errors import DependencyDown, Refused
+from memetrace.errors import ConfigError, DependencyDown, Refused
 from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRow, OccurrenceRow
 from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, OccurrenceLog
 from memetrace.settings import Settings
@@ -41,6 +42,10 @@ from memetrace.vector_index import IMAGE_BYTES, Hits, VectorIndex, now_ms
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Milvus Lite gives query iterators no MVCC timestamp: pymilvus then warns on stderr, outside our
+# JSON logs, at every iterator (`stats` printed it), and uses the client's clock, which is fine here
+logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(lambda r: "mvccTs" not in r.getMessage())
 
 STRONG = "Strong"
 
@@ -75,25 +80,42 @@ def region_key(image_id: int, index: int) -> int:
     return ((image_id << 5) | index) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def connect(config: MilvusConfig, attempts: int = 5) -> MilvusClient:
-    """A client for ``config.uri`` (a Milvus Lite file is created if missing).
+CONNECT_DEADLINE_S = 3.0  # a refused MEMETRACE_MILVUS_URI fails after retrying this long, in one line
+# pymilvus' own default wait for a channel: also how long it waits when it reconnects later, so not
+# shortened (under load, a Milvus Lite server drops channels that must come back)
+CHANNEL_TIMEOUT_S = 10.0
+# client -> the address of the Milvus Lite it was connected to, for clients of a Lite folder
+_LITE_ADDRESS: weakref.WeakKeyDictionary[MilvusClient, str] = weakref.WeakKeyDictionary()
 
-    Connecting is retried with backoff: a server that is starting, or that just dropped a
-    connection (Milvus Lite's server answers pymilvus' keep-alive pings with "too many pings"
-    and closes the channel under load), is usually there a moment later.
+
+def connect(config: MilvusConfig, attempts: int = 5, deadline_s: float = CONNECT_DEADLINE_S) -> MilvusClient:
+    """A client for ``config.uri``; a Milvus Lite folder is created if missing and shared with the
+    other memetrace processes on it (:mod:`memetrace.lite_server`).
+
+    Connecting is retried with backoff, ``attempts`` tries within ``deadline_s``: a server that is
+    starting, or that just dropped a connection (Milvus Lite's server answers pymilvus' keep-alive
+    pings with "too many pings" and closes the channel under load), is usually there a moment later.
     """
     uri = config.uri
     if "://" not in uri:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(attempts - 1):
+        from memetrace.lite_server import shared_uri
+
+        uri = shared_uri(Path(uri))
+    deadline, attempt = time.monotonic() + deadline_s, 1
+    while True:
         try:
-            return MilvusClient(uri=uri, token=config.token)
-        except MilvusException:
-            time.sleep(0.5 * 2 ** attempt)
-    try:
-        return MilvusClient(uri=uri, token=config.token)
-    except MilvusException as exc:
-        raise DependencyDown("milvus", f"cannot connect to Milvus at {uri} (MEMETRACE_MILVUS_URI): {exc}") from exc
+            client = MilvusClient(uri=uri, token=config.token, timeout=CHANNEL_TIMEOUT_S)
+            if "://" not in config.uri:
+                _LITE_ADDRESS[client] = uri
+            return client
+        except MilvusException as exc:
+            pause = 0.1 * 2 ** attempt
+            if attempt >= attempts or time.monotonic() + pause > deadline:
+                raise DependencyDown("milvus", f"no Milvus answers at {config.uri} ({exc.message}): start it, or "
+                                               "fix MEMETRACE_MILVUS_URI (empty = Milvus Lite in the data dir)"
+                                     ) from exc
+            time.sleep(pause)
+            attempt += 1
 
 
 def stored_dim(client: MilvusClient, config: MilvusConfig) -> int | None:
@@ -166,6 +188,7 @@ def _guarded(method: F, writes: bool) -> F:
                 raise
             if not_loaded(exc):
                 self._reload()
+            self._rejoin()
             raise DependencyDown("milvus", f"{type(exc).__name__}: {exc}") from exc
 
     return call  # type: ignore[return-value]
@@ -178,7 +201,7 @@ class _MilvusBackend:
     wrapped by :func:`_guarded`; those named in :attr:`WRITES` store the caller's rows.
     """
 
-    WRITES = frozenset({"upsert", "add_occurrences", "add_dead_letters", "publish"})
+    WRITES = frozenset({"upsert", "add_occurrences", "add_dead_letters", "publish", "remove_images"})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -198,6 +221,23 @@ class _MilvusBackend:
                 self.client.load_collection(name)
         except _FAILURES as exc:
             log.warning("reloading Milvus collections failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    def _rejoin(self) -> None:
+        """The Milvus Lite this client joined was served by a process that ended: serve the folder
+        here, or join its next host (:mod:`memetrace.lite_server`), so that the caller's retry succeeds."""
+        joined = _LITE_ADDRESS.get(self.client) if hasattr(self, "client") else None
+        if joined is None:
+            return  # a Milvus server: nothing to rejoin
+        from memetrace.lite_server import shared_uri
+
+        try:
+            if shared_uri(Path(self.config.uri)) == joined:
+                return
+            self.client = connect(self.config)
+        except (ConfigError, DependencyDown) as exc:  # the old host still holds the folder: next retry
+            log.warning("rejoining Milvus Lite failed", extra={"error": str(exc)})
+            return
+        self._reload()
 
     def _create(self, name: str, schema, index_params) -> None:
         """Create a collection; another process creating it at the same moment is fine (services
@@ -335,6 +375,11 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
     def count(self) -> int:
         return self._count(self.images)
 
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        if image_ids:
+            self.client.delete(self.images, ids=_ids(image_ids))
+            self.client.delete(self.regions, filter=f"image_id in {_ids(image_ids)}")
+
     def stored_before(self, when: int) -> bool:
         return bool(self.client.query(self.images, filter=f"indexed_at < {int(when)}", output_fields=["id"],
                                       limit=1, consistency_level=STRONG))
@@ -410,6 +455,10 @@ class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
     def image_ids_of_occurrences(self) -> list[int]:
         return [int(v) for v in self._field_values(self.occurrences, "image_id")]
 
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        if image_ids:
+            self.client.delete(self.occurrences, filter=f"image_id in {_ids(image_ids)}")
+
     def dead_letters_by_reason(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for reason in self._field_values(self.deadletters, "reason"):
@@ -465,6 +514,10 @@ class MilvusClusterBoard(_MilvusBackend, ClusterBoard):
             for r in self._query_all(self.clusters, ["id", "cluster_id"], f"cluster_id in {list(out)}"):
                 out[int(r["cluster_id"])].append(int(r["id"]))
         return {c: sorted(ids) for c, ids in out.items()}
+
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        if image_ids:
+            self.client.delete(self.clusters, ids=_ids(image_ids))
 
     def summary(self, cluster_id: int) -> ClusterSummary | None:
         rows = self.client.query(self.cluster_summaries, filter=f"id == {int(cluster_id)}",

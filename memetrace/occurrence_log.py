@@ -55,6 +55,10 @@ class OccurrenceLog(ABC):
     def dead_letters_by_reason(self) -> dict[str, int]:
         """reason -> dead letters, sorted by reason."""
 
+    @abstractmethod
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        """Delete every post of these images (dead letters stay: they show no stored image)."""
+
 
 class MemoryOccurrenceLog(OccurrenceLog):
     """Dicts keyed like the real backend, strings cut alike; thread-safe."""
@@ -93,3 +97,8 @@ class MemoryOccurrenceLog(OccurrenceLog):
     def dead_letters_by_reason(self) -> dict[str, int]:
         with self._lock:
             return dict(sorted(Counter(d.reason for d in self._dead.values()).items()))
+
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        gone = {int(i) for i in image_ids}
+        with self._lock:
+            self._posts = {k: p for k, p in self._posts.items() if p.image_id not in gone}

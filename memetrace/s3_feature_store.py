@@ -205,6 +205,12 @@ class S3FeatureStore(FeatureStore):
         except BotoCoreError as err:
             raise self._io_error(f"look up {key!r} in", err) from err
 
+    def delete(self, key: str) -> None:
+        try:  # S3 answers a missing key with success
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        except (ClientError, BotoCoreError) as err:
+            raise self._io_error(f"delete {key!r} from", err) from err
+
 
 def make_client(settings: Settings) -> Any:
     """A boto3 S3 client for ``settings``: endpoint, region, credentials, retries, timeouts.

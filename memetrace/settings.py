@@ -3,7 +3,8 @@
 Components never take the whole :class:`Settings`: each builds its own small config from it
 (``FetchPolicy.from_settings``, ``VerifyConfig.from_settings``, ...), next to the component.
 Renamed settings keep their old ``MEMETRACE_*`` names for one release (:data:`RENAMED`), with a
-warning; an unknown ``MEMETRACE_*`` name is warned about with the closest known one.
+warning; an unknown ``MEMETRACE_*`` name is warned about with the closest known one; invalid
+values are reported one line per setting (:func:`invalid_settings`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 PREFIX = "MEMETRACE_"
+ENV_FILE = ".env"  # read from the working directory, under the environment
 
 #: old name -> the names it now sets (accepted until 0.3, with a warning)
 RENAMED: dict[str, tuple[str, ...]] = {
@@ -49,17 +52,29 @@ class _RenamedEnv(PydanticBaseSettingsSource):
 
 
 def unknown_env_names(environ: dict[str, str] | None = None) -> dict[str, str | None]:
-    """``MEMETRACE_*`` variables that name no setting -> the closest known name (None if none is close)."""
+    """``MEMETRACE_*`` variables that name no setting -> the closest known name (None if none is close).
+
+    ``environ``: default the process environment and the ``.env`` file Settings reads."""
     known = [PREFIX + n.upper() for n in (*Settings.model_fields, *RENAMED)]
-    env = os.environ if environ is None else environ
+    env = {**dotenv_values(ENV_FILE), **os.environ} if environ is None else environ
     return {k: next(iter(difflib.get_close_matches(k.upper(), known, n=1, cutoff=0.75)), None)
             for k in env if k.upper().startswith(PREFIX) and k.upper() not in known}
+
+
+def invalid_settings(exc: ValidationError) -> list[str]:
+    """One line per bad setting of a failed :class:`Settings`: its ``MEMETRACE_*`` name, the value
+    given and what is allowed (pydantic's 20-line report says the same about field names)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        name = PREFIX + str(err["loc"][0]).upper() if err["loc"] else "a MEMETRACE_* setting"
+        lines.append(f"invalid setting {name}={err.get('input')!r}: {err['msg']} (see docs/settings.md)")
+    return lines
 
 
 class Settings(BaseSettings):
     """Every tunable of memetrace; pass an instance down instead of reading the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="MEMETRACE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_file=ENV_FILE, extra="ignore")
 
     data_dir: Path = Field(Path("./memetrace-data"), description="where every local store lives")
     milvus_uri: str = Field("", description="Milvus URI; empty = Milvus Lite file in data_dir")
@@ -93,9 +108,14 @@ class Settings(BaseSettings):
         "auto", description="auto = fp16 on a GPU; on a CPU, fp32 or bf16, whichever is measured faster at the first "
                             "start (cached in data_dir/precision.json)")
     batch_size: int = Field(32, description='images per embedding batch (GPU memory, CPU cache)')
+    embed_threads: int = Field(
+        0, ge=0, description="torch threads embedding on a CPU; 0 = the CPUs prepare_threads leaves (at least 1): "
+                             "embedding runs beside decoding and SIFT, and more busy threads than cores make "
+                             "OpenMP spin-wait (5x the CPU time per image measured on 2 shared cores)")
     gem_p: float = Field(
         3.0, description='GeM pooling exponent: 1 = average, higher leans towards the strongest activations')
-    regions: bool = Field(True, description="store regional descriptors for partial copies")
+    regions: bool = Field(True, description="store regional descriptors: off finds fewer partial copies "
+                                            "(crops, collage tiles, screenshots), for less storage")
 
     # keypoints
     sift_features: int = Field(
@@ -103,6 +123,10 @@ class Settings(BaseSettings):
                          "matching time")
     sift_max_side: int = Field(
         448, description='longest side SIFT runs on: higher finds copies of smaller details, slower')
+    sift_detect_half: bool = Field(
+        False, description="detect SIFT keypoints at half of sift_max_side and describe them at sift_max_side: "
+                           "about 3x cheaper SIFT (OpenCV otherwise doubles the image first), but it missed the "
+                           "quality floor (dev split: chain copies 0.849; another seed: precision 0.90)")
     sift_flat_max: float = Field(
         0.35, gt=0, le=1, description="a keypoint is kept when less than this share of its surroundings is flat: "
                                       "raise it (e.g. 0.7) to keep more points on smooth photos (skies, walls), "
@@ -141,11 +165,27 @@ class Settings(BaseSettings):
                         "find harder copies")
     ransac_reproj_px: float = Field(
         6.0, description="RANSAC reprojection tolerance (pixels at the SIFT working size): higher accepts looser "
-                         "geometry")
-    min_coverage: float = Field(0.6, description="share of one image's keypoints the match must explain")
+                         "geometry (more warped copies, more chance links)")
+    min_coverage: float = Field(
+        0.6, description="share of one image's keypoints the match must explain: lower finds smaller parts "
+                         "(collage tiles, tight crops) and links more different images")
     same_frame_min_coverage: float = Field(
-        0.7, description="same, for both images, when the match is the identity (shared app frames)")
-    coverage_radius: float = Field(0.05, description="radius around matched points, share of the longest side")
+        0.7, description="share of both images' keypoints an unmoved, same-size match must explain (two "
+                         "posts sharing only an app frame): raise to link fewer screenshots of one app")
+    coverage_radius: float = Field(
+        0.05, description="how near a matched point a keypoint counts as explained, share of the longest side: "
+                          "higher makes both coverage tests easier to pass")
+    low_texture_points: int = Field(
+        50, ge=0, description="below this many keypoints on either image of a pair (skies, smooth photos), a pair "
+                              "RANSAC rejects is judged whole-image by the two low_texture_min_* thresholds: raise "
+                              "to apply that rule to more pairs, 0 turns it off")
+    low_texture_min_similarity: float = Field(
+        0.8, ge=0, le=1, description="global descriptor cosine a low-texture pair needs: lower finds more edited "
+                                     "copies of smooth photos and links more look-alike ones")
+    low_texture_min_agreement: float = Field(
+        0.85, ge=-1, le=1, description="thumbnail correlation (picture and detail) a low-texture pair needs: "
+                                       "lower finds more edited copies of smooth photos, higher links fewer "
+                                       "different skies and gradients")
     prepare_threads: int = Field(2, ge=1, le=256, description="threads for decoding and SIFT")
     match_threads: int = Field(2, ge=1, le=256, description="threads verifying candidates (FAISS + RANSAC)")
 

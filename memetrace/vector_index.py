@@ -60,6 +60,10 @@ class VectorIndex(ABC):
         """Number of stored images."""
 
     @abstractmethod
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        """Delete these images and their regions (ids not stored are ignored)."""
+
+    @abstractmethod
     def stored_before(self, when: int) -> bool:
         """Whether any image was stored before ``when`` (unix milliseconds)."""
 
@@ -158,6 +162,12 @@ class MemoryVectorIndex(VectorIndex):
     def count(self) -> int:
         with self._lock:
             return len(self._images)
+
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        with self._lock:
+            for i in image_ids:
+                self._images.pop(int(i), None)
+                self._regions.pop(int(i), None)
 
     def stored_before(self, when: int) -> bool:
         with self._lock:

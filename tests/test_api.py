@@ -239,6 +239,24 @@ def test_search_upload_finds_the_copies_with_their_cluster(main: Api, corpus: Co
     assert all(m["inliers"] >= 10 and m["posts"] == [] and m["posts_total"] == 0 for m in matches)
 
 
+def test_search_gives_each_match_its_boxes_and_explain_draws_the_pair(main: Api, corpus: Corpus) -> None:
+    body = main.upload(corpus.files["astronaut_crop.jpg"]).json()
+    g = {Path(m["path"]).name: m["geometry"] for m in body["matches"]}["astronaut.jpg"]
+    assert all(abs(v - e) <= 6 for v, e in zip(g["box_match"], (60, 30, 300, 270))), g  # where it was cut
+    assert g["box_query"] == [0, 0, 240, 240] and abs(g["scale"] - 1) < 0.02 and not g["mirrored"], g
+    reply = main.get(f"/v1/explain?a={corpus.id_of('astronaut_crop.jpg')}&b={corpus.id_of('astronaut.jpg')}")
+    assert reply.status == 200 and reply.headers.get_content_type() == "image/png", reply.body[:200]
+    assert reply.headers["X-Memetrace-Match"] == "true" and Image.open(io.BytesIO(reply.body)).size == (960, 508)
+    reply = main.get(f"/v1/explain?a={corpus.id_of('coffee.jpg')}&b={corpus.id_of('hubble.jpg')}")
+    assert reply.status == 200 and reply.headers["X-Memetrace-Match"] == "false"
+    _error(main.get(f"/v1/explain?a=1&b={corpus.id_of('coffee.jpg')}"), 404, "unknown_image")
+    page = main.get("/gallery").body.decode()
+    link = re.search(r'href="(v1/explain\?a=\d+&amp;b=\d+)"', page)
+    assert link, page[-2000:]
+    reply = main.get("/" + link.group(1).replace("&amp;", "&"))
+    assert reply.status == 200 and reply.headers["X-Memetrace-Match"] == "true"  # the cards hold copies
+
+
 def test_search_a_stored_image_is_identical_to_itself(main: Api, corpus: Corpus) -> None:
     body = main.upload(corpus.files["cat_mirror.jpg"]).json()
     assert body["query"]["stored"] is True
@@ -378,6 +396,18 @@ def test_cluster_detail(main: Api, corpus: Corpus) -> None:
     _error(main.get("/v1/clusters/987654321"), 404, "unknown_cluster")
 
 
+def test_cluster_tree(main: Api, corpus: Corpus) -> None:
+    cluster_id = main.get(f"/v1/images/{corpus.id_of('cat.jpg')}").json()["cluster_id"]
+    body = main.get(f"/v1/clusters/{cluster_id}/tree").json()
+    assert body["cluster_id"] == cluster_id and body["nodes_total"] == 2
+    assert {Path(n["path"]).name for n in body["nodes"]} == {"cat.jpg", "cat_mirror.jpg"}
+    root, copy = body["nodes"]
+    assert root["parent"] is None and copy["parent"] == root["image_id"]
+    assert body["edges"] == [{"parent": root["image_id"], "child": copy["image_id"], "edit": "mirror",
+                              "confidence": copy["confidence"]}]
+    _error(main.get("/v1/clusters/987654321/tree"), 404, "unknown_tree")
+
+
 # ------------------------------------------------------------------------------------------ gallery
 
 
@@ -508,15 +538,18 @@ def test_api_never_opened_the_catalog(main: Api, strict: Api) -> None:
 # ------------------------------------------------------------------------------- response models
 
 
-MEDIA_TYPES = {"/v1/images/{image_id}/thumbnail": "image/jpeg", "/gallery": "text/html", "/metrics": "text/plain"}
+MEDIA_TYPES = {"/v1/images/{image_id}/thumbnail": "image/jpeg", "/v1/images/{image_id}/file": "image/",
+               "/v1/explain": "image/png",
+               "/gallery": "text/html", "/metrics": "text/plain"}
 
 
 def test_openapi_describes_every_response(main: Api) -> None:
     """Every route's 200 is a component schema (or, for the binary and text routes, its media type),
     and every error it declares is the ErrorBody."""
     paths = main.get("/openapi.json").json()["paths"]
-    assert set(paths) == {"/v1/search", "/v1/images/{image_id}", "/v1/images/{image_id}/thumbnail", "/v1/clusters",
-                          "/v1/clusters/{cluster_id}", "/gallery", "/healthz", "/readyz", "/metrics"}
+    assert set(paths) == {"/v1/search", "/v1/images/{image_id}", "/v1/images/{image_id}/thumbnail",
+                          "/v1/images/{image_id}/file", "/v1/explain", "/v1/clusters",
+                          "/v1/clusters/{cluster_id}", "/v1/clusters/{cluster_id}/tree", "/gallery", "/healthz", "/readyz", "/metrics"}
     for path, operations in paths.items():
         for method, op in operations.items():
             responses = op["responses"]

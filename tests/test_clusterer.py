@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -245,9 +246,9 @@ class _RecordingState(MemoryGraphState):
         super().__init__()
         self.saved: list[dict[int, int]] = []
 
-    def save_run(self, changed, at, events=()) -> None:  # type: ignore[no-untyped-def]
+    def save_run(self, changed, at, events=(), **kw) -> None:  # type: ignore[no-untyped-def]
         self.saved.append(dict(changed))
-        super().save_run(changed, at, events)
+        super().save_run(changed, at, events, **kw)
 
 
 def test_recluster_saves_only_the_assignments_that_changed() -> None:
@@ -345,3 +346,188 @@ def test_write_link_dir_keeps_absolute_paths(tmp_path: Path) -> None:
     link = names[str(target).replace("/", "__")]
     assert os.readlink(link) == str(target) and link.read_bytes() == b"x"
     assert names["rel.jpg"].read_bytes() == b"y"
+
+
+# ----------------------------------------------------------------------------- incremental runs
+
+
+Batch = tuple[list[tuple[int, int]], list[Match], list[int]]  # images, edges, removed images
+
+
+def _dev_split_batches(run_size: int = 40, seed: int = 0) -> tuple[list[Batch], int]:
+    """The benchmark's dev split graph (tests/data/dev_edges.json.gz) arriving in small runs, in a
+    shuffled order; a tenth of the edges come before their second image (held back until it does)."""
+    import gzip
+    import json
+    import random
+
+    data = json.loads(gzip.decompress((Path(__file__).parent / "data" / "dev_edges.json.gz").read_bytes()))
+    rng = random.Random(seed)
+    order = list(range(1, data["images"] + 1))
+    rng.shuffle(order)
+    at = {image: k for k, image in enumerate(order)}
+    batches: list[Batch] = [([], [], []) for _ in range(0, len(order), run_size)]
+    for k, image in enumerate(order):
+        batches[k // run_size][0].append((image, 100))
+    for a, b, inliers, kind in data["edges"]:
+        early = rng.random() < 0.1
+        arrives = min(at[a], at[b]) if early else max(at[a], at[b])
+        batches[arrives // run_size][1].append(Match(a, b, inliers, {"f": "full", "p": "partial"}[kind]))
+    return batches, len(order)
+
+
+def _generated_batches(n: int, seed: int, removals: bool) -> list[Batch]:
+    """A stream of benchmarks.scale (singletons, heavy-tailed clusters, bursts, bridges) in runs of
+    10..150 images, with a few images removed now and then."""
+    import random
+
+    from benchmarks.scale import generate
+
+    stream = generate(n, seed)
+    rng = random.Random(seed)
+    batches: list[Batch] = []
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + rng.randint(10, 150))
+        gone = rng.sample([int(i) for i in stream.image_ids[:lo]], 3) if removals and lo and rng.random() < 0.3 else []
+        batches.append((stream.images(lo, hi), stream.matches(lo, hi), gone))
+        lo = hi
+    return batches
+
+
+def _replay(state: GraphState, batches: list[Batch], algorithm: str,
+            reopen: Callable[[GraphState], GraphState] | None = None) -> GraphState:
+    """Feed each batch and recluster it incrementally; after each run, the state's clusters, ids and
+    events equal a full recomputation from scratch (graph.py's communities and stable_ids over every
+    image and edge), whose previous assignment and id counter are its own."""
+    reference: dict[int, int] = {}
+    next_id = 1
+    for k, (images, edges, gone) in enumerate(batches):
+        state.add_images(images)
+        state.add_matches(edges)
+        state.remove_images(gone)
+        run = recluster(state, algorithm, now=1000 + k)
+        alive = state.images()
+        full = stable_ids(communities(build_graph(alive, state.matches()), algorithm), reference, next_id)
+        assert state.clusters() == full, f"run {k}"
+        assert run.events == diff(reference, full), f"run {k}"
+        reference, next_id = full, max([next_id, *(c + 1 for c in full.values())])
+        if reopen is not None and k % 5 == 4:
+            state = reopen(state)
+    assert len(set(reference.values())) < len(reference)  # clusters formed, not only singletons
+    return state
+
+
+@pytest.mark.parametrize("algorithm", ["components", "louvain"])
+def test_incremental_runs_equal_a_full_recomputation_on_the_dev_split(graph_state: GraphState, algorithm: str) -> None:
+    batches, n = _dev_split_batches()
+    _replay(graph_state, batches, algorithm)
+    assert len(graph_state.images()) == n and graph_state.pending().images == set()
+
+
+@pytest.mark.parametrize(("algorithm", "n"), [("components", 1500), ("louvain", 800)])
+def test_incremental_runs_equal_a_full_recomputation_on_a_generated_stream(graph_state: GraphState, algorithm: str,
+                                                                           n: int) -> None:
+    _replay(graph_state, _generated_batches(n, seed=3, removals=True), algorithm)
+
+
+def test_a_restarted_state_resumes_incrementally(tmp_path: Path) -> None:
+    """Closed and reopened every five runs: each run goes on from the stored labels, clusters and
+    change log, and still equals a full recomputation."""
+    def reopen(state: GraphState) -> GraphState:
+        state.close()
+        return SqliteGraphState(tmp_path / "state.db")
+
+    _replay(SqliteGraphState(tmp_path / "state.db"), _generated_batches(1500, seed=5, removals=True),
+            "components", reopen).close()
+
+
+def test_a_run_recomputes_only_the_components_that_changed(graph_state: GraphState) -> None:
+    published: list[tuple[dict, list, list]] = []
+    graph_state.add_images([(i, 10) for i in range(1, 10)])
+    graph_state.add_matches([_m(1, 2), _m(2, 3), _m(4, 5), _m(6, 7)])
+    first = recluster(graph_state, "components", now=1000)
+    assert first.images_touched == 9 and graph_state.pending().images == set()
+    graph_state.add_matches([_m(1, 2)])  # redelivered, unchanged: nothing to do
+    assert recluster(graph_state, "components", now=1500).images_touched == 0
+    graph_state.add_matches([_m(2, 3, 60)])  # a changed edge in {1,2,3}
+    graph_state.add_posts([("p", 6, 100, "x")])  # a new post of {6,7}
+    run = recluster(graph_state, "components", publish=lambda *a: published.append(a), now=2000)
+    clusters = graph_state.clusters()
+    assert run.images_touched == 5 and run.touched == sorted({clusters[1], clusters[6]})
+    assert [c.cluster_id for c in published[0][1]] == run.touched and published[0][0] == {}
+    assert (run.clusters, run.images_clustered, run.largest) == (3, 7, 3)  # totals of the whole state
+
+
+def test_an_edge_held_back_joins_when_its_image_arrives(graph_state: GraphState) -> None:
+    graph_state.add_images([(1, 10), (2, 10)])
+    graph_state.add_matches([_m(1, 2), _m(2, 3)])  # 3 is not an image yet
+    recluster(graph_state, "components", now=1000)
+    assert 3 not in graph_state.clusters()
+    graph_state.add_images([(3, 10)])  # its edge was stored before: the run must find it
+    recluster(graph_state, "components", now=2000)
+    clusters = graph_state.clusters()
+    assert clusters[3] == clusters[1] == clusters[2]
+
+
+def test_removing_an_image_splits_its_component(graph_state: GraphState) -> None:
+    graph_state.add_images([(i, 10) for i in range(1, 8)])
+    graph_state.add_matches([_m(1, 2), _m(2, 3), _m(3, 4), _m(4, 5), _m(6, 7)])
+    graph_state.add_posts([("p3", 3, 100, "x")])
+    recluster(graph_state, "components", now=1000)
+    c = graph_state.clusters()[1]
+    graph_state.remove_images([3])
+    assert graph_state.pending().images >= {1, 2, 3, 4, 5} and 3 not in graph_state.images()
+    assert graph_state.edges_of([3]) == [] and graph_state.occurrence_stats(0, [3]) == []
+    assert {(m.a, m.b) for m in graph_state.edges_of([2, 4])} == {(1, 2), (4, 5)}
+    run = recluster(graph_state, "components", now=2000)
+    after = graph_state.clusters()
+    assert 3 not in after and after[1] == after[2] == c  # a tie: the smaller ids keep it
+    assert after[4] == after[5] != c and run.images_touched == 4
+    assert [(e.event, e.cluster_id) for e in run.events] == [("created", after[4]), ("split", c)]
+
+
+def test_a_full_run_after_incremental_ones_changes_nothing_and_publishes_everything(graph_state: GraphState) -> None:
+    for images, edges, gone in _generated_batches(600, seed=1, removals=False):
+        graph_state.add_images(images)
+        graph_state.add_matches(edges)
+        recluster(graph_state, "components", now=1000)
+    published: list[tuple[dict, list, list]] = []
+    before = graph_state.clusters()
+    run = recluster(graph_state, "components", publish=lambda *a: published.append(a), now=2000, full=True)
+    assert graph_state.clusters() == before and run.events == []
+    assert published[0][0] == before and len(published[0][1]) == run.clusters
+
+
+def test_ids_are_never_reused(graph_state: GraphState) -> None:
+    """The highest id merged away is not handed out again (its history would be inherited)."""
+    graph_state.add_images([(i, 10) for i in range(1, 6)])
+    graph_state.add_matches([_m(1, 2), _m(2, 3), _m(4, 5)])
+    recluster(graph_state, "components", now=1000)
+    first = graph_state.clusters()
+    graph_state.add_matches([_m(3, 4)])  # {4,5} merges into {1,2,3}
+    recluster(graph_state, "components", now=2000)
+    graph_state.add_images([(6, 10), (7, 10)])
+    graph_state.add_matches([_m(6, 7)])
+    recluster(graph_state, "components", now=3000)
+    assert graph_state.clusters()[6] not in set(first.values())
+
+
+def test_the_generated_stream_has_the_shapes_it_claims() -> None:
+    """benchmarks.scale: mostly singletons, a heavy tail, ~5 edges per image, copies' vectors near
+    one base (the query side's synthetic neighbours)."""
+    import numpy as np
+
+    from benchmarks.scale import generate, near_vectors
+
+    stream = generate(5000, seed=2)
+    sizes = np.bincount(stream.cluster[stream.cluster >= 0])
+    assert 0.65 < (stream.cluster < 0).mean() < 0.75 and sizes.max() > 20 * np.median(sizes)
+    assert 4 < len(stream.edges) / 5000 < 6 and (np.diff(stream.arrival) >= 0).all()
+    real = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    v = near_vectors(stream, real, copy_distance=0.2, far_distance=1.0)
+    big = int(np.argmax(sizes))
+    copies = v[stream.cluster == big]
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert np.linalg.norm(copies - copies.mean(axis=0), axis=1).mean() < 0.3

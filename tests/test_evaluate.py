@@ -70,6 +70,8 @@ def test_hand_computed(tmp_path: Path) -> None:
         "cluster_precision_all": 0.6875, "cluster_recall_all": 0.9375, "cluster_f1_all": 307 / 420,
         "query_average_precision": 2 / 3,
         "pairwise_precision": 4 / 9, "pairwise_recall": 4 / 7, "pairwise_f1": 0.5,
+        # copies (all "crop"): a2, a3 with a1 in c1, b2 with b1 in c2; a4 in c2, away from a1
+        "copy_with_original_rate_per_transform": {"crop": 0.75},
     }
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -78,8 +80,41 @@ def test_hand_computed(tmp_path: Path) -> None:
 
 def test_without_role_column(tmp_path: Path) -> None:
     got = evaluate(_gt(tmp_path, with_role=False), _clusters(tmp_path))
-    assert "query_average_precision" not in got
+    assert "query_average_precision" not in got and "copy_with_original_rate_per_transform" not in got
     assert got["cluster_f1"] == pytest.approx(16 / 21)
+
+
+def test_distractors_with_a_group_id_are_distractors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A ground truth giving every distractor its own group id (PIMMI-style labels) scores as one
+    leaving them empty, and says so: one-image groups would raise every cluster score."""
+    plain = evaluate(_gt(tmp_path), _clusters(tmp_path))
+    rows = [(p, g or f"solo-{p}", r, "crop" if r == "copy" else "", "") for p, g, r in GT_ROWS]
+    labelled = _write(tmp_path / "labelled.csv", ["path", "group_id", "role", "transform", "source"], rows)
+    with caplog.at_level("WARNING", logger="memetrace.clusterer.evaluate"):
+        got = evaluate(labelled, _clusters(tmp_path))
+    assert got == plain and got["groups"] == 2 and got["distractors"] == 2
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "2 rows with role=distractor carry a group_id" in warning
+
+
+def test_transform_families(tmp_path: Path) -> None:
+    rows = [("o.jpg", "A", "original", "identity"), ("c1.jpg", "A", "copy", "crop"),
+            ("c2.jpg", "A", "copy", "crop"), ("c3.jpg", "A", "copy", "scale > crop"),
+            ("c4.jpg", "A", "copy", "hflip > final_jpeg")]
+    gt = _write(tmp_path / "gt.csv", ["path", "group_id", "role", "transform"], rows)
+    pred = _write(tmp_path / "pred.csv", ["path", "cluster_id"], [("o.jpg", 1), ("c1.jpg", 1), ("c3.jpg", 1)])
+    got = evaluate(gt, pred)
+    assert got["copy_with_original_rate_per_transform"] == {"chain": 0.5, "crop": 0.5}
+
+
+def test_eval_help_describes_both_files() -> None:
+    from click.testing import CliRunner
+
+    from memetrace.cli.main import main
+
+    text = CliRunner().invoke(main, ["eval", "--help"]).output
+    for column in ("path", "group_id", "role", "transform", "cluster_id", "distractor"):
+        assert column in text
 
 
 def test_perfect_and_all_singletons(tmp_path: Path) -> None:
@@ -132,7 +167,8 @@ def _random_case(tmp_path: Path, seed: int) -> tuple[Path, Path]:
     for g in range(rng.randint(3, 12)):
         for k in range(rng.randint(1, 6)):
             name = f"img_{g}_{k}.jpg"
-            gt_rows.append((f"images/{name}", f"g{g:02d}", "original" if k == 0 else "copy", "crop", "", ""))
+            family = "identity" if k == 0 else rng.choice(["crop", "scale", "crop > final_jpeg"])
+            gt_rows.append((f"images/{name}", f"g{g:02d}", "original" if k == 0 else "copy", family, "", ""))
             truth.append((name, g))
     for d in range(rng.randint(0, 8)):
         gt_rows.append((f"images/dist_{d}.jpg", "", "distractor", "", "", ""))

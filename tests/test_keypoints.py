@@ -124,3 +124,20 @@ def test_flat_fraction() -> None:
     assert frac[0] == pytest.approx(1.0)
     assert frac[1] == pytest.approx(0.0, abs=0.01)
     assert 0.3 < frac[2] < 0.7
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee"])
+def test_half_size_detection_describes_the_same_points_as_plain_sift(photos: dict[str, Image.Image],
+                                                                      name: str) -> None:
+    # keypoints found at half size are mapped back to the full frame and described there: matched
+    # to plain SIFT's of the same photo, they land on the same pixels (the coordinate and octave
+    # mapping is right) and many do (the descriptors are the full-size image's)
+    n, side, flat = (DEFAULTS[k].default for k in ("sift_features", "sift_max_side", "sift_flat_max"))
+    im = rgb(photos[name])
+    plain = KeypointExtractor(n, side, flat).extract(im)
+    half = KeypointExtractor(n, side, flat, detect_half=True).extract(im)
+    assert (half.width, half.height) == (plain.width, plain.height) and len(half) >= 0.25 * n
+    qi, ti = _ratio_matches(half.desc, plain.desc)
+    dist = np.linalg.norm(half.xy[qi] - plain.xy[ti], axis=1)
+    assert len(qi) >= 0.3 * len(half)
+    assert np.median(dist) < 1.0 and (dist < 3.0).mean() > 0.9

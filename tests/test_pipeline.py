@@ -130,7 +130,7 @@ def test_every_good_file_is_indexed(run: Run) -> None:
         bad = {p: reason for p, reason, _ in cat.bad_files()}
         assert bad == {str(root / name): reason for name, (_, reason) in BAD_FILES.items()}
         assert cat.unmatched() == []  # every new image went through matching
-        assert Path(cat.meta("root")) == run.images.resolve()
+        assert list(cat.roots().values()) == [str(run.images.resolve())]
     finally:
         cat.close()
 
@@ -210,7 +210,10 @@ def test_stats_json(run: Run) -> None:
     assert stats["clusters"] == len(GROUP_PHOTOS)
     assert stats["data_dir"] == str(run.data)
     text = run.invoke("stats")
-    assert text.exit_code == 0 and f"images               {n_good}" in text.stdout
+    assert text.exit_code == 0
+    lines = dict(line.split(None, 1) for line in text.stdout.splitlines())
+    assert lines["images"] == str(n_good)
+    assert json.loads(lines["bad_files_by_reason"]) == {"empty": 1, "not_an_image": 1}
 
 
 def _cluster_of(run: Run, image_path: str) -> tuple[int, int]:

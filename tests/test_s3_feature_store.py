@@ -165,6 +165,15 @@ def test_exists_after_put(store: FeatureStore) -> None:
     assert not store.exists(FeatureStore.keypoints_key(12))
 
 
+def test_remove_images_deletes_their_objects(store: FeatureStore) -> None:
+    for i in (1, 2):
+        store.put_thumbnail(i, b"jpeg")
+        store.put_keypoints(i, random_keypoints(3))
+    store.remove_images([1, 99])  # 99 has nothing stored: not an error
+    assert not store.exists(store.thumbnail_key(1)) and not store.exists(store.keypoints_key(1))
+    assert store.get_thumbnail(2) == b"jpeg" and store.exists(store.keypoints_key(2))
+
+
 def test_overwrite_replaces_the_value(store: FeatureStore) -> None:
     store.put_keypoints(21, random_keypoints(10, seed=1))
     second = random_keypoints(4, seed=2, width=100, height=50)

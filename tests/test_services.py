@@ -24,6 +24,7 @@ from streaming import (PhotoServer, ingest_env, milvus_server, photo_server, pro
 from test_poison import ListConsumer
 
 from memetrace.cluster_board import MemoryClusterBoard
+from memetrace.clusterer.tree_update import update_trees
 from memetrace.clusterer.worker import ClusterWorker
 from memetrace.errors import DependencyDown
 from memetrace.messages import MatchEvent
@@ -41,6 +42,7 @@ from memetrace.matcher.metrics import MatchMetrics
 from memetrace.milvus import MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect
 from memetrace.settings import Settings
 from memetrace.stream import Abandoned
+from memetrace.tree_store import MemoryTreeStore
 
 IDLE_S = 6  # each service exits after this long without a message
 
@@ -118,6 +120,13 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     assert len({state[ids["astronaut"]], state[ids["rocket"]], cat_cluster, state[ids["coffee"]]}) == 4
     run = cluster.last_run
     assert run is not None and (run.clusters, run.images_clustered, run.largest) == (2, 5, 3)
+    # the edges came through Kafka with their geometry: the derivation tree reads it (issue 14)
+    assert all(m.geometry is not None for m in cluster.state.matches())
+    trees = MemoryTreeStore()
+    update_trees(cluster.state, None, trees, [state[ids["coffee"]]])
+    coffee_tree = {d.image_id: d for d in trees.get(state[ids["coffee"]])}
+    assert coffee_tree[ids["coffee"]].parent is None and coffee_tree[ids["coffee-crop"]].parent == ids["coffee"]
+    assert coffee_tree[ids["coffee-crop"]].edit == "crop"
 
     # published to Milvus, where the API reads: assignments and summaries
     board = cluster.board

@@ -87,17 +87,79 @@ def test_state_counts(graph_state: GraphState) -> None:
     assert graph_state.counts() == {"images": 6, "matches": 3, "clusters": 2}
 
 
+def test_state_change_log_records_what_changed_and_a_run_clears_it(graph_state: GraphState) -> None:
+    assert graph_state.pending() == (0, set(), set(), set())
+    graph_state.add_images([(1, 10), (2, 10)])
+    graph_state.add_matches([Match(2, 3, 30, "full")])
+    graph_state.add_posts([("p", 4, 5, "x")])
+    cursor, touched, _, edges = graph_state.pending()
+    assert edges == {(2, 3)}
+    assert touched == {1, 2, 3, 4}
+    graph_state.add_images([(1, 99)])  # redelivered: no change
+    graph_state.add_matches([Match(3, 2, 30, "full")])
+    graph_state.add_posts([("p", 4, 5, "x")])
+    assert graph_state.pending()[:2] == (cursor, touched)
+    graph_state.add_matches([Match(2, 3, 31, "full")])  # changed: both ends again
+    later = graph_state.pending().cursor
+    assert later > cursor
+    graph_state.save_run({}, 1, cursor=cursor)  # a run that read up to ``cursor``
+    assert graph_state.pending()[:2] == (later, {2, 3})
+
+
+def test_state_reads_by_image(graph_state: GraphState) -> None:
+    graph_state.add_images([(i, 10) for i in range(1, 6)])
+    graph_state.add_matches([Match(1, 2, 30, "full"), Match(2, 3, 30, "full"), Match(4, 9, 30, "full")])
+    graph_state.save_run({1: 7, 2: 7, 3: 7, 4: 8}, 1, components={1: 5, 2: 5, 3: 5, 4: 6})
+    assert graph_state.known([1, 4, 9]) == {1, 4}
+    assert sorted((m.a, m.b) for m in graph_state.edges_of([2, 9])) == [(1, 2), (2, 3), (4, 9)]
+    assert graph_state.clusters_of([1, 4, 5]) == {1: 7, 4: 8}
+    assert graph_state.components_of([1, 4, 5]) == {1: 5, 4: 6}
+    assert graph_state.component_members([5]) == {1: 5, 2: 5, 3: 5}
+    graph_state.save_run({4: 7}, 2, components={4: 5, 1: None}, dropped=[3])  # 1 now alone, 3 unassigned
+    assert graph_state.clusters() == {1: 7, 2: 7, 4: 7} and graph_state.component_members([5, 6]) == {2: 5, 3: 5, 4: 5}
+
+
+def test_state_counters_and_totals_follow_the_saved_runs(graph_state: GraphState) -> None:
+    assert graph_state.next_ids() == (1, 1) and graph_state.totals() == (0, 0, 0)
+    graph_state.save_run({1: 4, 2: 4, 3: 4, 5: 2, 6: 2, 7: 9}, 1, components={1: 3, 2: 3})
+    assert graph_state.next_ids() == (10, 4) and graph_state.totals() == (2, 5, 3)
+    graph_state.save_run({5: 4}, 2, dropped=[6, 7])  # 2 and 9 are gone; their ids stay used
+    assert graph_state.next_ids() == (10, 4) and graph_state.totals() == (1, 4, 4)
+    assert graph_state.counts()["clusters"] == 1
+
+
+def test_state_remove_images_forgets_them_and_logs_their_components(graph_state: GraphState) -> None:
+    graph_state.add_images([(i, 10) for i in range(1, 6)])
+    graph_state.add_matches([Match(1, 2, 30, "full"), Match(2, 3, 30, "full")])
+    graph_state.add_posts([("p2", 2, 5, "x"), ("p4", 4, 5, "x")])
+    graph_state.save_run({}, 1, components={1: 1, 2: 1, 3: 1}, cursor=graph_state.pending().cursor)
+    graph_state.remove_images([2])
+    assert graph_state.pending().images == {1, 2, 3} and graph_state.pending().splits >= {1, 3}
+    assert graph_state.images().keys() == {1, 3, 4, 5} and graph_state.matches() == []
+    assert [r.image_id for r in graph_state.occurrence_stats(10)] == [4]
+    assert graph_state.component_members([1]) == {1: 1, 3: 1}
+
+
+def test_state_reads_occurrences_and_histories_of_some(graph_state: GraphState) -> None:
+    graph_state.add_posts([("p1", 1, 5, "x"), ("p2", 2, 5, "x")])
+    graph_state.save_run({}, 1, [("created", 1, ()), ("created", 2, ())])
+    assert [r.image_id for r in graph_state.occurrence_stats(10, [2, 3])] == [2]
+    assert list(graph_state.cluster_histories(cluster_ids=[2])) == [2]
+
+
 def test_sqlite_state_persists(tmp_path: Path) -> None:
     state = SqliteGraphState(tmp_path / "state.db")
     state.add_images([(1, 10)])
     state.add_matches([Match(1, 2, 30, "partial")])
     state.add_posts([("p", 1, 5, "x")])
-    state.save_run({1: 7, 2: 7}, 1, [("created", 7, ())])
+    state.save_run({1: 7, 2: 7}, 1, [("created", 7, ())], components={1: 3})
+    state.add_images([(5, 10)])  # after the run: still pending after a restart
     state.close()
     again = SqliteGraphState(tmp_path / "state.db")
     try:
-        assert (again.images(), again.matches(), again.clusters()) == ({1: 10}, [Match(1, 2, 30, "partial")],
+        assert (again.images(), again.matches(), again.clusters()) == ({1: 10, 5: 10}, [Match(1, 2, 30, "partial")],
                                                                        {1: 7, 2: 7})
+        assert again.components_of([1]) == {1: 3} and again.next_ids() == (8, 4) and 5 in again.pending().images
         assert [r.posts for r in again.occurrence_stats(10)] == [1] and list(again.cluster_histories()) == [7]
     finally:
         again.close()
@@ -213,8 +275,8 @@ def test_a_file_of_another_store_or_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IncompatibleFile, match="another store's data"):
         SqliteBatchCatalog(tmp_path / "state.db")
     with sqlite3.connect(tmp_path / "state.db") as db:
-        db.execute("PRAGMA user_version = 99")
-    with pytest.raises(IncompatibleFile, match="clusterer state of schema version 1: it has schema version 99"):
+        db.execute("PRAGMA user_version = 1")  # the layout before incremental runs
+    with pytest.raises(IncompatibleFile, match="clusterer state of schema version 2: it has schema version 1"):
         SqliteGraphState(tmp_path / "state.db")
 
 

@@ -562,3 +562,49 @@ def test_local_store_writes_files_atomically(tmp_path: Path) -> None:
     assert path.is_file()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
     assert LocalFeatureStore(tmp_path / "f").get_keypoints(0xAB) is not None  # a new instance reads it
+
+
+# ----------------------------------------------------------------------------- removing images (every store;
+# the feature stores': test_s3_feature_store.py)
+
+
+def test_vector_index_removes_images_and_their_regions(backend: Backend) -> None:
+    index = backend.index(8)
+    index.upsert([_row(1, _unit(8, 0)[0], _unit(8, 1, 2)), _row(2, _unit(8, 3)[0], _unit(8, 4))])
+    index.remove_images([1, 99])  # 99 was never stored
+    index.remove_images([])
+    assert index.count() == 1 and index.existing([1, 2]) == {2}
+    assert [i for i, _ in index.search_regions(_unit(8, 1), 5)[0]] == [2]  # its regions went with it
+    assert [i for i, _ in index.search_images(_unit(8, 0), 5)[0]] == [2]
+    assert index.vectors([1])[0] == []
+
+
+def test_occurrence_log_removes_the_posts_of_images(backend: Backend) -> None:
+    log = backend.log()
+    log.add_occurrences([OccurrenceRow(10 + i, 1 if i < 3 else 2, f"p{i}", f"https://x.test/{i}", -1, "x", "u")
+                         for i in range(5)])
+    log.remove_images([1])
+    assert log.count_occurrences() == 2 and sorted(log.image_ids_of_occurrences()) == [2, 2]
+
+
+def test_cluster_board_removes_the_assignment_of_images(backend: Backend) -> None:
+    board = backend.board()
+    board.publish({1: 5, 2: 5, 3: 6}, [])
+    board.remove_images([2, 3])
+    assert board.members([5, 6]) == {5: [1], 6: []} and board.clusters_of([1, 2, 3]) == {1: 5}
+
+
+def test_graph_state_removes_images_with_their_edges_posts_and_clusters(graph_state) -> None:
+    from memetrace.clusterer.service import recluster
+    from memetrace.models import Match
+
+    graph_state.add_images([(1, 10), (2, 10), (3, 10)])
+    graph_state.add_matches([Match(1, 2, 30, "whole"), Match(2, 3, 30, "whole")])
+    graph_state.add_posts([("file:a", 1, -1, "file"), ("file:b", 2, -1, "file")])
+    recluster(graph_state, "components")
+    assert len(set(graph_state.clusters().values())) == 1
+    graph_state.remove_images([2])
+    assert graph_state.images() == {1: 10, 3: 10} and graph_state.matches() == []
+    assert {s.image_id for s in graph_state.occurrence_stats(2)} == {1}
+    run = recluster(graph_state, "components")  # the image leaves its cluster, which falls apart
+    assert 2 not in graph_state.clusters() and graph_state.counts()["clusters"] == 0 and len(run.removed) == 1

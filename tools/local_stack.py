@@ -49,6 +49,17 @@ def _service_env(name: str, demo: bool) -> dict[str, str]:
     return env
 
 
+def banner(bootstrap: str, milvus_uri: str, api_port: int, logs: Path) -> str:
+    """What runs where, printed once every service is up: each service's address and metrics URL."""
+    api = f"http://127.0.0.1:{api_port}"
+    lines = [f"  Kafka (Tansu)      {bootstrap}", f"  Milvus Lite        {milvus_uri}"]
+    for name in SERVICES:
+        where = (f"API {api} (gallery {api}/gallery, docs {api}/docs), metrics {api}/metrics" if name == "serve"
+                 else f"metrics http://127.0.0.1:{METRICS_PORTS[name]}/metrics")
+        lines.append(f"  memetrace {name:<8} {where}")
+    return "\n".join(["memetrace stack on 127.0.0.1:", *lines, f"logs in {logs}; Ctrl-C stops everything"])
+
+
 def _demo_posts(data_dir: Path) -> Path:
     """One post per demo file, served from a loopback HTTP server (a platform picked per file)."""
     from memetrace.cli.demo import make_demo_corpus
@@ -90,8 +101,7 @@ def main() -> None:
             procs.append(subprocess.Popen([MEMETRACE, "-v", *verb], env={**env, **_service_env(name, args.demo)},
                                           stdout=log, stderr=log))
         wait_for_port(args.api_port, procs[-1], 120, "memetrace serve")
-        print(f"Kafka {bootstrap}, Milvus {uri}, API http://127.0.0.1:{args.api_port} "
-              f"(gallery: /gallery, docs: /docs), logs in {data_dir / 'logs'}; Ctrl-C stops", flush=True)
+        print(banner(bootstrap, uri, args.api_port, data_dir / "logs"), flush=True)
         if args.demo:
             subprocess.run([MEMETRACE, "produce", str(_demo_posts(data_dir))], env=env, check=True)
         while all(p.poll() is None for p in procs):

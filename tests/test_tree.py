@@ -1,0 +1,215 @@
+"""Derivation trees (issue 14): the cues and the forest on hand-made geometry, the posts CSV of
+``index --posts``, the tree store's contract on both backends, and a folder indexed with its
+posts through the CLI, whose ``tree`` CSV names the original as root."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import load_photo
+from tests.browser import render, require_browser
+from memetrace.cli.main import main
+from memetrace.cli.posts import PostsFileError, PostsReport, parse_time, read_posts, record_posts
+from memetrace.clusterer.service import recluster
+from memetrace.clusterer.state import MemoryGraphState
+from memetrace.clusterer.tree import Seen, TreeConfig, direction, forest
+from memetrace.clusterer.tree_update import first_posts, update_trees
+from memetrace.models import Derivation, Geometry, Match
+from memetrace.occurrence_log import MemoryOccurrenceLog
+from memetrace.tree_store import MemoryTreeStore, SqliteTreeStore
+
+HOUR = 3600
+
+
+def geo(size_a, box_a, size_b, box_b, scale=1.0, cover_a=1.0, cover_b=1.0, mirrored=False) -> Geometry:
+    return Geometry(box_a, box_b, scale, 0.0, mirrored, 200, cover_a, cover_b, size_a, size_b)
+
+
+# origin 1 (800x600); 2: a crop of it (its box is a quarter of 1, all of 2; 1's rest is textured);
+# 3: a caption of it (1 is all of 3 but a flat band: 3 fully covered); 4: 1 scaled to half
+CROP = geo((800, 600), (0, 0, 400, 300), (400, 300), (0, 0, 400, 300), cover_a=0.4, cover_b=1.0)
+CAPTION = geo((800, 600), (0, 0, 800, 600), (800, 900), (0, 150, 800, 750), cover_a=1.0, cover_b=0.9)
+SCALE = geo((800, 600), (0, 0, 800, 600), (400, 300), (0, 0, 400, 300), scale=0.5)
+
+
+def test_each_cue_points_from_the_source_to_the_copy() -> None:
+    cfg = TreeConfig()
+    for g in (CROP, CAPTION, SCALE):
+        assert direction(Seen.of(g), None, cfg) > 1.0
+        assert direction(Seen.of(g.swapped()), None, cfg) == pytest.approx(-direction(Seen.of(g), None, cfg))
+    # time alone: the earlier image is the source
+    flat = geo((800, 600), (0, 0, 800, 600), (800, 600), (0, 0, 800, 600))
+    assert direction(Seen.of(flat), 5.0, cfg) > 0 > direction(Seen.of(flat), -5.0, cfg)
+
+
+def test_forest_hangs_each_edit_under_the_original_even_when_it_was_seen_late() -> None:
+    matches = [Match(1, 2, 300, "partial", CROP), Match(1, 3, 400, "partial", CAPTION),
+               Match(1, 4, 350, "full", SCALE), Match(2, 3, 150, "partial", None)]
+    # the original's first post was missed: it is seen after its crop
+    seen = {1: 10 * HOUR, 2: 2 * HOUR, 3: 12 * HOUR, 4: 13 * HOUR}
+    tree = forest([1, 2, 3, 4], seen, matches)
+    assert {i: d.parent for i, d in tree.items()} == {1: None, 2: 1, 3: 1, 4: 1}
+    assert (tree[2].edit, tree[3].edit, tree[4].edit) == ("crop", "caption", "scale")
+    assert all(0.0 <= d.confidence <= 1.0 for d in tree.values())
+
+
+def test_two_unrelated_images_are_two_roots() -> None:
+    tree = forest([1, 2], {1: 0, 2: HOUR}, [])
+    assert tree[1].parent is None and tree[2].parent is None
+
+
+# ----------------------------------------------------------------------------- posts CSV
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def post(path: str, pid: str, at: str, **extra: str) -> dict:
+    return {"path": path, "post_id": pid, "posted_at": at, "platform": "reddit", "author": "@a", **extra}
+
+
+def test_posts_csv_times_paths_meta_and_bad_rows(tmp_path: Path) -> None:
+    assert parse_time("2026-01-05T00:26:14Z") == parse_time("1767572774") == 1767572774
+    assert parse_time("2026-01-05T01:26:14+01:00") == 1767572774 and parse_time("") == -1
+    f = write_csv(tmp_path / "posts.csv", [post("a.jpg", "p1", "2026-01-05T00:26:14Z", lang="fr"),
+                                           post("/abs/b.jpg", "p2", "1767572774", lang=""),
+                                           post("c.jpg", "", "1"), post("d.jpg", "p4", "yesterday")])
+    report = PostsReport()
+    posts = read_posts(f, report)
+    assert [p.path for p in posts] == [str(tmp_path / "a.jpg"), "/abs/b.jpg"]
+    assert posts[0].meta == {"lang": "fr"} and posts[1].posted_at == 1767572774
+    assert (report.rows, report.bad_rows) == (4, 2) and len(report.bad_examples) == 2
+
+
+def test_a_posts_csv_without_its_columns_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("path,when\na.jpg,1\n")
+    with pytest.raises(PostsFileError, match="missing column.*post_id"):
+        read_posts(tmp_path / "p.csv", PostsReport())
+
+
+def test_posts_are_recorded_once_and_unknown_files_reported(tmp_path: Path) -> None:
+    f = write_csv(tmp_path / "posts.csv", [post("a.jpg", "p1", "100"), post("a.jpg", "p2", "50"),
+                                           post("gone.jpg", "p3", "10")])
+    state, log = MemoryGraphState(), MemoryOccurrenceLog()
+    state.add_images([(7, 100)])
+    for _ in range(2):  # a second run (a redelivery) changes nothing
+        report = PostsReport()
+        record_posts(read_posts(f, report), {str(tmp_path / "a.jpg"): 7}, state, log, report)
+    assert (report.recorded, report.unknown_files) == (2, 1)
+    assert report.unknown_examples == [str(tmp_path / "gone.jpg")]
+    assert log.count_occurrences() == 2 and {o.author for o in log.occurrences_of([7])} == {"@a"}
+    assert first_posts(state, [7]) == {7: 50}
+
+
+# ----------------------------------------------------------------------------- tree store
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def tree_store(request: pytest.FixtureRequest, tmp_path: Path):
+    store = SqliteTreeStore(tmp_path / "trees.db") if request.param == "sqlite" else MemoryTreeStore()
+    yield store
+    store.close()
+
+
+def test_tree_store_replaces_and_drops_whole_trees(tree_store) -> None:
+    first = [Derivation(2, 1, "crop", 0.9), Derivation(1, None, "", 0.8)]
+    tree_store.put(5, first)
+    tree_store.put(6, [Derivation(3, None, "", 0.5)])
+    assert tree_store.get(5) == sorted(first, key=lambda d: d.image_id)
+    tree_store.put(5, [Derivation(1, 2, "pad", 0.6), Derivation(2, None, "", 0.7)])
+    assert [d.parent for d in tree_store.get(5)] == [2, None]
+    tree_store.put(6, [])
+    assert tree_store.cluster_ids() == [5] and tree_store.get(6) == []
+
+
+def test_update_trees_follows_the_touched_clusters(graph_state) -> None:
+    graph_state.add_images([(1, 100), (2, 100)])
+    graph_state.add_matches([Match(1, 2, 300, "partial", CROP)])
+    graph_state.add_posts([("p1", 1, 100, "reddit"), ("p2", 2, 200, "twitter"), ("file:x", 2, -1, "file")])
+    touched = recluster(graph_state, "components").touched
+    store = MemoryTreeStore()
+    cid = graph_state.clusters()[1]
+    assert touched == [cid] and update_trees(graph_state, None, store, touched) == 1
+    tree = {d.image_id: d for d in store.get(cid)}
+    assert tree[2].parent == 1 and tree[2].edit == "crop" and tree[1].parent is None
+    before = store.get(cid)
+    update_trees(graph_state, None, store, [cid])  # redelivery: the same tree
+    assert store.get(cid) == before
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_index_with_posts_then_tree_csv(tmp_path: Path, embedder) -> None:
+    folder = tmp_path / "memes"
+    folder.mkdir()
+    im = load_photo("astronaut")
+    im.save(folder / "origin.jpg", quality=92)
+    w, h = im.size
+    im.crop((0, 0, w // 2, h // 2)).save(folder / "crop.jpg", quality=85)
+    padded = Image.new("RGB", (w, h + h // 4), (255, 255, 255))
+    padded.paste(im, (0, h // 8))
+    padded.save(folder / "pad.jpg", quality=85)
+    posts = write_csv(tmp_path / "posts.csv", [post("memes/origin.jpg", "p1", "2026-01-05T10:00:00Z"),
+                                               post("memes/crop.jpg", "p2", "2026-01-05T11:00:00Z"),
+                                               post("memes/pad.jpg", "p3", "2026-01-05T12:00:00Z"),
+                                               post("memes/nowhere.jpg", "p4", "2026-01-05T12:00:00Z")])
+    data = tmp_path / "data"
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        run = CliRunner().invoke(main, ["--data-dir", str(data), "index", str(folder), "--posts", str(posts)],
+                                 obj=embedder)
+        assert run.exit_code == 0, run.output
+        summary = json.loads(run.stdout[run.stdout.index("{"):])
+        assert summary["posts"]["recorded"] == 3 and summary["posts"]["unknown_files"] == 1
+        out = tmp_path / "parents.csv"
+        made = CliRunner().invoke(main, ["--data-dir", str(data), "tree", "--out", str(out)], obj=embedder)
+        assert made.exit_code == 0, made.output
+        gallery = CliRunner().invoke(main, ["--data-dir", str(data), "export", "--out", str(tmp_path / "c.csv"),
+                                            "--html", str(tmp_path / "html")], obj=embedder)
+        assert gallery.exit_code == 0, gallery.output
+    finally:
+        root.handlers[:], root.level = handlers, level
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert rows["origin.jpg"]["parent_path"] == ""
+    assert Path(rows["crop.jpg"]["parent_path"]).name == "origin.jpg" and rows["crop.jpg"]["edit"] == "crop"
+    assert Path(rows["pad.jpg"]["parent_path"]).name == "origin.jpg"
+    assert rows["origin.jpg"]["first_seen"] == "2026-01-05T10:00:00Z"
+
+    page = (tmp_path / "html" / "index.html").read_text()
+    assert "Derivation tree" in page and "origin" in page and "crop" in page
+    assert "posts per 1 h by platform" in page and "reddit" in page
+    require_browser()
+    shown = render((tmp_path / "html" / "index.html").as_uri(), png=tmp_path / "tree.png")
+    assert not shown.errors, shown.errors
+    assert shown.dom.count('class="node"') == 3 and "<svg" in shown.dom
+
+
+def test_tree_metrics_say_how_far_and_deep_a_cluster_spread(graph_state) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from memetrace.clusterer.metrics import TreeMetrics
+
+    graph_state.add_images([(1, 100), (2, 100), (3, 100)])
+    graph_state.add_matches([Match(1, 2, 300, "partial", CROP), Match(2, 3, 300, "full", SCALE)])
+    graph_state.add_posts([("p1", 1, 0, "reddit"), ("p2", 2, HOUR, "twitter"), ("p3", 3, 3 * HOUR, "twitter")])
+    registry = CollectorRegistry()
+    update_trees(graph_state, None, MemoryTreeStore(), recluster(graph_state, "components").touched,
+                 metrics=TreeMetrics(registry))
+    assert registry.get_sample_value("memetrace_tree_depth_sum") == 2
+    assert registry.get_sample_value("memetrace_tree_platforms_reached_sum") == 2
+    assert registry.get_sample_value("memetrace_tree_copy_delay_seconds_sum", {"n": "2"}) == HOUR
+    assert registry.get_sample_value("memetrace_tree_copy_delay_seconds_count", {"n": "5"}) is None
