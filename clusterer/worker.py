@@ -21,6 +21,7 @@ that run recomputes and publishes the same clusters again.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,10 @@ class ClusterWorker(StreamWorker):
         self.every_s = every_s
         self.after_run = after_run
         self.last_run: ClusterRun | None = None
+        # each cluster's growth rank (ClusterSummary.growth_rank, whose last item is the cluster id) and
+        # posts as of its latest run in this process: a run summarizes only the clusters it touched,
+        # the top-N gauges rank them all; three ints per cluster, not whole summaries
+        self._ranks: dict[int, tuple[tuple[int, int, int, int], int]] = {}
         self._next_run = 0.0  # monotonic; 0 = at the first tick
         self._dirty = True
 
@@ -117,6 +122,9 @@ class ClusterWorker(StreamWorker):
             m.events.labels(e.event).inc()
         m.top_growth.clear()  # the top N changes: old series must go, or cardinality grows
         m.top_size.clear()
-        for rank, c in enumerate(run.fastest_growing(self.s.cluster_top_n), start=1):
-            m.top_growth.labels(str(rank), str(c.cluster_id)).set(c.growth_hour)
-            m.top_size.labels(str(rank), str(c.cluster_id)).set(c.posts)
+        for cid in run.removed:
+            self._ranks.pop(cid, None)
+        self._ranks.update((c.cluster_id, (c.growth_rank(), c.posts)) for c in run.summaries)
+        for rank, (key, posts) in enumerate(heapq.nsmallest(self.s.cluster_top_n, self._ranks.values()), start=1):
+            m.top_growth.labels(str(rank), str(key[-1])).set(-key[0])
+            m.top_size.labels(str(rank), str(key[-1])).set(posts)
