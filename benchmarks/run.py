@@ -103,6 +103,16 @@ def generator_missing() -> str | None:
     return None
 
 
+def bench_unavailable() -> str | None:
+    """Why the benchmark cannot run here (None when it can): no benchmark folder, or no generator.
+    The slow quality tests skip with this reason."""
+    try:
+        bench_dir()
+    except BenchError as exc:
+        return str(exc)
+    return generator_missing()
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)

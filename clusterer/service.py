@@ -61,9 +61,6 @@ class ClusterRun:
         """The clusters whose members or summary this run changed (what a derivation tree follows)."""
         return sorted({c.cluster_id for c in self.summaries} | set(self.removed))
 
-    def fastest_growing(self, n: int) -> list[ClusterSummary]:
-        return sorted(self.summaries, key=ClusterSummary.growth_rank)[:n]
-
 
 @dataclass
 class Scope:

@@ -22,10 +22,8 @@ if str(_REPO) not in sys.path:  # `benchmarks` is not an installed package: plai
 from benchmarks.run import (  # noqa: E402
     QUALITY_FLOOR,
     TRANSFORM_FLOOR,
-    BenchError,
-    bench_dir,
+    bench_unavailable,
     format_report,
-    generator_missing,
     run_bench,
 )
 
@@ -34,13 +32,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    try:
-        bench_dir()
-    except BenchError as exc:
-        pytest.skip(str(exc))
-    missing = generator_missing()
-    if missing:
-        pytest.skip(missing)
+    reason = bench_unavailable()
+    if reason:
+        pytest.skip(reason)
     root: Path = tmp_path_factory.mktemp("bench")
     res = run_bench("dev", out=root / "out", cache=root / "cache", query=False)  # query bench: make bench
     print("\n" + format_report(res))

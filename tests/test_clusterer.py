@@ -218,7 +218,6 @@ def test_summaries_count_posts_files_growth_and_platforms(graph_state: GraphStat
     (c,) = run.summaries
     assert (c.images, c.posts, c.first_seen, c.last_seen) == (2, 3, now - 200_000, now - 30)
     assert (c.growth_hour, c.growth_day, c.platforms) == (1, 2, {"x": 2, "y": 1})
-    assert run.fastest_growing(5) == [c]
 
 
 def test_recluster_publishes_what_the_api_reads_on_the_board(graph_state: GraphState) -> None:

@@ -20,20 +20,16 @@ if str(_REPO) not in sys.path:  # `benchmarks` is not an installed package: plai
     sys.path.insert(0, str(_REPO))
 
 from benchmarks.propagation import CLUSTER_FLOOR, FLOOR, run_bench  # noqa: E402
-from benchmarks.run import BenchError, bench_dir, generator_missing  # noqa: E402
+from benchmarks.run import bench_unavailable  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    try:
-        bench_dir()
-    except BenchError as exc:
-        pytest.skip(str(exc))
-    missing = generator_missing()
-    if missing:
-        pytest.skip(missing)
+    reason = bench_unavailable()
+    if reason:
+        pytest.skip(reason)
     root: Path = tmp_path_factory.mktemp("propagation")
     res = run_bench("dev", out=root / "out", cache=root / "cache")
     print("\n" + json.dumps(res["trees"], indent=1))
