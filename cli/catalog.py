@@ -6,7 +6,6 @@
                root, and the file's size and mtime when read (a file changed in place is read again)
     images     per image: nb_points, and whether this batch already matched it and fed it to the clusterer
     bad_files  what could not be indexed and why, with its root (read again by the next run: it may be fixed)
-    meta       free key -> value
 
 The clusterer's data (images, matches, occurrences, clusters, history) is not here: ``run_index``
 feeds the clusterer's :class:`~memetrace.clusterer.state.GraphState` explicitly.
@@ -102,12 +101,6 @@ class BatchCatalog(ABC):
         """(path, reason, detail), by path."""
 
     @abstractmethod
-    def set_meta(self, key: str, value: str) -> None: ...
-
-    @abstractmethod
-    def meta(self, key: str) -> str | None: ...
-
-    @abstractmethod
     def counts(self) -> dict[str, int]:
         """images, paths, bad_files."""
 
@@ -122,7 +115,6 @@ class MemoryBatchCatalog(BatchCatalog):
         self._images: dict[int, int] = {}
         self._matched: set[int] = set()
         self._bad: dict[str, tuple[str, str, str, int | None]] = {}
-        self._meta: dict[str, str] = {}
 
     def add_root(self, path: str) -> int:
         return self._roots.setdefault(path, len(self._roots) + 1)
@@ -182,12 +174,6 @@ class MemoryBatchCatalog(BatchCatalog):
     def bad_files(self) -> list[tuple[str, str, str]]:
         return [self._bad[p][:3] for p in sorted(self._bad)]
 
-    def set_meta(self, key: str, value: str) -> None:
-        self._meta[key] = value
-
-    def meta(self, key: str) -> str | None:
-        return self._meta.get(key)
-
     def counts(self) -> dict[str, int]:
         return {"images": len(self._images), "paths": len(self._paths), "bad_files": len(self._bad)}
 
@@ -214,8 +200,7 @@ CREATE INDEX IF NOT EXISTS paths_image ON paths(image_id);
 CREATE TABLE IF NOT EXISTS images (image_id INTEGER PRIMARY KEY, nb_points INTEGER NOT NULL,
     matched INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS bad_files (path TEXT PRIMARY KEY, reason TEXT NOT NULL, detail TEXT NOT NULL,
-    root_id INTEGER, seen_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""")
+    root_id INTEGER, seen_at REAL NOT NULL)""")
 
 
 class SqliteBatchCatalog(SqliteStore, BatchCatalog):
@@ -279,13 +264,6 @@ class SqliteBatchCatalog(SqliteStore, BatchCatalog):
 
     def bad_files(self) -> list[tuple[str, str, str]]:
         return self.file.read("SELECT path, reason, detail FROM bad_files ORDER BY path")
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.file.write("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(key, value)])
-
-    def meta(self, key: str) -> str | None:
-        rows = self.file.read("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
 
     def counts(self) -> dict[str, int]:
         q = {"images": "SELECT COUNT(*) FROM images", "paths": "SELECT COUNT(*) FROM paths",

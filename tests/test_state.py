@@ -197,13 +197,6 @@ def test_catalog_bad_files(catalog: BatchCatalog) -> None:
     assert [b[0] for b in catalog.bad_files()] == ["notes.png"]
 
 
-def test_catalog_meta(catalog: BatchCatalog) -> None:
-    assert catalog.meta("root") is None
-    catalog.set_meta("root", "/data/a")
-    catalog.set_meta("root", "/data/b")
-    assert catalog.meta("root") == "/data/b"
-
-
 def test_catalog_counts(catalog: BatchCatalog) -> None:
     assert catalog.counts() == {"images": 0, "paths": 0, "bad_files": 0}
     catalog.add_images([(i, 10) for i in range(1, 7)])
@@ -227,11 +220,10 @@ def test_sqlite_catalog_persists(tmp_path: Path) -> None:
     cat.add_images([(1, 10)])
     cat.add_paths([("a.jpg", 1)])
     cat.mark_matched([1])
-    cat.set_meta("root", "/x")
     cat.close()
     again = SqliteBatchCatalog(path)
     try:
-        assert again.images() == {1: 10} and again.paths_by_image() == {1: ["a.jpg"]} and again.meta("root") == "/x"
+        assert again.images() == {1: 10} and again.paths_by_image() == {1: ["a.jpg"]}
         assert again.unmatched() == []
     finally:
         again.close()
