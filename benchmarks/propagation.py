@@ -29,10 +29,12 @@ from benchmarks.run import DEFAULT_CACHE, GEN_WORKERS, SEED, BenchError, _gt_com
 
 DEFAULT_OUT = DEFAULT_CACHE / "results-propagation"
 STAMP = "memetrace-propagation-stamp.json"
-#: the floor the quality test holds (measured, docs/propagation.md); the issue's targets are
-#: parent accuracy 0.85 and origin accuracy 0.97, which the trees do not reach yet
-FLOOR = {"parent_accuracy": 0.6, "origin_accuracy": 0.6}
-CLUSTER_FLOOR = {"cluster_f1": 0.85}
+#: the floor the quality test holds: at most the lowest of the dev, seed 7 and seed 1 figures
+#: (docs/propagation.md: parent 0.655 / 0.693 / 0.710, origin 0.671 / 0.726 / 0.644, cluster F1
+#: 0.917 / 0.895 / 0.939); the issue's targets are parent accuracy 0.85 and origin accuracy 0.97,
+#: which the trees do not reach yet
+FLOOR = {"parent_accuracy": 0.65, "origin_accuracy": 0.64}
+CLUSTER_FLOOR = {"cluster_f1": 0.88}
 
 
 def generate(bench: Path, split: Path, out: Path, seed: int = SEED) -> tuple[Path, bool]:

@@ -40,6 +40,26 @@ def _truth(gt: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def prepare_split(gt: Path, limit: int | None, work: Path) -> tuple[list[dict[str, str]], dict[str, int], Path]:
+    """(copies, group -> original's image id, listing of the images to index) of ``gt``, in a
+    fresh ``work`` folder; ``limit``: the first copies only (all when None)."""
+    import shutil
+
+    from memetrace.imageio import content_id
+
+    rows = _truth(gt)
+    stored = [r for r in rows if r["role"] in ("original", "distractor")]
+    copies = [r for r in rows if r["role"] == "copy"][:limit]
+    originals = {r["group_id"]: content_id((gt.parent / r["path"]).read_bytes()) for r in stored
+                 if r["role"] == "original"}
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    listing = work / "stored.txt"
+    listing.write_text("".join(f"{(gt.parent / r['path']).resolve()}\n" for r in stored))
+    return copies, originals, listing
+
+
 def family(transform: str) -> str:
     """A copy's family: the last edit of its chain (``crop>text>collage``: collage)."""
     return transform.split(">")[-1]
@@ -114,24 +134,12 @@ def run_query_bench(gt: Path, data_dir: Path, http_sample: int = HTTP_SAMPLE, li
                     ) -> dict[str, Any]:
     """Index ``gt``'s originals and distractors into a fresh ``data_dir``, query its copies (the first
     ``limit``: all when None) in process and ``http_sample`` of them through HTTP."""
-    import shutil
-
     from memetrace.cli.batch import run_index
     from memetrace.cli.context import Context
-    from memetrace.imageio import content_id
     from memetrace.matcher.query import CopyFinder
     from memetrace.settings import Settings
 
-    rows = _truth(gt)
-    stored = [r for r in rows if r["role"] in ("original", "distractor")]
-    copies = [r for r in rows if r["role"] == "copy"][:limit]
-    originals = {r["group_id"]: content_id((gt.parent / r["path"]).read_bytes()) for r in stored
-                 if r["role"] == "original"}
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
-    listing = data_dir / "stored.txt"
-    listing.write_text("".join(f"{(gt.parent / r['path']).resolve()}\n" for r in stored))
+    copies, originals, listing = prepare_split(gt, limit, data_dir)
     ctx = Context(Settings(data_dir=data_dir / "stores", milvus_uri="", cluster_state_path=None))
     t0 = time.perf_counter()
     run_index(ctx, listing, show_progress=False)
@@ -179,7 +187,7 @@ def run_query_bench(gt: Path, data_dir: Path, http_sample: int = HTTP_SAMPLE, li
     for q in queries:
         by_family[q["family"]].append(q)
     return {
-        "indexed": len(stored), "index_s": index_s,
+        "indexed": len(listing.read_text().splitlines()), "index_s": index_s,
         "overall": {**_score(queries), **_percentiles(seconds)},
         "families": {f: _score(qs) for f, qs in sorted(by_family.items(), key=lambda kv: kv[0])},
         "http": {"queries": len(http_seconds), **_percentiles(http_seconds), "disagree_with_in_process": disagree,

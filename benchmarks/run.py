@@ -397,6 +397,9 @@ def run_bench(split: str = "dev", out: Path = DEFAULT_OUT, cache: Path = DEFAULT
         from benchmarks.query import run_query_bench
 
         result["query"] = run_query_bench(gt, out / "query-data")
+    from benchmarks.gpu import gpu_section  # the device path on the same images; skipped without CUDA
+
+    result["gpu"] = gpu_section(sorted(p for p in (gt.parent / "images").rglob("*") if p.is_file()))
     if stream:
         from benchmarks.ingest import run_ingest_bench
 
@@ -477,6 +480,10 @@ def format_report(r: dict[str, Any]) -> str:
         from benchmarks.query import format_query
 
         parts += ["", format_query(r["query"])]
+    if "gpu" in r:
+        from benchmarks.gpu import format_gpu
+
+        parts += ["", format_gpu(r["gpu"])]
     if "ingest" in r:
         from benchmarks.ingest import format_ingest
 

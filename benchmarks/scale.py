@@ -1,6 +1,9 @@
-"""``make bench-scale``: the clusterer at 10 k, 100 k and 1 M images, on a synthetic stream.
+"""``make bench-scale``: the clusterer at 10 k, 100 k and 1 M images, on a synthetic stream; then
+the query latency against a Milvus server (:mod:`benchmarks.query_scale`) and the long run of the
+streaming services (:mod:`benchmarks.longrun`), each in a process of its own; one table, one PNG.
 
     .venv/bin/python -m benchmarks.scale [--sizes 10000 100000 1000000] [--new 10000] [--out DIR]
+        [--query-sizes 10000 100000] [--longrun-minutes 20] [--reuse: redraw from DIR's JSON files]
 
 What is simulated and what is real: the image and edge *stream* is synthetic (nothing is downloaded,
 decoded or matched; the edges are what the matcher would have verified); the clusterer, its SQLite
@@ -42,6 +45,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,16 +170,29 @@ def _edges(cluster: np.ndarray, n_edges: int, shape: Shape, rng: np.random.Gener
 
 def near_vectors(stream: Stream, real: np.ndarray, copy_distance: float, far_distance: float,
                  seed: int = 0) -> np.ndarray:
-    """One L2-normalised vector per image near a row of ``real`` (see the module docstring): Gaussian
-    noise of per-dimension sigma d / sqrt(2 dim) puts two noisy draws of one base about d apart."""
+    """One L2-normalised vector per image near a row of ``real`` (see the module docstring)."""
     rng = np.random.default_rng(seed)
-    dim = real.shape[1]
-    base_of_cluster = rng.integers(0, len(real), int(stream.cluster.max()) + 1)
+    base, distance = bases(stream, len(real), copy_distance, far_distance, rng)
+    return noisy(real[base], distance, rng)
+
+
+def bases(stream: Stream, n_real: int, copy_distance: float, far_distance: float,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of ``stream``: the row of the real vectors it is drawn near (one per cluster, any for
+    a singleton) and its distance from it (``copy_distance`` for a copy, ``far_distance`` else)."""
+    base_of_cluster = rng.integers(0, n_real, int(stream.cluster.max()) + 1)
     base = np.where(stream.cluster >= 0, base_of_cluster[np.maximum(stream.cluster, 0)],
-                    rng.integers(0, len(real), len(stream.cluster)))
-    sigma = np.where(stream.cluster >= 0, copy_distance, far_distance) / np.sqrt(2 * dim)
-    v = real[base] + rng.standard_normal((len(base), dim)).astype(np.float32) * sigma[:, None].astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+                    rng.integers(0, n_real, len(stream.cluster)))
+    return base, np.where(stream.cluster >= 0, copy_distance, far_distance)
+
+
+def noisy(rows: np.ndarray, distance: np.ndarray | float, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` plus Gaussian noise, L2-normalised: per-dimension sigma d / sqrt(2 dim) puts two noisy
+    draws of one row about d apart (``distance``: one d per row, or one for all)."""
+    sigma = np.broadcast_to(np.asarray(distance, np.float32), rows.shape[:1]) / np.sqrt(2 * rows.shape[-1])
+    shape = (-1,) + (1,) * (rows.ndim - 1)
+    v = rows + rng.standard_normal(rows.shape).astype(np.float32) * sigma.reshape(shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -226,7 +243,9 @@ def measure_run(path: Path, arrivals: Path, algorithm: str) -> dict:
             "largest": run.largest, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def one_size(n: int, new: int, chunk: int, seed: int, work: Path, algorithm: str) -> dict:
+def one_size(n: int, new: int, chunk: int, seed: int, work: Path, algorithm: str, repeat: int = 1) -> dict:
+    """The base of ``n``, then ``repeat`` measured runs, each on a fresh copy of it: the median run
+    is reported (the others too: a shared machine's load moves one by several times)."""
     stream = generate(n + new, seed)
     path = work / f"state-{n}.db"
     path.unlink(missing_ok=True)
@@ -237,9 +256,14 @@ def one_size(n: int, new: int, chunk: int, seed: int, work: Path, algorithm: str
     arrivals.write_text(json.dumps({"images": stream.images(n, n + new), "posts": stream.posts(n, n + new),
                                     "matches": [[m.a, m.b, m.inliers, m.kind] for m in stream.matches(n, n + new)],
                                     "now": float(stream.arrival[n + new - 1])}))
-    args = [sys.executable, "-m", "benchmarks.scale", "--_measure", str(path), str(arrivals), algorithm]
-    out = subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeat):
+        copy = shutil.copyfile(path, work / f"run-{n}.db")  # checkpointed: the file is the whole state
+        args = [sys.executable, "-m", "benchmarks.scale", "--_measure", str(copy), str(arrivals), algorithm]
+        out = subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["recluster_s"])
+    measured = {**runs[len(runs) // 2], "recluster_s_all": [r["recluster_s"] for r in runs]}
     total = sum(sizes.values())
     edge_tables = sizes.get("matches", 0) + sizes.get("matches_b", 0)
     return {**measured, "images": n, "edges": edges, "new_images": new, **built, "file_bytes": total,
@@ -256,37 +280,89 @@ def cpu() -> dict:
             "avx512_bf16": "avx512_bf16" in flags}
 
 
-def draw(rows: list[dict], png: Path) -> bool:
-    """The cost curves; False (and nothing drawn) without matplotlib."""
+def draw(result: dict, png: Path) -> bool:
+    """The cost curves of every part present in ``result``; False (nothing drawn) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    rows, query, longrun = result["rows"], result.get("query"), result.get("longrun")
     n = [r["images"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("recluster_s", "peak_rss_mb", "file_bytes_per_edge"),
-                              (f"seconds of a run after {rows[0]['new_images']:,} new images", "peak RSS of that process (MB)",
-                               "state file bytes per edge")):
-        ax.plot(n, [r[key] for r in rows], "o-")
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4))
+    speed, p99, space, run_s, memory = axes
+    speed.plot(n, [r["new_images"] / (r["feed_s"] + r["recluster_s"]) for r in rows], "o-",
+               label="clusterer: store + recluster 10 k new (sim. stream)")
+    if longrun and longrun["windows"]:
+        w = longrun["windows"][longrun.get("warmup", 3):] or longrun["windows"]
+        stored = sum(x["images_stored"] for x in longrun["windows"])
+        speed.plot([max(stored, 1)], [np.mean([x["images_stored"] for x in w]) / longrun.get("every", 60)], "s",
+                   label="ingest+match+cluster services (real posts, long run)")
+    if query:
+        for level in sorted({r["consistency"] for r in query["rows"]}):
+            q = [r for r in query["rows"] if r["consistency"] == level]
+            p99.plot([r["images"] for r in q], [r["end_to_end"]["p99_ms"] for r in q], "o-", label=f"end to end, {level}")
+            p99.plot([r["images"] for r in q], [r["candidates"]["p99_ms"] for r in q], "x--", label=f"candidates, {level}")
+        memory.plot([r["images"] for r in query["rows"]], [r["milvus_rss_mb"] for r in query["rows"]], "s-",
+                    label=f"Milvus server ({query['index_type']})")
+    space.plot(n, [r["bytes_per_image"] for r in rows], "o-", label="clusterer state file")
+    med = [r["recluster_s"] for r in rows]
+    spread = [[m - min(r.get("recluster_s_all", [m])) for m, r in zip(med, rows)],
+              [max(r.get("recluster_s_all", [m])) - m for m, r in zip(med, rows)]]
+    run_s.errorbar(n, med, yerr=spread, fmt="o-", capsize=3,
+                   label=f"run after {rows[0]['new_images']:,} new images (median, min-max)")
+    speed.set_yscale("log")
+    memory.plot(n, [r["peak_rss_mb"] for r in rows], "o-", label="clusterer process (peak)")
+    titles = ("images / s", "p99 query ms (real Milvus server, sim. neighbours)", "bytes per image",
+              "reclustering seconds (sim. stream)", "resident memory (MB)")
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log")
-        ax.set_xlabel("images in the state (N)")
-        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("images (N)")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle("memetrace clusterer at scale: SIMULATED stream of images and edges (benchmarks/scale.py), "
-                 "REAL clusterer and SQLite state", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:  # a part not measured leaves its panel empty
+            ax.legend(fontsize=7)
+    fig.suptitle(f"memetrace at scale on {result['cpu']['model']} ({result['cpu']['cores']} cores, shared). SIMULATED: "
+                 "the clusterer's image/edge/post stream and the Milvus neighbours beyond the dev split; REAL: the "
+                 "clusterer + SQLite, the Milvus server, the split's queries, the long run's services", fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     return True
 
 
-def report(rows: list[dict]) -> str:
+def report(result: dict) -> str:
+    rows = result["rows"]
     head = f"{'N images':>10} {'edges':>10} {'run s':>7} {'touched':>8} {'RSS MB':>7} {'B/edge':>7} {'B/image':>8}"
-    lines = [head] + [f"{r['images']:>10,} {r['edges']:>10,} {r['recluster_s']:>7} {r['images_touched']:>8,} "
-                      f"{r['peak_rss_mb']:>7} {r['file_bytes_per_edge']:>7} {r['bytes_per_image']:>8}" for r in rows]
+    lines = ["clusterer (simulated stream, real code):", head]
+    lines += [f"{r['images']:>10,} {r['edges']:>10,} {r['recluster_s']:>7} {r['images_touched']:>8,} "
+              f"{r['peak_rss_mb']:>7} {r['file_bytes_per_edge']:>7} {r['bytes_per_image']:>8}" for r in rows]
+    if q := result.get("query"):
+        lines.append(f"query latency (real Milvus server, {q['index_type']}, synthetic neighbours beyond the "
+                     f"{q['real_images']} real images):")
+        lines += [f"{r['images']:>10,} {r['consistency']:>8}: found {r['found']}/{r['queries']}, end to end p50 "
+                  f"{r['end_to_end']['p50_ms']} / p99 {r['end_to_end']['p99_ms']} ms, candidates p50 "
+                  f"{r['candidates']['p50_ms']} / p99 {r['candidates']['p99_ms']} ms, Milvus RSS {r['milvus_rss_mb']} MB"
+                  for r in q["rows"]]
+    if lr := result.get("longrun"):
+        lines.append(f"long run ({lr['minutes']} min, real services, posts from the dev split's files): "
+                     f"{json.dumps(lr['summary'])}")
     return "\n".join(lines)
+
+
+PARTS = {"query": ("benchmarks.query_scale", "query-scale.json"), "longrun": ("benchmarks.longrun", "longrun.json")}
+
+
+def run_part(name: str, args: list[str], out: Path) -> dict | None:
+    """benchmarks.query_scale or .longrun in a process of its own, writing under ``out``; its JSON."""
+    module, file = PARTS[name]
+    done = subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], cwd=ROOT)
+    path = out / file
+    if done.returncode or not path.is_file():
+        print(f"{module} failed (exit {done.returncode}): its part is left out", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=100_000, help="images per run while building the base")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", default="components", choices=["components", "louvain"])
+    ap.add_argument("--repeat", type=int, default=3, help="measured runs per size, each on a copy of the base")
+    ap.add_argument("--query-sizes", type=int, nargs="*", default=[10_000, 100_000],
+                    help="images in the Milvus server (benchmarks.query_scale); none: skip")
+    ap.add_argument("--longrun-minutes", type=float, default=20, help="benchmarks.longrun; 0: skip")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take every part from the JSON files already in --out instead of measuring (redraw)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--png", type=Path, default=PNG)
     ap.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
@@ -305,16 +387,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_run(Path(path), Path(arrivals), algorithm)))
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=a.out) as work:
-        rows = [one_size(n, a.new, min(a.chunk, n), a.seed, Path(work), a.algorithm) for n in a.sizes]
-    result = {"simulated": "the image/edge/post stream (benchmarks/scale.py generate)",
-              "real": "recluster() on SqliteGraphState, timed in a fresh process", "shape": asdict(Shape()),
-              "seed": a.seed, "algorithm": a.algorithm, "cpu": cpu(), "rows": rows}
-    (a.out / "scale.json").write_text(json.dumps(result, indent=2))
-    print(report(rows))
+    if a.reuse:
+        result = json.loads((a.out / "scale.json").read_text())
+        for name, (_, file) in PARTS.items():
+            if (a.out / file).is_file():
+                result[name] = json.loads((a.out / file).read_text())
+    else:
+        with tempfile.TemporaryDirectory(dir=a.out) as work:
+            rows = [one_size(n, a.new, min(a.chunk, n), a.seed, Path(work), a.algorithm, a.repeat) for n in a.sizes]
+        result = {"simulated": "the image/edge/post stream (benchmarks/scale.py generate)",
+                  "real": "recluster() on SqliteGraphState, timed in a fresh process", "shape": asdict(Shape()),
+                  "seed": a.seed, "algorithm": a.algorithm, "cpu": cpu(), "rows": rows}
+        (a.out / "scale.json").write_text(json.dumps(result, indent=2))
+        if a.query_sizes:
+            result["query"] = run_part("query", ["--sizes", *map(str, a.query_sizes)], a.out)
+        if a.longrun_minutes:
+            result["longrun"] = run_part("longrun", ["--minutes", str(a.longrun_minutes)], a.out)
+    print(report(result))
     print(f"cpu: {result['cpu']}")
-    drawn = draw(rows, a.png)
-    print(f"figures: {a.out / 'scale.json'}" + (f"; curves: {a.png}" if drawn else "; no matplotlib: no PNG"))
+    drawn = draw(result, a.png)
+    print(f"figures: {a.out}" + (f"; curves: {a.png}" if drawn else "; no matplotlib: no PNG"))
     return 0
 
 

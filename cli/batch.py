@@ -15,11 +15,13 @@ an occurrence on platform "file"; then it reclusters that state."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ from memetrace.cli.context import Context
 from memetrace.cli.tables import (bad_file_rows, cluster_table, counts, display_path,  # noqa: F401 (re-exported)
                                   few_keypoint_paths)
 from memetrace.cli.posts import PostsReport, read_posts, record_posts
+from memetrace.cli.tree_pairs import tree_verifier
 from memetrace.clusterer.service import recluster
 from memetrace.clusterer.tree_update import update_trees
 from memetrace.clusterer.state import GraphState
@@ -83,16 +86,16 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
     image files and list files (:func:`~memetrace.ingest.sources.open_sources`: UnsupportedInput
     before any work). ``posts_csv``: the posts that showed the files (:mod:`memetrace.cli.posts`),
     recorded as occurrences."""
-    from memetrace.ingest.indexer import Indexer, IndexConfig, IndexReport
-    from memetrace.matcher.matching import MatchConfig, Matcher
-
     s = options.settings(c.settings)
     walk = Walk(tuple(options.exclude), options.follow_links)
     paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
     sources = open_sources(paths, s.max_file_bytes, url_reader(s), walk)
     posts_report = PostsReport()
     posts = read_posts(posts_csv, posts_report) if posts_csv else []  # a bad CSV stops the run before any work
-    batch, state = open_stores(c)
+    batch, state = open_stores(c, with_embedder=True)
+    from memetrace.ingest.indexer import Indexer, IndexConfig, IndexReport  # loaded by the embedder already
+    from memetrace.matcher.matching import MatchConfig, Matcher
+
     files = batch.files()
     known = set(files)
     plan = plan_run(batch, sources, files, options.limit)
@@ -128,7 +131,7 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
     reclustered = recluster(state, s.cluster_algorithm, publish=c.board.publish)
     timings["cluster_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    update_trees(state, c.features, c.trees, reclustered.touched)
+    update_trees(state, c.features, c.trees, reclustered.touched, verify=tree_verifier(c))
     timings["tree_s"] = round(time.perf_counter() - t0, 2)
     return {"inputs": report.seen, "new_images": report.new_images, "duplicates": report.duplicates,
             "bad_inputs": report.bad, "new_matches": len(matches), "changed_files": plan.changed,
@@ -137,11 +140,30 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
             **counts(c), **timings, **({"posts": posts_report.as_dict()} if posts_csv else {})}
 
 
-def open_stores(c: Context) -> tuple[BatchCatalog, GraphState]:
+def exit_if_console(c: Context) -> None:
+    """End the ``memetrace`` console-script process now that its output is written: close the
+    stores, run the exit handlers (the Milvus Lite this process serves closes there), then leave
+    without Python's teardown of torch and the other loaded modules (1.4 s of CPU, 3 s under load,
+    for nothing). In-process callers (tests, notebooks, ``python -m``) are left running."""
+    if Path(getattr(sys.modules.get("__main__"), "__file__", None) or "").name != "memetrace":
+        return
+    c.close()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit: Milvus Lite's close, logging's flush
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def open_stores(c: Context, with_embedder: bool = False) -> tuple[BatchCatalog, GraphState]:
     """Every store a run writes, opened before anything is written: one that cannot be opened
-    (a refused file, Milvus held by another process) stops the run with the stores untouched."""
-    for store in ("catalog", "graph_state", "index", "features", "board", "occurrences", "trees"):
-        getattr(c, store)
+    (a refused file, Milvus held by another process) stops the run with the stores untouched.
+    ``with_embedder``: the model loads meanwhile; Milvus is opened in a thread beside it, since
+    creating its collections is mostly waiting (pymilvus sleeps 0.5 s per index it builds)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="open-milvus") as pool:
+        milvus = pool.submit(lambda: [getattr(c, store) for store in ("board", "occurrences", "index")])
+        for store in ("catalog", "graph_state", "features", "trees", *(("embedder",) if with_embedder else ())):
+            getattr(c, store)
+        milvus.result()
     return c.catalog, c.graph_state
 
 
@@ -242,7 +264,8 @@ def _drop(c: Context, batch: BatchCatalog, state: GraphState, paths: Sequence[st
     removed = forget_images(c, orphans(batch))
     if paths or removed:
         update_trees(state, c.features, c.trees,
-                     recluster(state, c.settings.cluster_algorithm, publish=c.board.publish).touched)
+                     recluster(state, c.settings.cluster_algorithm, publish=c.board.publish).touched,
+                     verify=tree_verifier(c))
     return {"removed_paths": len(paths), "removed_images": removed, **counts(c)}
 
 

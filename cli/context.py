@@ -39,10 +39,9 @@ class Context:
 
     @cached_property
     def extractor(self) -> KeypointExtractor:
-        from memetrace.keypoints import KeypointExtractor
+        from memetrace.local_features import build_extractor
 
-        s = self.settings
-        return KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, s.sift_detect_half)
+        return build_extractor(self.settings)
 
     @cached_property
     def milvus_config(self) -> MilvusConfig:
@@ -60,10 +59,12 @@ class Context:
     @cached_property
     def index(self) -> VectorIndex:
         from memetrace.milvus import MilvusVectorIndex, stored_dim
+        from memetrace.vector_index import open_index
 
         # services that never embed (match, cluster, serve) take the size from the stored collection
-        dim = stored_dim(self.milvus, self.milvus_config)
-        return MilvusVectorIndex(self.milvus, self.milvus_config, self.embedder.dim if dim is None else dim)
+        return open_index(lambda d: MilvusVectorIndex(self.milvus, self.milvus_config, d),
+                          stored_dim(self.milvus, self.milvus_config), lambda: self.embedder.dim,
+                          self.settings.vector_dims, self.settings.model_name)
 
     @cached_property
     def occurrences(self) -> OccurrenceLog:
@@ -80,12 +81,17 @@ class Context:
     @cached_property
     def features(self) -> FeatureStore:
         from memetrace.feature_store import LocalFeatureStore
+        from memetrace.kpcodec import KeypointCodec
 
+        store: FeatureStore
         if self.settings.feature_store == "s3":
             from memetrace.s3_feature_store import S3FeatureStore  # boto3 only when used
 
-            return S3FeatureStore.from_settings(self.settings)
-        return LocalFeatureStore(self.settings.data_dir / "features")
+            store = S3FeatureStore.from_settings(self.settings)
+        else:
+            store = LocalFeatureStore(self.settings.data_dir / "features")
+        store.codec = KeypointCodec.from_settings(self.settings)
+        return store
 
     @cached_property
     def catalog(self) -> BatchCatalog:

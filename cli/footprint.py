@@ -26,7 +26,7 @@ def store_paths(s: Settings) -> dict[str, list[Path]]:
 
     state = s.resolved_cluster_state_path()
     features = s.data_dir / "features"
-    out = {"keypoints": [features / "keypoints"], "thumbnails": [features / "thumbnails"],
+    out = {"keypoints": sqlite(features / "keypoints.db"), "thumbnails": sqlite(features / "thumbnails.db"),
            "cluster_state": sqlite(state), "trees": sqlite(state.with_name("trees.db")),
            "batch_catalog": sqlite(s.data_dir / "catalog.db")}
     uri = s.resolved_milvus_uri()

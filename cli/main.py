@@ -78,7 +78,7 @@ def index(ctx: click.Context, sources: tuple[Path, ...], posts_csv: Path | None,
     """Index SOURCES (folders, recursive; image files; text files of paths/URLs, one per line), re-read
     files changed in place, match the new images, recluster. Prints the summary as JSON, then the
     first bad files and the missing ones (removed by `memetrace prune`) on stderr."""
-    from memetrace.cli.batch import IndexOptions, index_notes, run_index
+    from memetrace.cli.batch import IndexOptions, exit_if_console, index_notes, run_index
     from memetrace.cli.posts import PostsFileError
     from memetrace.ingest.sources import UnsupportedInput
 
@@ -90,6 +90,7 @@ def index(ctx: click.Context, sources: tuple[Path, ...], posts_csv: Path | None,
     click.echo(json.dumps(summary, indent=2))
     for line in index_notes(c, summary):
         click.echo(line, err=True)
+    exit_if_console(c)
 
 
 @main.command()
@@ -427,9 +428,13 @@ def cluster(ctx: click.Context, every: float | None, max_idle: float | None) -> 
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """The query API (OpenAPI docs at /docs) and the cluster gallery, over what is stored."""
+    import dataclasses
+
     from memetrace.api.server import serve as serve_api
 
     c = _context(ctx)
+    # a query need not wait for writes made in the last instant; the workers' searches stay Strong
+    c.milvus_config = dataclasses.replace(c.milvus_config, search_consistency=c.settings.api_search_consistency)
     serve_api(c, host or c.settings.api_host, port or c.settings.api_port)
 
 

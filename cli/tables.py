@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,11 +108,10 @@ def _milvus_counts(c: Context) -> dict:
 
 
 def _local_keypoints(c: Context) -> int | None:
-    """Keypoint files of the local feature store (one per image); None for S3 (listing a bucket is
-    not a count worth waiting for)."""
+    """Images with keypoints in the local feature store; None for S3 (listing a bucket is not a
+    count worth waiting for)."""
     if c.settings.feature_store != "local":
         return None
-    root = c.settings.data_dir / "features" / "keypoints"
-    if not root.is_dir():
-        return 0
-    return sum(1 for d in os.scandir(root) if d.is_dir() for f in os.scandir(d.path) if f.name.endswith(".npz"))
+    from memetrace.feature_store import LocalFeatureStore
+
+    return c.features.count("keypoints") if isinstance(c.features, LocalFeatureStore) else None

@@ -13,12 +13,14 @@ clusterer's :class:`~memetrace.clusterer.state.GraphState`::
 
 For connected components and a run that only adds (no removal), :func:`grow` merges whole labels
 (each one node weighing its images) and reads only the images whose cluster or label changes;
-otherwise :func:`recompute` redoes the touched components image by image. A run costs what its
-touched components hold (or, growing, what changes in them), not the corpus: an untouched component keeps its
-communities and their ids, so recomputing only the touched ones gives exactly what a full
-recomputation (``full=True``) would, ids included (tests/test_clusterer.py compares them). Only
-touched clusters get a new summary: an untouched cluster's growth figures are as of its
-``updated_at``. A run that fails before saving (publish down, crash) leaves the change log, so the
+otherwise :func:`recompute` redoes the touched components image by image. Growing, a summary adds
+to the post totals the state kept of the clusters merged (``cluster_posts``) their new posts, so a
+giant cluster's posts are not read again; each run saves the totals of the clusters it recomputed.
+A run costs what its touched components hold (or, growing, what changes in them), not the corpus:
+an untouched component keeps its communities and their ids, so recomputing only the touched ones
+gives exactly what a full recomputation (``full=True``) would, ids included
+(tests/test_clusterer.py compares them). Only touched clusters get a new summary: an untouched
+cluster's growth figures are as of its ``updated_at``. A run that fails before saving (publish down, crash) leaves the change log, so the
 next run recomputes and publishes the same clusters again.
 """
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 from memetrace.clusterer.graph import Edge, choose, communities_of, components, stable_ids
 from memetrace.clusterer.history import ClusterEvent, diff, multi_image_clusters
-from memetrace.clusterer.state import GraphState
+from memetrace.clusterer.state import GraphState, Pending, PostTotals, add_totals
 from memetrace.models import ClusterSummary, Match
 
 #: publish(changed assignment, summaries, removed cluster ids), e.g. ClusterBoard.publish
@@ -99,7 +101,7 @@ def recluster(state: GraphState, algorithm: str, publish: Publish | None = None,
     if publish is not None:  # before the state moves on: a failed publish is redone by the next run
         publish(state.clusters() if full else plan.changed, summaries, plan.removed)
     state.save_run(plan.changed, int(now), [e.as_row() for e in events], components=plan.labels, dropped=plan.dropped,
-                   cursor=plan.cursor)  # only now: a failed run records no event, and keeps the log
+                   cursor=plan.cursor, posts=post_totals(plan))  # only now: a failed run records nothing, keeps the log
     clusters, images, largest = state.totals()
     return ClusterRun(int(now), time.perf_counter() - t0, clusters, images, largest, events, summaries, plan.removed,
                       plan.images_touched)
@@ -196,11 +198,39 @@ def grow(state: GraphState, now: float) -> Plan | None:
     plan.events.sort(key=lambda e: e.cluster_id)
     plan.removed.sort()
     multi = {k: decided[k][0] for k in decided if decided[k][0] in plan.sizes}
-    plan.occurrences = [(multi["label", label], *rest) for label, *rest in
-                        state.label_occurrences([k[1] for k in multi if k[0] == "label"], now)]
-    plan.occurrences += [(multi["image", r.image_id], *r[1:]) for r in
-                         state.occurrence_stats(now, [k[1] for k in multi if k[0] == "image"])]
+    plan.occurrences = _grown_occurrences(state, log, multi, {k: c for k in multi if (c := was(k)) is not None},
+                                          node_of, now)
     return plan
+
+
+def _grown_occurrences(state: GraphState, log: Pending, multi: dict[Key, int], was: dict[Key, int],
+                       node_of: dict[int, Key], now: float) -> list[tuple[int, str, int, int, int, int, int]]:
+    """:func:`recompute`'s occurrence rows for the clusters (2+) ``multi`` (node -> cluster) that
+    grew from nodes: a label's saved post totals (its cluster was one of 2+) plus its new posts, an
+    image alone's posts, and the last day's posts of them all for the hour and day figures."""
+    old = {was[k]: cid for k, cid in multi.items() if k[0] == "label"}  # each label's cluster before -> after
+    alone = {k[1]: cid for k, cid in multi.items() if k[0] == "image"}
+    totals = [t._replace(key=old[t.key]) for t in state.cluster_posts(old)]
+    totals += [t._replace(key=multi[k]) for t in state.post_totals(log.posts)  # new posts of labelled images
+               if (k := node_of.get(t.key)) is not None and k[0] == "label"]
+    recent: Counter[tuple[int, str, str]] = Counter()
+    for r in state.occurrence_stats(now, alone):
+        totals.append(PostTotals(alone[r.image_id], r.platform, r.posts, r.first, r.last))
+        recent[alone[r.image_id], r.platform, "hour"] += r.hour
+        recent[alone[r.image_id], r.platform, "day"] += r.day
+    for c, platform, hour, day in state.recent_posts(now, old):
+        recent[old[c], platform, "hour"] += hour
+        recent[old[c], platform, "day"] += day
+    return [(t.key, t.platform, t.posts, t.first, t.last, recent[t.key, t.platform, "hour"],
+             recent[t.key, t.platform, "day"]) for t in add_totals(totals)]
+
+
+def post_totals(plan: Plan) -> dict[int, list[PostTotals]]:
+    """What the state keeps of the run's occurrences: each recomputed cluster's posts, none of a gone one."""
+    out: dict[int, list[PostTotals]] = {c: [] for c in [*plan.removed, *plan.sizes]}
+    for t in add_totals(PostTotals(*row[:5]) for row in plan.occurrences):
+        out[t.key].append(t)
+    return out
 
 
 def _growth_event(cid: int, before: list[int], total: int, group: set[Key], was: Callable[[Key], int | None],

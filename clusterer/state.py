@@ -13,6 +13,8 @@ Decisions (written by ``recluster`` once a run is published, all in one transact
     components      image -> connected-component label, for images in a component of 2+
                     (a persisted union-find: an image without a label is alone)
     cluster_events  each cluster's history: created, grew, shrank, merged, split, dissolved
+    cluster_posts   each cluster's (2+) posts per platform, first and last seen, as of its last run:
+                    a growing cluster's summary adds the new posts to these, not re-reading its posts
 
 Incremental runs: every write that changes an input (a new image, a new or changed edge, a new
 post, a removed image) appends the image ids it touches to a change log (:meth:`GraphState.pending`);
@@ -60,6 +62,16 @@ class Pending(NamedTuple):
     images: set[int]  # images added, removed, given a new or changed edge, or a new post
     splits: set[int] = set()  # images whose component lost an image: it may have come apart
     edges: set[tuple[int, int]] = set()  # pairs (a < b) new or changed, or held back until their image came
+    posts: set[int] = set()  # row ids of the posts added (see :meth:`GraphState.post_totals`)
+
+
+class PostTotals(NamedTuple):
+    """Posts of one key (an image, a cluster) on one platform."""
+    key: int
+    platform: str
+    posts: int
+    first: int  # unix s
+    last: int
 
 
 #: what a change-log row says about its image (and ``other``, for an edge)
@@ -68,7 +80,7 @@ ADDED, EDGE, POST, REMOVED, SPLIT = range(5)
 
 def _pending(rows: Iterable[tuple[int, int, int | None, int]]) -> Pending:
     """The log's rows (seq, image, other, what) as a :class:`Pending`."""
-    cursor, images, splits, edges = 0, set(), set(), set()
+    cursor, images, splits, edges, posts = 0, set(), set(), set(), set()
     for seq, image, other, what in rows:
         cursor = max(cursor, seq)
         images.add(image)
@@ -77,7 +89,9 @@ def _pending(rows: Iterable[tuple[int, int, int | None, int]]) -> Pending:
             edges.add((image, other))
         elif what == SPLIT:
             splits.add(image)
-    return Pending(cursor, images, splits, edges)
+        elif what == POST:
+            posts.add(other)
+    return Pending(cursor, images, splits, edges, posts)
 
 
 class Totals(NamedTuple):
@@ -142,9 +156,17 @@ class GraphState(ABC):
         """label -> (images, smallest image id, clusters among them), for each of ``labels``."""
 
     @abstractmethod
-    def label_occurrences(self, labels: Collection[int], now: float) -> list[tuple[int, str, int, int, int, int, int]]:
-        """:meth:`occurrence_stats` summed over each label's images: (label, platform, posts, first,
-        last, hour, day)."""
+    def post_totals(self, rows: Collection[int]) -> list[PostTotals]:
+        """The posts of row ids ``rows`` (:attr:`Pending.posts`) per (image, platform)."""
+
+    @abstractmethod
+    def cluster_posts(self, cluster_ids: Collection[int]) -> list[PostTotals]:
+        """The saved post totals of ``cluster_ids`` (clusters of 2+) per (cluster, platform)."""
+
+    @abstractmethod
+    def recent_posts(self, now: float, cluster_ids: Collection[int]) -> list[tuple[int, str, int, int]]:
+        """(cluster, platform, posts in the hour before ``now``, in the day) of the images saved in
+        ``cluster_ids``: reads only the last day's posts."""
 
     @abstractmethod
     def pending(self) -> Pending:
@@ -157,11 +179,12 @@ class GraphState(ABC):
     @abstractmethod
     def save_run(self, changed: dict[int, int], at: int, events: Iterable[EventRow] = (), *,
                  components: dict[int, int | None] | None = None, dropped: Collection[int] = (),
-                 cursor: int | None = None) -> None:
+                 cursor: int | None = None, posts: dict[int, list[PostTotals]] | None = None) -> None:
         """Set the cluster of the ``changed`` images (the others keep theirs), forget the cluster of the
-        ``dropped`` ones, relabel ``components`` (None: now alone), forget the change log up to
-        ``cursor`` and record the run's history ``events`` at ``at`` (unix s), all or nothing: a run
-        that fails before this records no event, so the run redoing it does not record them twice."""
+        ``dropped`` ones, relabel ``components`` (None: now alone), replace the post totals of the
+        clusters in ``posts`` (an empty list: gone), forget the change log up to ``cursor`` and record
+        the run's history ``events`` at ``at`` (unix s), all or nothing: a run that fails before this
+        records no event, so the run redoing it does not record them twice."""
 
     @abstractmethod
     def occurrence_stats(self, now: float, image_ids: Collection[int] | None = None) -> list[OccurrenceStats]:
@@ -203,6 +226,16 @@ def _size_changes(old: dict[int, int], changed: dict[int, int], dropped: Collect
     return delta
 
 
+def add_totals(rows: Iterable[PostTotals]) -> list[PostTotals]:
+    """``rows`` summed per (key, platform), sorted."""
+    acc: dict[tuple[int, str], PostTotals] = {}
+    for r in rows:
+        a = acc.get((r.key, r.platform))
+        acc[r.key, r.platform] = r if a is None else a._replace(posts=a.posts + r.posts, first=min(a.first, r.first),
+                                                                last=max(a.last, r.last))
+    return [acc[k] for k in sorted(acc)]
+
+
 def _next(current: int, given: Iterable[int | None]) -> int:
     return max([current, *(v + 1 for v in given if v is not None)])
 
@@ -211,7 +244,8 @@ class MemoryGraphState(GraphState):
     def __init__(self) -> None:
         self._images: dict[int, int] = {}
         self._matches: dict[tuple[int, int], Match] = {}
-        self._posts: dict[str, tuple[int, int, str, float]] = {}
+        self._posts: dict[str, tuple[int, int, str, float, int]] = {}  # id -> (image, posted_at, platform, seen_at, row)
+        self._totals: dict[int, list[PostTotals]] = {}
         self._clusters: dict[int, int] = {}
         self._sizes: Counter[int] = Counter()
         self._components: dict[int, int] = {}
@@ -250,8 +284,9 @@ class MemoryGraphState(GraphState):
         now = time.time()
         for post_id, image_id, posted_at, platform in rows:
             if post_id not in self._posts:
-                self._posts[post_id] = (image_id, posted_at, platform, now)
-                self._touch([image_id], POST)
+                row = self._seq + 1  # its log row's seq: unique
+                self._posts[post_id] = (image_id, posted_at, platform, now, row)
+                self._touch([image_id], POST, row)
 
     def remove_images(self, image_ids: Iterable[int]) -> None:
         gone = set(image_ids)
@@ -296,13 +331,26 @@ class MemoryGraphState(GraphState):
         return {label: (len(ms), min(ms), len({self._clusters[i] for i in ms if i in self._clusters}))
                 for label, ms in members.items()}
 
-    def label_occurrences(self, labels: Collection[int], now: float) -> list[tuple[int, str, int, int, int, int, int]]:
-        label_of = self.component_members(labels)
-        acc: dict[tuple[int, str], list[int]] = {}
-        for r in self.occurrence_stats(now, label_of.keys()):
-            a = acc.setdefault((label_of[r.image_id], r.platform), [0, r.first, r.last, 0, 0])
-            a[0], a[1], a[2], a[3], a[4] = a[0] + r.posts, min(a[1], r.first), max(a[2], r.last), a[3] + r.hour, a[4] + r.day
-        return [(label, platform, *a) for (label, platform), a in acc.items()]
+    def post_totals(self, rows: Collection[int]) -> list[PostTotals]:
+        wanted = set(rows)
+        return add_totals(PostTotals(image, platform, 1, t, t) for image, platform, t, row in self._post_times()
+                          if row in wanted)
+
+    def cluster_posts(self, cluster_ids: Collection[int]) -> list[PostTotals]:
+        return [t for c in sorted(set(cluster_ids)) for t in self._totals.get(c, [])]
+
+    def recent_posts(self, now: float, cluster_ids: Collection[int]) -> list[tuple[int, str, int, int]]:
+        wanted, hour, day = set(cluster_ids), int(now - 3600), int(now - 86400)
+        acc: Counter[tuple[int, str, bool]] = Counter()
+        for image, platform, t, _ in self._post_times():
+            if t >= day and self._clusters.get(image) in wanted:
+                acc[self._clusters[image], platform, t >= hour] += 1
+        keys = {(c, p) for c, p, _ in acc}
+        return [(c, p, acc[c, p, True], acc[c, p, True] + acc[c, p, False]) for c, p in sorted(keys)]
+
+    def _post_times(self) -> list[tuple[int, str, int, int]]:
+        return [(image, platform, _post_time(posted_at, seen_at), row)
+                for image, posted_at, platform, seen_at, row in self._posts.values()]
 
     def pending(self) -> Pending:
         return _pending(self._log)
@@ -312,8 +360,11 @@ class MemoryGraphState(GraphState):
 
     def save_run(self, changed: dict[int, int], at: int, events: Iterable[EventRow] = (), *,
                  components: dict[int, int | None] | None = None, dropped: Collection[int] = (),
-                 cursor: int | None = None) -> None:
+                 cursor: int | None = None, posts: dict[int, list[PostTotals]] | None = None) -> None:
         rows = [(at, e, c, list(related)) for e, c, related in events]  # read first: all or nothing
+        for cid, totals in (posts or {}).items():
+            self._totals[cid] = list(totals)
+        self._totals = {c: t for c, t in self._totals.items() if t}
         components = components or {}
         self._sizes.update(_size_changes(self._clusters, changed, dropped))
         self._sizes = +self._sizes  # drop the emptied clusters
@@ -333,7 +384,7 @@ class MemoryGraphState(GraphState):
     def occurrence_stats(self, now: float, image_ids: Collection[int] | None = None) -> list[OccurrenceStats]:
         wanted = None if image_ids is None else set(image_ids)
         times: dict[tuple[int, str], list[int]] = {}
-        for image_id, posted_at, platform, seen_at in self._posts.values():
+        for image_id, posted_at, platform, seen_at, _ in self._posts.values():
             if wanted is None or image_id in wanted:
                 times.setdefault((image_id, platform), []).append(_post_time(posted_at, seen_at))
         hour, day = int(now - 3600), int(now - 86400)
@@ -356,9 +407,13 @@ class MemoryGraphState(GraphState):
         return {"images": len(self._images), "matches": len(self._matches), "clusters": self.totals().clusters}
 
 
+_TIME = ("CASE WHEN posted_at >= 0 THEN MIN(posted_at, CAST(seen_at AS INTEGER)) ELSE CAST(seen_at AS INTEGER)"
+         " END")  # _post_time in SQL, as indexed by posts_time (a query uses this very expression)
+_POST_TIME = f"{_TIME} t"
+
 FORMAT = FileFormat(
     application_id=0x4D544753,  # "MTGS": memetrace graph state
-    version=2,  # 2: change log, component labels, cluster sizes, id counters (incremental runs)
+    version=3,  # 2: change log, component labels, cluster sizes, id counters (incremental runs); 3: cluster_posts
     what="clusterer state",
     fix="delete it (batch: then run `memetrace index` again; the clusterer service: then replay the "
         "images and matches topics into it with a new MEMETRACE_KAFKA_CLUSTER_GROUP_ID)",
@@ -377,8 +432,12 @@ CREATE INDEX IF NOT EXISTS cluster_sizes_multi ON cluster_sizes(images) WHERE im
 CREATE TABLE IF NOT EXISTS cluster_events (at INTEGER NOT NULL, event TEXT NOT NULL, cluster_id INTEGER NOT NULL,
     clusters TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS cluster_events_cluster ON cluster_events(cluster_id);
+CREATE INDEX IF NOT EXISTS posts_time ON posts(%s);
+CREATE TABLE IF NOT EXISTS cluster_posts (cluster_id INTEGER NOT NULL, platform TEXT NOT NULL, posts INTEGER NOT NULL,
+    first INTEGER NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (cluster_id, platform)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY, image_id INTEGER NOT NULL, other INTEGER,
-    what INTEGER NOT NULL);  -- state.py's ADDED, EDGE (image_id = a, other = b), POST, REMOVED, SPLIT
+    what INTEGER NOT NULL);  -- state.py's ADDED, EDGE (image_id = a, other = b), POST (other = its rowid), REMOVED,
+    -- SPLIT
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('cluster', 1), ('component', 1);
 CREATE TRIGGER IF NOT EXISTS image_added AFTER INSERT ON images BEGIN
@@ -390,10 +449,7 @@ CREATE TRIGGER IF NOT EXISTS match_added AFTER INSERT ON matches BEGIN
 CREATE TRIGGER IF NOT EXISTS match_changed AFTER UPDATE ON matches BEGIN
     INSERT INTO changes (image_id, other, what) VALUES (NEW.a, NEW.b, 1); END;
 CREATE TRIGGER IF NOT EXISTS post_added AFTER INSERT ON posts BEGIN
-    INSERT INTO changes (image_id, what) VALUES (NEW.image_id, 2); END""")
-
-_POST_TIME = ("CASE WHEN posted_at >= 0 THEN MIN(posted_at, CAST(seen_at AS INTEGER)) ELSE CAST(seen_at AS INTEGER)"
-              " END t")  # _post_time in SQL
+    INSERT INTO changes (image_id, other, what) VALUES (NEW.image_id, NEW.rowid, 2); END""" % _TIME)
 _IDS = "(SELECT value FROM json_each(?))"  # a set of ids as one JSON parameter: no variable limit
 
 
@@ -470,11 +526,20 @@ class SqliteGraphState(SqliteStore, GraphState):
                               f" JOIN clusters c USING (image_id) WHERE comp IN {_IDS} GROUP BY comp", _ids(labels))
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
-    def label_occurrences(self, labels: Collection[int], now: float) -> list[tuple[int, str, int, int, int, int, int]]:
+    def post_totals(self, rows: Collection[int]) -> list[PostTotals]:
+        got = self.file.read(f"SELECT image_id, platform, COUNT(*), MIN(t), MAX(t) FROM (SELECT image_id, platform,"
+                             f" {_POST_TIME} FROM posts WHERE rowid IN {_IDS}) GROUP BY image_id, platform", _ids(rows))
+        return [PostTotals(*r) for r in got]
+
+    def cluster_posts(self, cluster_ids: Collection[int]) -> list[PostTotals]:
+        got = self.file.read(f"SELECT * FROM cluster_posts WHERE cluster_id IN {_IDS} ORDER BY 1, 2", _ids(cluster_ids))
+        return [PostTotals(*r) for r in got]
+
+    def recent_posts(self, now: float, cluster_ids: Collection[int]) -> list[tuple[int, str, int, int]]:
         return self.file.read(
-            "SELECT comp, platform, COUNT(*), MIN(t), MAX(t), SUM(t >= ?), SUM(t >= ?) FROM (SELECT i.comp, p.platform,"
-            f" {_POST_TIME} FROM images i JOIN posts p USING (image_id) WHERE i.comp IN {_IDS}) GROUP BY comp, platform",
-            (int(now - 3600), int(now - 86400), *_ids(labels)))
+            f"SELECT c.cluster_id, p.platform, SUM({_TIME} >= ?), COUNT(*) FROM posts p JOIN clusters c USING (image_id)"
+            f" WHERE {_TIME} >= ? AND c.cluster_id IN {_IDS} GROUP BY c.cluster_id, p.platform ORDER BY 1, 2",
+            (int(now - 3600), int(now - 86400), *_ids(cluster_ids)))
 
     def pending(self) -> Pending:
         (cursor,) = self.file.read("SELECT COALESCE(MAX(seq), 0) FROM changes")[0]
@@ -483,7 +548,8 @@ class SqliteGraphState(SqliteStore, GraphState):
         images = self.file.read("SELECT image_id FROM changes WHERE seq <= ? UNION SELECT other FROM changes WHERE seq"
                                 f" <= ? AND what = {EDGE}", upto * 2)
         splits = self.file.read(f"SELECT DISTINCT image_id FROM changes WHERE seq <= ? AND what = {SPLIT}", upto)
-        return Pending(cursor, {r[0] for r in images}, {r[0] for r in splits}, set(edges))
+        posts = self.file.read(f"SELECT other FROM changes WHERE seq <= ? AND what = {POST}", upto)
+        return Pending(cursor, {r[0] for r in images}, {r[0] for r in splits}, set(edges), {r[0] for r in posts})
 
     def next_ids(self) -> tuple[int, int]:
         found = dict(self.file.read("SELECT name, next FROM counters"))
@@ -491,8 +557,9 @@ class SqliteGraphState(SqliteStore, GraphState):
 
     def save_run(self, changed: dict[int, int], at: int, events: Iterable[EventRow] = (), *,
                  components: dict[int, int | None] | None = None, dropped: Collection[int] = (),
-                 cursor: int | None = None) -> None:
+                 cursor: int | None = None, posts: dict[int, list[PostTotals]] | None = None) -> None:
         rows = [(at, e, c, json.dumps(list(related))) for e, c, related in events]  # read first: all or nothing
+        posts = posts or {}
         components = components or {}
         sizes = _size_changes(self.clusters_of([*changed, *dropped]), changed, dropped)
         next_cluster, next_component = self.next_ids()
@@ -506,6 +573,8 @@ class SqliteGraphState(SqliteStore, GraphState):
             ("DELETE FROM changes WHERE seq <= ?", [] if cursor is None else [(cursor,)]),
             ("UPDATE counters SET next = ? WHERE name = ?", [(_next(next_cluster, changed.values()), "cluster"),
                                                             (_next(next_component, components.values()), "component")]),
+            ("DELETE FROM cluster_posts WHERE cluster_id = ?", [(c,) for c in posts]),
+            ("INSERT INTO cluster_posts VALUES (?, ?, ?, ?, ?)", [(c, *t[1:]) for c, ts in posts.items() for t in ts]),
             ("INSERT INTO cluster_events VALUES (?, ?, ?, ?)", rows)])
 
     def occurrence_stats(self, now: float, image_ids: Collection[int] | None = None) -> list[OccurrenceStats]:

@@ -53,6 +53,9 @@ class TreeConfig:
     similarity_weight: float = 6.0  # per log of verified keypoints
     distance_weight: float = 60.0  # per unit of appearance distance (mean absolute difference, 0..1)
     root_weight: float = -10.0  # a member is a root when every way in scores lower: merged clusters get several
+    # a cluster with at most this many pairs has every pair verified for its tree (tree_update.py):
+    # 435 = clusters of up to 30 images, a few seconds of verification
+    max_verified_pairs: int = 435
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
-"""How derivation trees follow the clusters: :func:`update_trees` redoes the tree of every cluster a reclustering run touched
-(``ClusterRun.touched``) from the clusterer's state: members, their earliest observed posts (files
+"""How derivation trees follow the clusters: :func:`update_trees` redoes the tree of every cluster
+a reclustering run touched (``ClusterRun.touched``) from the clusterer's state: members, their earliest observed posts (files
 indexed, platform "file", are not posts) and their matches' geometry; thumbnails, when a feature
 store is given, add the appearance distance (:func:`memetrace.clusterer.tree.appearance_distance`).
 A tree is replaced whole, keyed by cluster id, so a redelivered batch (which touches the same
 clusters with the same inputs) writes the same rows again: nothing changes.
+Given a :data:`PairVerifier` (the composition root builds it on the matcher's verifier), every pair
+of a small cluster (``TreeConfig.max_verified_pairs``) is verified again for the tree: the matcher
+verifies each image's few best candidates only (in a tree of near-identical copies the true parent
+is often not among them), and in the order the images came (a pair's inliers and geometry depend
+on which side is the query); verified again, a tree no longer depends on the arrival order, so a
+folder run and a streaming run give the same trees. Those matches feed the tree only.
 The trees are kept in a :class:`~memetrace.tree_store.TreeStore`.
 """
 
@@ -11,7 +17,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,8 +28,6 @@ from memetrace.clusterer.tree import TreeConfig, appearance_distance, copy_delay
 from memetrace.feature_store import FeatureStore
 from memetrace.models import Derivation, Match
 from memetrace.tree_store import NOT_POSTS, TreeStore
-
-
 
 def first_posts(state: GraphState, image_ids: Collection[int]) -> dict[int, int]:
     """Each image's earliest observed post (unix s); images with no post are left out."""
@@ -57,11 +61,32 @@ def distances(matches: Iterable[Match], features: FeatureStore | None) -> dict[t
     return out
 
 
+#: verifies the given pairs (a < b) of stored images, file sizes (w, h) by id where known: the
+#: verified ones, with geometry where both sizes are known (memetrace.cli.tree_pairs builds one)
+PairVerifier = Callable[[Sequence[tuple[int, int]], Mapping[int, tuple[int, int]]], list[Match]]
+
+
+def verified_pairs(members: Collection[int], edges: Sequence[Match], verify: PairVerifier, max_pairs: int) -> list[Match]:
+    """Every pair of ``members`` verified by ``verify`` (the lower id as the query, whatever order the
+    matcher met them in), plus the ``edges`` it did not verify again; just ``edges`` when there are
+    more than ``max_pairs`` pairs. File sizes come from the edges' geometry."""
+    ids = sorted(members)
+    if len(ids) * (len(ids) - 1) // 2 > max_pairs:
+        return list(edges)
+    sizes = {i: s for m in edges if m.geometry is not None
+             for i, s in ((m.a, m.geometry.size_a), (m.b, m.geometry.size_b))}
+    found = {(m.a, m.b): m for m in verify([(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]], sizes)}
+    return list(found.values()) + [m for m in edges if (m.a, m.b) not in found]
+
+
 def cluster_tree(state: GraphState, members: Collection[int], features: FeatureStore | None,
-                 cfg: TreeConfig = TreeConfig()) -> list[Derivation]:
-    """The derivation forest of one cluster's ``members``, read from the state."""
+                 cfg: TreeConfig = TreeConfig(), verify: PairVerifier | None = None) -> list[Derivation]:
+    """The derivation forest of one cluster's ``members``, read from the state (with ``verify``:
+    on the matches of :func:`verified_pairs`)."""
     inside = set(members)
     edges = [m for m in state.edges_of(inside) if m.a in inside and m.b in inside]
+    if verify is not None:
+        edges = verified_pairs(inside, edges, verify, cfg.max_verified_pairs)
     tree = forest(sorted(inside), first_posts(state, inside), edges, cfg, distances(edges, features))
     return [tree[i] for i in sorted(tree)]
 
@@ -76,14 +101,14 @@ def members_of(state: GraphState, cluster_ids: Collection[int]) -> dict[int, lis
 
 def update_trees(state: GraphState, features: FeatureStore | None, store: TreeStore,
                  cluster_ids: Collection[int], cfg: TreeConfig = TreeConfig(),
-                 metrics: TreeMetrics | None = None) -> int:
+                 metrics: TreeMetrics | None = None, verify: PairVerifier | None = None) -> int:
     """Redo the trees of ``cluster_ids`` (a run's touched clusters); a cluster now gone or of one
     image loses its tree. Returns the trees written."""
     members = members_of(state, cluster_ids)
     written = 0
     for cid in sorted(set(cluster_ids)):
         ids = members.get(cid, [])
-        tree = cluster_tree(state, ids, features, cfg) if len(ids) > 1 else []
+        tree = cluster_tree(state, ids, features, cfg, verify) if len(ids) > 1 else []
         store.put(cid, tree)
         written += bool(tree)
         if tree and metrics is not None:
@@ -100,9 +125,11 @@ def observe(metrics: TreeMetrics, state: GraphState, tree: Mapping[int, Derivati
     metrics.trees.inc()
 
 
-def all_trees(state: GraphState, features: FeatureStore | None, store: TreeStore,
-              cfg: TreeConfig = TreeConfig()) -> Mapping[int, list[Derivation]]:
-    """Rebuild every cluster's tree (and drop those of clusters gone); cluster id -> tree."""
-    live = {c for c, ids in members_of(state, set(state.clusters().values())).items() if len(ids) > 1}
-    update_trees(state, features, store, live | set(store.cluster_ids()), cfg)
+def current_trees(state: GraphState, features: FeatureStore | None, store: TreeStore,
+                  cfg: TreeConfig = TreeConfig(), verify: PairVerifier | None = None) -> Mapping[int, list[Derivation]]:
+    """Every cluster's tree, cluster id -> tree: the stored one where it holds the cluster's members
+    (index and the clusterer service keep them so), the others redone; trees of clusters gone are dropped."""
+    live = {c: set(ids) for c, ids in members_of(state, set(state.clusters().values())).items() if len(ids) > 1}
+    stale = {c for c, ids in live.items() if {d.image_id for d in store.get(c)} != ids}
+    update_trees(state, features, store, stale | (set(store.cluster_ids()) - live.keys()), cfg, verify=verify)
     return {c: store.get(c) for c in sorted(live)}

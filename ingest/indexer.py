@@ -249,9 +249,7 @@ class Indexer:
             call(lambda: self._upsert(chunk.rows))
 
     def _put_features(self, images: Sequence[PreparedImage]) -> None:
-        for p in images:
-            self.features.put_keypoints(p.image_id, p.keypoints)
-            self.features.put_thumbnail(p.image_id, p.thumbnail)
+        self.features.put_images([(p.image_id, p.keypoints, p.thumbnail) for p in images])
 
     def _upsert(self, rows: Sequence[ImageRow]) -> None:
         t0 = time.perf_counter()

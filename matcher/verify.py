@@ -22,9 +22,9 @@ from functools import cached_property
 from typing import Self
 
 import cv2
-import faiss
 import numpy as np
 
+from memetrace.faiss_index import flat_l2_index
 from memetrace.keypoints import Keypoints
 from memetrace.models import Box, Geometry
 from memetrace.settings import Settings
@@ -174,7 +174,7 @@ class Verifier:
             if not pending:
                 break
             q_xy, q_desc = query.mirror if mirrored else (query.xy, query.desc)
-            index = faiss.IndexFlatL2(q_desc.shape[1])
+            index = flat_l2_index(q_desc.shape[1])  # on the GPU with faiss-gpu
             index.add(q_desc)
             # one search for all candidates: a big matrix product is ~2.5x faster than many small
             dist, idx = index.search(np.concatenate([candidates[i].desc for i in pending]), 2)

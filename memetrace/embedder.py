@@ -20,11 +20,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
-import timm
-import torch
-import torch.nn.functional as F
+# Before torch loads OpenMP: its threads sleep between parallel regions instead of spinning. On 2
+# cores, 2 torch threads beside the 2 decoding/SIFT threads took 5x the CPU spin-waiting (6.3 s vs
+# 1.3 s of CPU for 48 images under load); passive, they cost 1.2x one thread's CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from memetrace.regions import Box, content_boxes, crop, grid_cells
 from memetrace.settings import Settings
@@ -285,7 +290,9 @@ class Embedder:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile,
                 # which needs minutes of compilation per process: not worth it for a CLI run
-                return torch.jit.freeze(torch.jit.trace(LastStage(self.model).eval(), example))
+                # no check_trace: it traces the model a second time (2/3 of the cost) to compare
+                # the graphs; the model has no data-dependent control flow
+                return torch.jit.freeze(torch.jit.trace(LastStage(self.model).eval(), example, check_trace=False))
         except Exception as exc:  # noqa: BLE001 - any tracing failure: eager mode still works
             log.warning("model cannot be traced, running eagerly", extra={"error": str(exc)})
             return self._last_stage

@@ -65,6 +65,8 @@ class MilvusConfig:
     collection_prefix: str = "memetrace"
     index_type: str = "FLAT"
     metric: str = "IP"
+    # candidate searches only: reads that must see a write just made stay Strong
+    search_consistency: str = STRONG
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
@@ -399,7 +401,8 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
             return []
         res = self.client.search(collection, data=list(np.asarray(vectors, dtype=np.float32)), limit=limit,
                                  filter=filter, output_fields=[id_field] if id_field != "id" else [],
-                                 search_params=search_params(self.config, limit), consistency_level=STRONG)
+                                 search_params=search_params(self.config, limit),
+                                 consistency_level=self.config.search_consistency)
         return [[(int(h["entity"][id_field]) if id_field != "id" else int(h["id"]), float(h["distance"]))
                  for h in hits] for hits in res]
 

@@ -127,11 +127,25 @@ class Settings(BaseSettings):
         False, description="detect SIFT keypoints at half of sift_max_side and describe them at sift_max_side: "
                            "about 3x cheaper SIFT (OpenCV otherwise doubles the image first), but it missed the "
                            "quality floor (dev split: chain copies 0.849; another seed: precision 0.90)")
+    local_features: Literal["opencv", "torch"] = Field(
+        "opencv", description="SIFT implementation: opencv (CPU), or torch (memetrace.torch_sift: the same "
+                              "algorithm and descriptors, on MEMETRACE_DEVICE; the GPU path, several times "
+                              "slower than opencv on a CPU)")
     sift_flat_max: float = Field(
         0.35, gt=0, le=1, description="a keypoint is kept when less than this share of its surroundings is flat: "
                                       "raise it (e.g. 0.7) to keep more points on smooth photos (skies, walls), "
                                       "lower it to drop more caption and interface points")
     thumbnail_side: int = Field(160, description='longest side of the stored JPEG thumbnail (gallery, API)')
+    vector_dims: int = Field(
+        0, ge=0, description="dimensions the vector index keeps of each global and regional descriptor, "
+                             "projected on a PCA basis shipped per model (memetrace/data/pca<N>_<model>.npy, "
+                             "N = 128 or 64): lower it for less Milvus storage (128: 0.42x, at some recall on "
+                             "chained copies, see docs/scale.md); 0 = whole descriptors (any model); applies when "
+                             "the collections are created, stored ones keep their size")
+    keypoint_coding: Literal["pq16", "raw"] = Field(
+        "pq16", description="how stored SIFT descriptors are coded (memetrace.kpcodec): pq16 = 16 bytes of "
+                           "product-quantized RootSIFT (20 B a keypoint with its x, y), raw = the 128 bytes as "
+                           "extracted (4.5x the storage, lossless); stored ones of either coding stay readable")
 
     # decoding guards (memetrace.imageio.DecodeLimits, memetrace.decode_budget.DecodeBudget)
     max_pixels: int = Field(
@@ -167,7 +181,7 @@ class Settings(BaseSettings):
         6.0, description="RANSAC reprojection tolerance (pixels at the SIFT working size): higher accepts looser "
                          "geometry (more warped copies, more chance links)")
     min_coverage: float = Field(
-        0.6, description="share of one image's keypoints the match must explain: lower finds smaller parts "
+        0.5, description="share of one image's keypoints the match must explain: lower finds smaller parts "
                          "(collage tiles, tight crops) and links more different images")
     same_frame_min_coverage: float = Field(
         0.7, description="share of both images' keypoints an unmoved, same-size match must explain (two "
@@ -264,6 +278,10 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(None, description="bearer token the API requires; empty = no auth")
     api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
     api_search_concurrency: int = Field(2, ge=1, description="searches (decode, embed, SIFT, verify) run at once")
+    api_search_consistency: Literal["Strong", "Bounded"] = Field(
+        "Bounded", description="Milvus read consistency of the API's candidate searches: Bounded answers at once and "
+                               "may miss images stored in the last seconds; Strong sees every write but waits for "
+                               "the server's time tick (about 0.3 s a search on a Milvus server)")
     api_search_queue: int = Field(8, ge=0, description="searches receiving their image or waiting for a "
                                   "slot; beyond, 503 busy at once")
     api_body_timeout_s: float = Field(15.0, gt=0, description="a request body must arrive within this, else 408")

@@ -6,7 +6,9 @@ image twice upserts the same rows (idempotent re-indexing and redelivery).
 
 Backends: ``memetrace.milvus.MilvusVectorIndex`` (Milvus Lite or a server) and
 :class:`MemoryVectorIndex` (numpy brute force, for tests). Both answer the same primitive
-searches; the candidate logic built on them lives here, once.
+searches; the candidate logic built on them lives here, once. :class:`ReducedVectorIndex` wraps
+either to store fewer dimensions per descriptor (a shipped PCA basis, MEMETRACE_VECTOR_DIMS):
+Milvus Lite keeps only float32 vectors, so fewer numbers is how its bytes per image shrink.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
+from memetrace.errors import ConfigError
 from memetrace.models import Candidate, ImageRecord, ImageRow
 from memetrace.varchar import fitted
 
@@ -26,6 +30,7 @@ from memetrace.varchar import fitted
 Hits = list[list[tuple[int, float]]]
 #: the UTF-8 bytes each backend keeps of a string field (:func:`memetrace.varchar.fitted`)
 IMAGE_BYTES = {"path": 4096}
+BASES = Path(__file__).with_name("data")  # the shipped PCA bases of :class:`ReducedVectorIndex`
 
 
 def now_ms() -> int:
@@ -198,3 +203,81 @@ class MemoryVectorIndex(VectorIndex):
         scores = q @ m.T
         order = np.argsort(-scores, axis=1, kind="stable")
         return [[(owners[j], float(scores[r, j])) for j in order[r, :limit]] for r in range(len(q))]
+
+
+def shipped_basis(model: str, dims: int) -> np.ndarray:
+    """The D x ``dims`` PCA basis (orthonormal columns) shipped for ``model``'s descriptors, trained
+    once on a benchmark split's global and regional descriptors (``tools/train_pq.py --pca``)."""
+    path = BASES / f"pca{dims}_{model}.npy"
+    if not path.is_file():
+        shipped = sorted(p.name for p in BASES.glob("pca*.npy"))
+        raise ConfigError(f"no {dims}-dimension basis for model {model!r} ({', '.join(shipped) or 'none'} shipped): "
+                          "set MEMETRACE_VECTOR_DIMS=0 to store descriptors whole, or to a shipped size")
+    return np.load(path).astype(np.float32)
+
+
+class ReducedVectorIndex(VectorIndex):
+    """``inner`` keeps each descriptor's projection on ``basis`` (D x d, orthonormal columns),
+    renormalised, and this index answers in D dimensions: queries are projected the same way, and
+    :meth:`vectors` gives the stored projections back in D (unit vectors whose inner products are
+    those of the projections), so callers never see the reduced size."""
+
+    def __init__(self, inner: VectorIndex, basis: np.ndarray) -> None:
+        if inner.dim != basis.shape[1]:
+            raise ConfigError(f"the vector index holds {inner.dim}-dimension descriptors, MEMETRACE_VECTOR_DIMS="
+                              f"{basis.shape[1]}: set it to {inner.dim} (or 0 if they are whole), or run "
+                              "`memetrace reset` and index again")
+        self.inner = inner
+        self.basis = basis
+        self.dim = int(basis.shape[0])
+
+    def _down(self, x: np.ndarray) -> np.ndarray:
+        y = np.asarray(x, np.float32).reshape(-1, self.dim) @ self.basis
+        return y / (np.linalg.norm(y, axis=1, keepdims=True) + 1e-12)
+
+    def upsert(self, rows: Sequence[ImageRow]) -> None:
+        self.inner.upsert([replace(r, vector=self._down(r.vector)[0], regions=self._down(r.regions)) for r in rows])
+
+    def existing(self, image_ids: Sequence[int]) -> set[int]:
+        return self.inner.existing(image_ids)
+
+    def get(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
+        return self.inner.get(image_ids)
+
+    def vectors(self, image_ids: Sequence[int], with_regions: bool = True
+                ) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
+        ids, glob, regs = self.inner.vectors(image_ids, with_regions)
+        return ids, glob @ self.basis.T, [r @ self.basis.T for r in regs]
+
+    def count(self) -> int:
+        return self.inner.count()
+
+    def remove_images(self, image_ids: Sequence[int]) -> None:
+        self.inner.remove_images(image_ids)
+
+    def stored_before(self, when: int) -> bool:
+        return self.inner.stored_before(when)
+
+    def ping(self, timeout_s: float) -> None:
+        self.inner.ping(timeout_s)
+
+    def search_images(self, vectors: np.ndarray, limit: int, stored_before: int | None = None) -> Hits:
+        return self.inner.search_images(self._down(vectors), limit, stored_before)
+
+    def search_regions(self, vectors: np.ndarray, limit: int) -> Hits:
+        return self.inner.search_regions(self._down(vectors), limit)
+
+
+def open_index(make: Callable[[int], VectorIndex], stored: int | None, embedded: Callable[[], int],
+               dims: int, model: str) -> VectorIndex:
+    """The vector index as configured: ``make(d)`` opens the backend for d-dimension vectors;
+    ``stored``: the size its collections already hold (None: none yet); ``embedded``: the
+    embedder's size, asked only when needed; ``dims``: MEMETRACE_VECTOR_DIMS (0: whole).
+
+    ``dims`` applies when the collections are created; stored ones keep their size (reduced when a
+    basis of that size is shipped for ``model``), so a data dir of whole descriptors still opens."""
+    if stored is None:
+        return ReducedVectorIndex(make(dims), shipped_basis(model, dims)) if dims else make(embedded())
+    if (BASES / f"pca{stored}_{model}.npy").is_file():
+        return ReducedVectorIndex(make(stored), shipped_basis(model, stored))
+    return make(stored)

@@ -16,9 +16,9 @@ import pytest
 from memetrace.clusterer.export import CSV_COLUMNS, ClusterRow, cluster_rows, write_csv, write_link_dir
 from memetrace.clusterer.graph import build_graph, communities, density, stable_ids
 from memetrace.clusterer.history import diff
-from memetrace.clusterer.service import recluster
+from memetrace.clusterer.service import recluster, summarize
 from memetrace.cluster_board import MemoryClusterBoard
-from memetrace.clusterer.state import GraphState, MemoryGraphState, SqliteGraphState
+from memetrace.clusterer.state import GraphState, MemoryGraphState, Post, PostTotals, SqliteGraphState, add_totals
 from memetrace.models import Match
 
 
@@ -350,7 +350,23 @@ def test_write_link_dir_keeps_absolute_paths(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- incremental runs
 
 
-Batch = tuple[list[tuple[int, int]], list[Match], list[int]]  # images, edges, removed images
+Batch = tuple[list[tuple[int, int]], list[Match], list[int], list[Post]]  # images, edges, removed images, posts
+T = 10**6  # the replay's run k happens at T + k * RUN_S
+RUN_S = 1800
+
+
+def _posts(images: list[int], rng, batches: int) -> list[list[Post]]:
+    """One to three posts per image (of ``images`` in arrival order, spread over ``batches`` runs),
+    dated up to a day and a half before their run: some in its last hour or day, some older; a
+    post may come one run before its image, or a few runs after it."""
+    out: list[list[Post]] = [[] for _ in range(batches)]
+    per_run = max(1, len(images) // batches)
+    for k, image in enumerate(images):
+        for n in range(rng.randint(1, 3)):
+            run = min(batches - 1, max(0, k // per_run + rng.choice([-1, 0, 0, 0, 2, 5])))
+            posted = T + run * RUN_S - rng.randint(0, 130_000)
+            out[run].append((f"p{image}-{n}", image, posted, rng.choice(["x", "telegram", "reddit"])))
+    return out
 
 
 def _dev_split_batches(run_size: int = 40, seed: int = 0) -> tuple[list[Batch], int]:
@@ -365,13 +381,15 @@ def _dev_split_batches(run_size: int = 40, seed: int = 0) -> tuple[list[Batch], 
     order = list(range(1, data["images"] + 1))
     rng.shuffle(order)
     at = {image: k for k, image in enumerate(order)}
-    batches: list[Batch] = [([], [], []) for _ in range(0, len(order), run_size)]
+    batches: list[Batch] = [([], [], [], []) for _ in range(0, len(order), run_size)]
     for k, image in enumerate(order):
         batches[k // run_size][0].append((image, 100))
     for a, b, inliers, kind in data["edges"]:
         early = rng.random() < 0.1
         arrives = min(at[a], at[b]) if early else max(at[a], at[b])
         batches[arrives // run_size][1].append(Match(a, b, inliers, {"f": "full", "p": "partial"}[kind]))
+    for batch, posts in zip(batches, _posts(order, rng, len(batches))):
+        batch[3].extend(posts)
     return batches, len(order)
 
 
@@ -389,27 +407,41 @@ def _generated_batches(n: int, seed: int, removals: bool) -> list[Batch]:
     while lo < n:
         hi = min(n, lo + rng.randint(10, 150))
         gone = rng.sample([int(i) for i in stream.image_ids[:lo]], 3) if removals and lo and rng.random() < 0.3 else []
-        batches.append((stream.images(lo, hi), stream.matches(lo, hi), gone))
+        batches.append((stream.images(lo, hi), stream.matches(lo, hi), gone, []))
         lo = hi
+    for batch, posts in zip(batches, _posts([int(i) for i in stream.image_ids], rng, len(batches))):
+        batch[3].extend(posts)
     return batches
+
+
+def _sizes(assignment: dict[int, int]) -> dict[int, int]:
+    return {c: len(images) for c, images in _groups_of(assignment).items()}
 
 
 def _replay(state: GraphState, batches: list[Batch], algorithm: str,
             reopen: Callable[[GraphState], GraphState] | None = None) -> GraphState:
     """Feed each batch and recluster it incrementally; after each run, the state's clusters, ids and
     events equal a full recomputation from scratch (graph.py's communities and stable_ids over every
-    image and edge), whose previous assignment and id counter are its own."""
+    image and edge), whose previous assignment and id counter are its own, and so do the summaries
+    of the clusters it recomputed and the post totals it keeps of every cluster (from every post)."""
     reference: dict[int, int] = {}
     next_id = 1
-    for k, (images, edges, gone) in enumerate(batches):
+    for k, (images, edges, gone, posts) in enumerate(batches):
         state.add_images(images)
         state.add_matches(edges)
+        state.add_posts(posts)
         state.remove_images(gone)
-        run = recluster(state, algorithm, now=1000 + k)
+        now = T + k * RUN_S
+        run = recluster(state, algorithm, now=now)
         alive = state.images()
         full = stable_ids(communities(build_graph(alive, state.matches()), algorithm), reference, next_id)
         assert state.clusters() == full, f"run {k}"
         assert run.events == diff(reference, full), f"run {k}"
+        sizes = {c: n for c, n in _sizes(full).items() if n > 1}
+        rows = [(full[r.image_id], *r[1:]) for r in state.occurrence_stats(now) if full.get(r.image_id) in sizes]
+        expected = summarize(state, {c: sizes[c] for c in run.touched if c in sizes}, rows, now)  # events saved
+        assert run.summaries == expected, f"run {k}"
+        assert state.cluster_posts(sizes) == add_totals(PostTotals(*r[:5]) for r in rows), f"run {k}"
         reference, next_id = full, max([next_id, *(c + 1 for c in full.values())])
         if reopen is not None and k % 5 == 4:
             state = reopen(state)
@@ -487,7 +519,7 @@ def test_removing_an_image_splits_its_component(graph_state: GraphState) -> None
 
 
 def test_a_full_run_after_incremental_ones_changes_nothing_and_publishes_everything(graph_state: GraphState) -> None:
-    for images, edges, gone in _generated_batches(600, seed=1, removals=False):
+    for images, edges, _, _ in _generated_batches(600, seed=1, removals=False):
         graph_state.add_images(images)
         graph_state.add_matches(edges)
         recluster(graph_state, "components", now=1000)

@@ -169,6 +169,15 @@ def test_the_real_probe_times_both_precisions(tmp_path: Path, embedder: Embedder
     assert e.dtype in (torch.float32, torch.bfloat16)
 
 
+def test_frozen_fp32_forward_gives_the_eager_output(embedder: Embedder) -> None:
+    e = Embedder(replace(embedder.config, precision="fp32", device="cpu"), model=embedder.model)
+    batch = torch.rand(2, 3, 224, 224).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        frozen, eager = e._forward(batch), e._last_stage(batch)
+    assert isinstance(e._frozen_by_size[224], torch.jit.ScriptModule)  # traced, not the eager fallback
+    assert torch.allclose(frozen, eager, atol=1e-4)
+
+
 def test_pick_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")

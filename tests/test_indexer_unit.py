@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from memetrace.embedder import EmbedInput
 from memetrace.errors import DependencyDown
-from memetrace.feature_store import MemoryFeatureStore
+from memetrace.feature_store import LocalFeatureStore, MemoryFeatureStore
 from memetrace.imageio import DecodeLimits
 from memetrace.ingest.indexer import (
     IndexConfig,
@@ -30,6 +31,7 @@ from memetrace.ingest.indexer import (
 from memetrace.ingest.sources import InputItem
 from memetrace.keypoints import KeypointExtractor
 from memetrace.models import ImageRow
+from memetrace.sqlite_file import SqliteFile
 from memetrace.vector_index import MemoryVectorIndex
 
 T = TypeVar("T")
@@ -196,6 +198,24 @@ def test_without_retries_a_failing_vector_index_raises_and_stored_features_come_
     assert index.count() == 0 and len(features.blobs) == 2  # keypoints and thumbnail: vectors come last
     [again] = run(indexer, items)  # the next run stores it, as new: the vector index never had it
     assert isinstance(again, Stored) and again.new and index.count() == 1
+
+
+def test_a_chunks_features_go_to_disk_in_one_transaction_per_file(
+        recording: RecordingEmbedder, extractor: KeypointExtractor, photo_bytes: dict[str, bytes],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commits: list[str] = []  # each commit waits for the disk: one per object was a third of the ingest
+    write = SqliteFile.write
+    monkeypatch.setattr(SqliteFile, "write", lambda self, sql, rows: (commits.append(self.path.name),
+                                                                      write(self, sql, rows)))
+    features = LocalFeatureStore(tmp_path / "features")
+    indexer = Indexer(config(), recording, extractor, MemoryVectorIndex(recording.inner.dim), features)
+
+    outcomes = run(indexer, [item(f"{n}.jpg", photo_bytes[n]) for n in NAMES])
+
+    assert sorted(commits) == ["keypoints.db", "thumbnails.db"]
+    for o in outcomes:
+        assert isinstance(o, Stored) and len(features.get_keypoints(o.image_id)) == o.nb_points > 0
+        assert features.get_thumbnail(o.image_id)[:2] == b"\xff\xd8"
 
 
 def test_observer_gets_each_step_timed(recording: RecordingEmbedder, extractor: KeypointExtractor,

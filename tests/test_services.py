@@ -76,13 +76,13 @@ def _services(s: Settings, embedder, cluster_group: str | None = None, match_gro
     return ingest, match, cluster
 
 
-def _run_all(*workers) -> None:
-    threads = [threading.Thread(target=w.run, kwargs={"max_idle": IDLE_S}) for w in workers]
+def _run_all(*workers, idle_s: float = IDLE_S, limit_s: float = 180) -> None:
+    threads = [threading.Thread(target=w.run, kwargs={"max_idle": idle_s}) for w in workers]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=180)
-        assert not t.is_alive(), "a service did not stop within 180 s"
+        t.join(timeout=limit_s)
+        assert not t.is_alive(), f"a service did not stop within {limit_s:.0f} s"
 
 
 def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: PhotoServer, milvus_server: str,

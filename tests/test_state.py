@@ -88,13 +88,14 @@ def test_state_counts(graph_state: GraphState) -> None:
 
 
 def test_state_change_log_records_what_changed_and_a_run_clears_it(graph_state: GraphState) -> None:
-    assert graph_state.pending() == (0, set(), set(), set())
+    assert graph_state.pending() == (0, set(), set(), set(), set())
     graph_state.add_images([(1, 10), (2, 10)])
     graph_state.add_matches([Match(2, 3, 30, "full")])
     graph_state.add_posts([("p", 4, 5, "x")])
-    cursor, touched, _, edges = graph_state.pending()
+    cursor, touched, _, edges, posts = graph_state.pending()
     assert edges == {(2, 3)}
     assert touched == {1, 2, 3, 4}
+    assert [(t.key, t.platform, t.posts) for t in graph_state.post_totals(posts)] == [(4, "x", 1)]
     graph_state.add_images([(1, 99)])  # redelivered: no change
     graph_state.add_matches([Match(3, 2, 30, "full")])
     graph_state.add_posts([("p", 4, 5, "x")])
@@ -268,7 +269,7 @@ def test_a_file_of_another_store_or_version_is_refused(tmp_path: Path) -> None:
         SqliteBatchCatalog(tmp_path / "state.db")
     with sqlite3.connect(tmp_path / "state.db") as db:
         db.execute("PRAGMA user_version = 1")  # the layout before incremental runs
-    with pytest.raises(IncompatibleFile, match="clusterer state of schema version 2: it has schema version 1"):
+    with pytest.raises(IncompatibleFile, match="clusterer state of schema version 3: it has schema version 1"):
         SqliteGraphState(tmp_path / "state.db")
 
 

@@ -1,6 +1,6 @@
 """The stores, one contract suite per interface run on every backend: the vector index, the
 occurrence log and the cluster board on memory, Milvus Lite and (``milvus_server`` marker) a Milvus
-server; the feature stores on a local directory and memory.
+server; the feature stores on packed local files and memory.
 
 The SQLite stores (clusterer state, batch catalog) are specified in test_state.py."""
 
@@ -23,16 +23,19 @@ from pymilvus.exceptions import MilvusException
 
 from conftest import make_settings, rgb
 from memetrace.cluster_board import ClusterBoard, MemoryClusterBoard
-from memetrace.errors import DependencyDown, Refused
+from memetrace.errors import ConfigError, DependencyDown, Refused
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
 from memetrace.keypoints import Keypoints
+from memetrace.kpcodec import KeypointCodec, KeypointFormatError
 from memetrace.milvus import (MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect,
                               region_key, stored_dim)
 from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRow, OccurrenceRow
 from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, MemoryOccurrenceLog, OccurrenceLog
 from memetrace.settings import Settings
+from memetrace.sqlite_file import IncompatibleFile
 from memetrace.varchar import cut_utf8
-from memetrace.vector_index import IMAGE_BYTES, MemoryVectorIndex, VectorIndex, now_ms
+from memetrace.vector_index import (IMAGE_BYTES, MemoryVectorIndex, ReducedVectorIndex, VectorIndex, now_ms,
+                                    open_index, shipped_basis)
 
 # ----------------------------------------------------------------------------- backends
 
@@ -244,11 +247,82 @@ def test_reopening_sees_the_same_rows(milvus: Backend, indexed) -> None:
     assert stored_dim(again.client, index.config) == index.dim
 
 
+def test_candidate_searches_read_at_the_configured_consistency(milvus: Backend) -> None:
+    """The API's searches need not wait for the server's time tick (Bounded); the workers' stay Strong."""
+    levels: list[str] = []
+
+    class Recording:
+        def __init__(self, client: MilvusClient) -> None:
+            self.client = client
+
+        def search(self, *args: Any, **kwargs: Any) -> Any:
+            levels.append(kwargs["consistency_level"])
+            return self.client.search(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.client, name)
+
+    strong = MilvusVectorIndex(Recording(milvus.client), milvus.config(), 4)
+    strong.upsert([_row(1, _unit(4, 0)[0], _unit(4, 1))])
+    assert [i for i, _ in strong.search_images(_unit(4, 0), 1)[0]] == [1]
+    bounded = MilvusVectorIndex(Recording(milvus.client), replace(strong.config, search_consistency="Bounded"), 4)
+    bounded.search_images(_unit(4, 0), 1)
+    bounded.search_regions(_unit(4, 1), 1)
+    assert levels == ["Strong", "Bounded", "Bounded"]
+
+
 def test_milvus_lite_file_lives_in_the_data_dir(milvus: Backend, indexed) -> None:
     if milvus.name != "lite":
         pytest.skip("Milvus Lite only")
     uri = Path(indexed[0].config.uri)
     assert uri.parent == milvus.settings.data_dir and uri.exists()
+
+
+def test_reduced_index_stores_projections_and_answers_in_full_size(backend: Backend) -> None:
+    """ReducedVectorIndex on each backend: 16-d descriptors kept as 8-d projections; a descriptor
+    in the basis' span comes back whole, searches by full-size queries find it first."""
+    basis = np.linalg.qr(np.random.default_rng(3).normal(size=(16, 8)))[0].astype(np.float32)
+    index = ReducedVectorIndex(backend.index(8), basis)
+    inside = (basis @ np.eye(8, dtype=np.float32)).T  # 8 unit vectors in the span
+    index.upsert([_row(i + 1, inside[i], inside[[(i + 1) % 8]]) for i in range(8)])
+    assert index.dim == 16 and index.count() == 8
+    ids, glob, regs = index.vectors([3, 1])
+    assert ids == [3, 1] and glob.shape == (2, 16)
+    np.testing.assert_allclose(glob, inside[[2, 0]], atol=1e-5)
+    np.testing.assert_allclose(regs[0], inside[[3]], atol=1e-5)
+    assert index.search_images(inside[[4]], 1)[0][0][0] == 5
+    assert index.search_regions(inside[[4]], 1)[0][0][0] == 4  # image 4's region is inside[4]
+    assert [c.image_id for c in index.candidates(inside[5], np.zeros((0, 16), np.float32), 2, 6)][0] in (5, 7)
+
+
+def test_reduced_index_refuses_a_store_of_another_size(backend: Backend) -> None:
+    basis = np.linalg.qr(np.random.default_rng(4).normal(size=(16, 8)))[0].astype(np.float32)
+    with pytest.raises(ConfigError, match="holds 4-dimension descriptors, MEMETRACE_VECTOR_DIMS=8"):
+        ReducedVectorIndex(backend.index(4), basis)
+
+
+def test_vector_dims_apply_when_the_index_is_created() -> None:
+    model = "tf_efficientnet_lite0"
+    made: list[int] = []
+
+    def make(d: int) -> VectorIndex:
+        made.append(d)
+        return MemoryVectorIndex(d)
+
+    fresh = open_index(make, None, lambda: 320, 128, model)
+    assert isinstance(fresh, ReducedVectorIndex) and fresh.dim == 320 and made == [128]
+    assert isinstance(open_index(make, 128, lambda: 320, 0, model), ReducedVectorIndex)  # reduced stays reduced
+    assert type(open_index(make, 320, lambda: 320, 128, model)) is MemoryVectorIndex  # whole stays whole
+    assert open_index(make, 8, lambda: 320, 128, model).dim == 8
+    assert open_index(make, None, lambda: 320, 0, model).dim == 320 and made[-1] == 320
+
+
+def test_the_shipped_basis_is_orthonormal_and_missing_ones_name_the_setting() -> None:
+    basis = shipped_basis("tf_efficientnet_lite0", 128)
+    assert basis.shape == (320, 128)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(128), atol=1e-4)
+    with pytest.raises(ConfigError, match="MEMETRACE_VECTOR_DIMS=0"):
+        shipped_basis("resnet50", 128)
 
 
 def test_region_keys_are_distinct_and_positive() -> None:
@@ -513,9 +587,16 @@ def test_keypoints_round_trip(features: FeatureStore) -> None:
     back = features.get_keypoints(123)
     assert back is not None
     assert back.xy.dtype == np.float32 and back.desc.dtype == np.uint8
-    np.testing.assert_array_equal(back.xy, kp.xy)
-    np.testing.assert_array_equal(back.desc, kp.desc)
+    np.testing.assert_allclose(back.xy, kp.xy, atol=320 / 65535)  # 16-bit fixed point over the longest side
+    assert back.desc.shape == (25, 128)
     assert (back.width, back.height) == (320, 240) and len(back) == 25
+
+
+def test_raw_coding_keeps_descriptors_exactly(features: FeatureStore) -> None:
+    features.codec = KeypointCodec("raw")
+    kp = _keypoints()
+    features.put_keypoints(1, kp)
+    np.testing.assert_array_equal(features.get_keypoints(1).desc, kp.desc)
 
 
 def test_keypoints_dtypes_are_normalised(features: FeatureStore) -> None:
@@ -523,7 +604,7 @@ def test_keypoints_dtypes_are_normalised(features: FeatureStore) -> None:
     features.put_keypoints(5, kp)
     back = features.get_keypoints(5)
     assert back.xy.dtype == np.float32 and back.desc.dtype == np.uint8
-    assert back.xy.tolist() == [[1.5, 2.25]] and (back.desc == 7).all()
+    np.testing.assert_allclose(back.xy, [[1.5, 2.25]], atol=1e-3)
 
 
 def test_empty_keypoints_round_trip(features: FeatureStore) -> None:
@@ -550,18 +631,47 @@ def test_missing_keys(features: FeatureStore) -> None:
     assert features.get_keypoints(2) is None
 
 
+def test_delete_and_remove_images(features: FeatureStore) -> None:
+    for i in (1, 2):
+        features.put_keypoints(i, _keypoints(3))
+        features.put_thumbnail(i, b"jpeg")
+    features.delete(FeatureStore.thumbnail_key(2))
+    features.remove_images([1, 99])
+    assert features.get_keypoints(1) is None and features.get_thumbnail(1) is None
+    assert features.get_keypoints(2) is not None and features.get_thumbnail(2) is None
+
+
 def test_keys_are_sharded_by_id() -> None:
-    assert FeatureStore.keypoints_key(0xABCDEF) == "keypoints/00/0000000000abcdef.npz"
+    assert FeatureStore.keypoints_key(0xABCDEF) == "keypoints/00/0000000000abcdef.kpc"
     assert FeatureStore.thumbnail_key(2**63 - 1) == "thumbnails/7f/7fffffffffffffff.jpg"
 
 
-def test_local_store_writes_files_atomically(tmp_path: Path) -> None:
+def test_local_store_packs_objects_into_one_file_per_kind(tmp_path: Path) -> None:
     store = LocalFeatureStore(tmp_path / "f")
-    store.put_keypoints(0xAB, _keypoints(4))
-    path = tmp_path / "f" / FeatureStore.keypoints_key(0xAB)
-    assert path.is_file()
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
-    assert LocalFeatureStore(tmp_path / "f").get_keypoints(0xAB) is not None  # a new instance reads it
+    for i in range(20):
+        store.put_keypoints(i, _keypoints(4))
+        store.put_thumbnail(i, b"x" * 3000)
+    assert store.count("keypoints") == 20 and store.count("thumbnails") == 20
+    store.close()
+    assert {p.name for p in (tmp_path / "f").iterdir() if not p.name.endswith(("-wal", "-shm"))} == \
+        {"keypoints.db", "thumbnails.db"}
+    again = LocalFeatureStore(tmp_path / "f")  # a new instance reads them
+    assert again.get_keypoints(7) is not None and again.get_thumbnail(19) == b"x" * 3000
+    assert LocalFeatureStore(tmp_path / "empty").count("keypoints") == 0
+    assert not (tmp_path / "empty").exists()  # counting creates nothing
+
+
+def test_local_store_refuses_the_one_file_per_image_layout(tmp_path: Path) -> None:
+    (tmp_path / "f" / "keypoints" / "00").mkdir(parents=True)
+    with pytest.raises(IncompatibleFile, match="older format.*memetrace reset"):
+        LocalFeatureStore(tmp_path / "f")
+
+
+def test_keypoints_of_another_format_are_refused_in_one_line(features: FeatureStore) -> None:
+    features.put_bytes(FeatureStore.keypoints_key(3), b"PK\x03\x04 an old npz")
+    with pytest.raises(KeypointFormatError, match="keypoints/.*older format") as err:
+        features.get_keypoints(3)
+    assert "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- removing images (every store;

@@ -20,7 +20,7 @@ from memetrace.cli.posts import PostsFileError, PostsReport, parse_time, read_po
 from memetrace.clusterer.service import recluster
 from memetrace.clusterer.state import MemoryGraphState
 from memetrace.clusterer.tree import Seen, TreeConfig, direction, forest
-from memetrace.clusterer.tree_update import first_posts, update_trees
+from memetrace.clusterer.tree_update import current_trees, first_posts, update_trees
 from memetrace.models import Derivation, Geometry, Match
 from memetrace.occurrence_log import MemoryOccurrenceLog
 from memetrace.tree_store import MemoryTreeStore, SqliteTreeStore
@@ -147,6 +147,34 @@ def test_update_trees_follows_the_touched_clusters(graph_state) -> None:
     before = store.get(cid)
     update_trees(graph_state, None, store, [cid])  # redelivery: the same tree
     assert store.get(cid) == before
+
+
+def test_the_tree_verifies_every_pair_of_a_small_cluster_again(graph_state) -> None:
+    graph_state.add_images([(1, 100), (2, 100), (3, 100)])
+    # 3 (1 at half size) was verified against 2 only: its parent must come from elsewhere
+    graph_state.add_matches([Match(1, 2, 300, "partial", CROP), Match(2, 3, 150, "partial", None)])
+    graph_state.add_posts([("p1", 1, 100, "reddit"), ("p2", 2, 200, "reddit"), ("p3", 3, 300, "reddit")])
+    touched = recluster(graph_state, "components").touched
+    asked: list[tuple[list, dict]] = []
+
+    def verify(pairs, sizes):  # 1-2 verifies again, 1-3 verifies now, 2-3 does not
+        asked.append((list(pairs), dict(sizes)))
+        return [Match(1, 2, 300, "partial", CROP), Match(1, 3, 350, "full", SCALE)]
+
+    without, store = MemoryTreeStore(), MemoryTreeStore()
+    update_trees(graph_state, None, without, touched)
+    update_trees(graph_state, None, store, touched, verify=verify)
+    (cid,) = touched
+    assert {d.image_id: d.parent for d in without.get(cid)}[3] == 2
+    assert asked == [([(1, 2), (1, 3), (2, 3)], {1: (800, 600), 2: (400, 300)})]
+    tree = {d.image_id: d for d in store.get(cid)}
+    assert (tree[2].parent, tree[3].parent, tree[3].edit) == (1, 1, "scale")
+    # a cluster with more pairs than the tree may verify: the stored edges alone
+    asked.clear()
+    update_trees(graph_state, None, MemoryTreeStore(), touched, TreeConfig(max_verified_pairs=2), verify=verify)
+    assert asked == []
+    # memetrace tree: the stored trees, nothing redone
+    assert current_trees(graph_state, None, store, verify=verify) == {cid: store.get(cid)} and asked == []
 
 
 # ----------------------------------------------------------------------------- end to end
