@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         6.0, description="RANSAC reprojection tolerance (pixels at the SIFT working size): higher accepts looser "
                          "geometry (more warped copies, more chance links)")
     min_coverage: float = Field(
-        0.5, description="share of one image's keypoints the match must explain: lower finds smaller parts "
+        0.6, description="share of one image's keypoints the match must explain: lower finds smaller parts "
                          "(collage tiles, tight crops) and links more different images")
     same_frame_min_coverage: float = Field(
         0.7, description="share of both images' keypoints an unmoved, same-size match must explain (two "
