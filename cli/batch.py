@@ -33,7 +33,6 @@ from memetrace.cli.context import Context
 from memetrace.cli.tables import (bad_file_rows, cluster_table, counts, display_path,  # noqa: F401 (re-exported)
                                   few_keypoint_paths)
 from memetrace.cli.posts import PostsReport, read_posts, record_posts
-from memetrace.cli.tree_pairs import tree_verifier
 from memetrace.clusterer.service import recluster
 from memetrace.clusterer.tree_update import update_trees
 from memetrace.clusterer.state import GraphState
@@ -131,7 +130,7 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
     reclustered = recluster(state, s.cluster_algorithm, publish=c.board.publish)
     timings["cluster_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    update_trees(state, c.features, c.trees, reclustered.touched, verify=tree_verifier(c))
+    update_trees(state, c.features, c.trees, reclustered.touched, verify=matcher.verify_pairs)
     timings["tree_s"] = round(time.perf_counter() - t0, 2)
     return {"inputs": report.seen, "new_images": report.new_images, "duplicates": report.duplicates,
             "bad_inputs": report.bad, "new_matches": len(matches), "changed_files": plan.changed,
@@ -265,7 +264,7 @@ def _drop(c: Context, batch: BatchCatalog, state: GraphState, paths: Sequence[st
     if paths or removed:
         update_trees(state, c.features, c.trees,
                      recluster(state, c.settings.cluster_algorithm, publish=c.board.publish).touched,
-                     verify=tree_verifier(c))
+                     verify=c.verify_pairs)
     return {"removed_paths": len(paths), "removed_images": removed, **counts(c)}
 
 

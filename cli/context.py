@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,9 @@ if TYPE_CHECKING:  # the heavy modules (torch, pymilvus) load on first use: `mem
     from memetrace.embedder import Embedder
     from memetrace.feature_store import FeatureStore
     from memetrace.keypoints import KeypointExtractor
+    from memetrace.matcher.matching import Matcher
     from memetrace.milvus import MilvusConfig
+    from memetrace.models import Match
     from memetrace.occurrence_log import OccurrenceLog
     from memetrace.vector_index import VectorIndex
 
@@ -113,6 +116,18 @@ class Context:
 
         return SqliteTreeStore(self.settings.resolved_cluster_state_path().with_name("trees.db"))
 
+    @cached_property
+    def matcher(self) -> Matcher:
+        from memetrace.matcher.matching import MatchConfig, Matcher
+
+        return Matcher(MatchConfig.from_settings(self.settings), self.index, self.features)
+
+    def verify_pairs(self, pairs: Sequence[tuple[int, int]], sizes: Mapping[int, tuple[int, int]]) -> list[Match]:
+        """:meth:`Matcher.verify_pairs`, the verification derivation trees ask for
+        (:data:`memetrace.clusterer.tree_update.PairVerifier`); the stores open on the first call, so a
+        service starts without them."""
+        return self.matcher.verify_pairs(pairs, sizes)
+
     def close(self) -> None:
         """Close what was built: the SQLite files and the Milvus client (a later use opens them again).
         A Milvus Lite this process serves (memetrace.lite_server) serves on until the process ends."""
@@ -120,7 +135,7 @@ class Context:
         for name in ("catalog", "graph_state", "trees"):
             if name in built:
                 built.pop(name).close()
-        for name in ("index", "occurrences", "board"):  # they hold the client closed below
+        for name in ("matcher", "index", "occurrences", "board"):  # they hold the client closed below
             built.pop(name, None)
         if "milvus" in built:
             built.pop("milvus").close()

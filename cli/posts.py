@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from memetrace.cli.context import Context
-from memetrace.cli.tree_pairs import tree_verifier
 from memetrace.clusterer.state import GraphState
 from memetrace.clusterer.tree_export import TreeRow, tree_rows
 from memetrace.clusterer.tree_update import current_trees, first_posts
@@ -134,7 +133,7 @@ def record_posts(posts: Iterable[CsvPost], image_of: Mapping[str, int], state: G
 
 def tree_table(c: Context) -> list[TreeRow]:
     """Every cluster's derivation tree as rows (paths as indexed): those stored, missing ones rebuilt."""
-    trees = current_trees(c.graph_state, c.features, c.trees, verify=tree_verifier(c))
+    trees = current_trees(c.graph_state, c.features, c.trees, verify=c.verify_pairs)
     members = sorted({d.image_id for tree in trees.values() for d in tree})
     paths = {i: ps[0] for i, ps in c.catalog.paths_by_image().items() if ps}
     return tree_rows(trees, paths, first_posts(c.graph_state, members))

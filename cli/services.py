@@ -5,7 +5,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from memetrace.cli.context import Context
-from memetrace.cli.tree_pairs import tree_verifier
 from memetrace.clusterer.metrics import ClusterMetrics, TreeMetrics
 from memetrace.clusterer.service import ClusterRun
 from memetrace.clusterer.tree_update import update_trees
@@ -54,10 +53,9 @@ def run_cluster(settings: Settings, every_s: float, max_idle: float | None = Non
     registry = registry or CollectorRegistry()
     tree_metrics = TreeMetrics(registry)
 
-    verify = tree_verifier(ctx)
-
     def redo_trees(run: ClusterRun) -> None:  # the trees of the clusters the run touched, nothing else
-        update_trees(ctx.graph_state, ctx.features, ctx.trees, run.touched, metrics=tree_metrics, verify=verify)
+        update_trees(ctx.graph_state, ctx.features, ctx.trees, run.touched, metrics=tree_metrics,
+                     verify=ctx.verify_pairs)
 
     worker = ClusterWorker(s, ctx.graph_state, ctx.board, ClusterMetrics(registry), every_s, after_run=redo_trees)
     run_service(worker, max_idle)

@@ -20,8 +20,8 @@ A run costs what its touched components hold (or, growing, what changes in them)
 an untouched component keeps its communities and their ids, so recomputing only the touched ones
 gives exactly what a full recomputation (``full=True``) would, ids included
 (tests/test_clusterer.py compares them). Only touched clusters get a new summary: an untouched
-cluster's growth figures are as of its ``updated_at``. A run that fails before saving (publish down, crash) leaves the change log, so the
-next run recomputes and publishes the same clusters again.
+cluster's growth figures are as of its ``updated_at``. A run that fails before saving (publish
+down, crash) leaves the change log, so the next run recomputes and publishes the same clusters again.
 """
 
 from __future__ import annotations

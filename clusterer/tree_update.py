@@ -62,7 +62,7 @@ def distances(matches: Iterable[Match], features: FeatureStore | None) -> dict[t
 
 
 #: verifies the given pairs (a < b) of stored images, file sizes (w, h) by id where known: the
-#: verified ones, with geometry where both sizes are known (memetrace.cli.tree_pairs builds one)
+#: verified ones, with geometry (the composition root hands in memetrace.matcher's Matcher.verify_pairs)
 PairVerifier = Callable[[Sequence[tuple[int, int]], Mapping[int, tuple[int, int]]], list[Match]]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -177,6 +177,27 @@ class Matcher:
                     matches.append(Match(min(qid, cid), max(qid, cid), v.inliers, v.kind, oriented))
                 on_progress(len(ids))
         return matches
+
+    def verify_pairs(self, pairs: Sequence[tuple[int, int]], sizes: Mapping[int, tuple[int, int]] = {},
+                     call: Call = call_once) -> list[Match]:
+        """The pairs (a, b) of stored images that verify locally (no low-texture rule), ``a`` as the
+        query whatever order they were met in, geometry a -> b; ``sizes``: file sizes already known
+        (the others are read from the index). Derivation trees verify pairs the candidates missed."""
+        others: dict[int, list[int]] = {}
+        for a, b in pairs:
+            others.setdefault(a, []).append(b)
+        found: list[tuple[int, Verified]] = []
+        for a, bs in others.items():
+            query = self.prepared(a, call)
+            loaded = [(b, p) for b in bs if (p := self.prepared(b, call)) is not None] if query else []
+            if not loaded:
+                continue
+            for v in self.verifier.verify_many(query, [p for _, p in loaded]):
+                b, p = loaded[v.candidate]
+                # not from a search: no similarity (only the id and the verification are read)
+                found.append((a, Verified(query, Candidate(b, float("nan")), p, v)))
+        return [Match(a, f.candidate.image_id, f.verification.inliers, f.verification.kind, geo)
+                for (a, f), geo in zip(found, self._geometries(found, dict(sizes), call))]
 
     def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints, size: tuple[int, int],
                       exclude: int = -1, call: Call = call_once, sketch: np.ndarray | None = None

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from memetrace.faiss_index import flat_l2_index
-from memetrace.keypoints import Keypoints
+from memetrace.keypoints import Keypoints, rootsift
 from memetrace.models import Box, Geometry
 from memetrace.settings import Settings
 
@@ -64,12 +64,6 @@ class Verification:
     def kind(self) -> str:
         """full: the same picture; partial: one holds only a part of the other (a crop, a tile)."""
         return "full" if min(self.coverage_query, self.coverage_candidate) >= 0.75 else "partial"
-
-
-def rootsift(desc: np.ndarray) -> np.ndarray:
-    d = desc.astype(np.float32)
-    d /= d.sum(axis=1, keepdims=True) + 1e-7
-    return np.sqrt(d)
 
 
 def coverage(xy: np.ndarray, inliers_xy: np.ndarray, radius: float) -> float:

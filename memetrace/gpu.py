@@ -1,5 +1,7 @@
-"""The device side of the GPU ingest path: JPEG decode (nvJPEG through torchvision), resizing and the
-CNN's input batch on the device (FAISS's GPU index: ``memetrace.faiss_index``).
+"""The device side of the GPU path: JPEG decode (nvJPEG through torchvision), resizing and the
+CNN's input batch on the device (FAISS's GPU index: ``memetrace.faiss_index``). ``make bench``'s GPU
+section (``benchmarks/gpu.py``) runs them; the ingest worker does not use them yet (it decodes on
+the CPU, ``memetrace.imageio``, which also applies the decode limits).
 
 Each function also runs on a CPU device (torchvision's libjpeg decoder), which is how the
 tests check them without a GPU; ``tests/test_torch_sift.py``'s CUDA test runs them on CUDA when one
@@ -42,11 +44,6 @@ def gray(rgb: torch.Tensor) -> torch.Tensor:
     """3 x H x W uint8 -> H x W uint8 with OpenCV's RGB2GRAY weights."""
     w = torch.tensor([0.299, 0.587, 0.114], device=rgb.device).view(3, 1, 1)
     return (rgb.float() * w).sum(0).round_().to(torch.uint8)
-
-
-def decode_gray(data: bytes, max_side: int, device: torch.device) -> torch.Tensor:
-    """One JPEG -> the H x W uint8 gray image SIFT runs on (longest side ``max_side``), on ``device``."""
-    return resize_longest(gray(decode_rgb([data], device)[0]), max_side)
 
 
 def embed_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:

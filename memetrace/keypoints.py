@@ -46,6 +46,13 @@ def _mirror_permutation() -> np.ndarray:
 MIRROR_PERMUTATION = _mirror_permutation()
 
 
+def rootsift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (L1-normalised, square-rooted: unit L2 norm), the form descriptors are compared in."""
+    d = desc.astype(np.float32)
+    d /= d.sum(axis=1, keepdims=True) + 1e-7
+    return np.sqrt(d)
+
+
 def resize_longest(gray: np.ndarray, max_side: int) -> np.ndarray:
     h, w = gray.shape[:2]
     scale = max_side / max(h, w)

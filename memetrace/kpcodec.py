@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal, Self
 
 import numpy as np
 
-from memetrace.keypoints import Keypoints
+from memetrace.keypoints import Keypoints, rootsift
 from memetrace.sqlite_file import IncompatibleFile
 
 if TYPE_CHECKING:
@@ -47,12 +47,6 @@ class KeypointFormatError(IncompatibleFile):
 def codebook(coding: str) -> np.ndarray:
     """M x 256 x (128 / M) float32 centroids of a ``pq<M>`` coding."""
     return np.load(DATA / f"{coding}_rootsift.npy").astype(np.float32)
-
-
-def rootsift(desc: np.ndarray) -> np.ndarray:
-    d = desc.astype(np.float32)
-    d /= d.sum(axis=1, keepdims=True) + 1e-7
-    return np.sqrt(d)
 
 
 def pq_encode(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:

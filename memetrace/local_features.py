@@ -18,6 +18,7 @@ def build_extractor(s: Settings) -> KeypointExtractor:
     if s.sift_detect_half:
         raise ConfigError("MEMETRACE_SIFT_DETECT_HALF works with MEMETRACE_LOCAL_FEATURES=opencv only: "
                          "unset one of them")
-    from memetrace.torch_sift import TorchSiftExtractor, device_of
+    from memetrace.embedder import pick_device
+    from memetrace.torch_sift import TorchSiftExtractor
 
-    return TorchSiftExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, device_of(s.device))
+    return TorchSiftExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, pick_device(s.device))

@@ -38,13 +38,6 @@ MIN_OCTAVE_SIDE = 16  # OpenCV goes down to ~4 px; such octaves hold almost no k
 CHUNK = 256  # keypoints per descriptor batch (a 77 x 77 window each at the largest scale)
 
 
-def device_of(name: str) -> torch.device:
-    """``auto`` = CUDA when visible, else CPU (the settings' ``device`` values)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ---------------------------------------------------------------- filters
 
 

@@ -14,7 +14,8 @@ from memetrace.cli.footprint import disk_bytes
 from memetrace.feature_store import LocalFeatureStore
 from memetrace.ingest.indexer import make_thumbnail
 from memetrace.keypoints import KeypointExtractor, Keypoints
-from memetrace.kpcodec import KeypointCodec, KeypointFormatError, rootsift
+from memetrace.keypoints import rootsift
+from memetrace.kpcodec import KeypointCodec, KeypointFormatError
 
 
 @pytest.fixture(scope="module")

@@ -244,3 +244,17 @@ def test_the_match_worker_retries_each_failed_read_under_its_dependency(keypoint
     assert retries == {"milvus": 1, "s3": 1, "batch": None}, retries
     assert index.calls["candidates_many"] == 1 and index.calls["vectors"] == 2  # only the failed read again
     assert max(verifier.pairs.values()) == 1, verifier.pairs
+
+
+def test_verify_pairs_checks_the_pairs_asked_whatever_the_candidates(keypoints, config: MatchConfig) -> None:
+    """What derivation trees ask: every given pair verified, the first id as the query, with its
+    geometry (sizes read from the index where not given); pairs no search would offer included."""
+    index, features = MemoryVectorIndex(DIM), MemoryFeatureStore()
+    _store(index, features, keypoints, OLD + NEW)
+    found = Matcher(config, index, features).verify_pairs([(COFFEE, COFFEE_CROP), (CAT, COINS), (ASTRONAUT, 99)],
+                                                          {COFFEE: (keypoints[COFFEE].width, keypoints[COFFEE].height)})
+    assert [(m.a, m.b) for m in found] == [(COFFEE, COFFEE_CROP)]
+    geo = found[0].geometry
+    assert geo is not None and geo.size_b == (keypoints[COFFEE_CROP].width, keypoints[COFFEE_CROP].height)
+    # a -> b: the whole crop (b) is a part of the coffee (a)
+    assert geo.box_b == (0, 0, *geo.size_b) and geo.cover_b > 0.9 > 0.7 > geo.cover_a

@@ -29,7 +29,6 @@ from memetrace.cli.batch import run_index
 from memetrace.cli.context import Context
 from memetrace.cli.posts import tree_table
 from memetrace.cli.services import ingest_worker
-from memetrace.cli.tree_pairs import tree_verifier
 from memetrace.clusterer.metrics import ClusterMetrics
 from memetrace.clusterer.service import ClusterRun
 from memetrace.clusterer.state import SqliteGraphState
@@ -102,11 +101,11 @@ def _stream_trees(folder: Path, tmp: Path, env: dict[str, str], server: PhotoSer
     produce(env, write_posts(tmp / "posts.txt", [{**p, "url": f"{server.base}/img/{Path(p['path']).name}"}
                                                  for p in posts]))
     ctx = Context(s, embedder=embedder)
-    trees, verify = MemoryTreeStore(), tree_verifier(ctx)
+    trees = MemoryTreeStore()
     state = SqliteGraphState(s.data_dir / "cluster-state.db")
 
     def redo_trees(run: ClusterRun) -> None:  # as memetrace.cli.services.run_cluster wires it
-        update_trees(state, ctx.features, trees, run.touched, verify=verify)
+        update_trees(state, ctx.features, trees, run.touched, verify=ctx.verify_pairs)
 
     _run_all(ingest_worker(ctx, IngestMetrics(CollectorRegistry())),
              MatchWorker(s, Matcher(MatchConfig.from_settings(s), ctx.index, ctx.features),

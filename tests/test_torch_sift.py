@@ -19,7 +19,8 @@ from conftest import make_settings, rgb
 from memetrace.embedder import Embedder
 from memetrace.errors import ConfigError
 from memetrace.faiss_index import flat_l2_index
-from memetrace.gpu import decode_gray, decode_rgb, embed_batch
+from memetrace import gpu
+from memetrace.gpu import decode_rgb, embed_batch
 from memetrace.keypoints import KeypointExtractor, flat_fraction, resize_longest
 from memetrace.local_features import build_extractor
 from memetrace.settings import Settings
@@ -124,7 +125,7 @@ def test_device_decode_and_resize_give_what_the_cpu_path_gives(photos: dict[str,
     im = photos["astronaut"].resize((900, 700))
     data = _jpeg(im)
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-    got = decode_gray(data, SIDE, CPU).numpy()
+    got = gpu.resize_longest(gpu.gray(decode_rgb([data], CPU)[0]), SIDE).numpy()
     expected = resize_longest(cv2.cvtColor(np.ascontiguousarray(decoded), cv2.COLOR_RGB2GRAY), SIDE)
     assert got.shape == expected.shape == (348, 448)
     # libjpeg's and OpenCV's IDCTs differ slightly, and torch's area resize averages whole-pixel
@@ -147,10 +148,10 @@ def test_flat_index_is_exact_l2_on_the_cpu() -> None:
 
 @cuda
 def test_cuda_extraction_matches_the_cpu_one(photos: dict[str, Image.Image]) -> None:
-    gray = decode_gray(_jpeg(photos["astronaut"]), SIDE, torch.device("cuda"))
-    assert gray.is_cuda and max(gray.shape) == SIDE
-    on_gpu = TorchSiftExtractor(N, SIDE, FLAT, torch.device("cuda")).extract_gray(gray)
-    on_cpu = TorchSiftExtractor(N, SIDE, FLAT, CPU).extract_gray(gray.cpu())
+    on_device = gpu.resize_longest(gpu.gray(decode_rgb([_jpeg(photos["astronaut"])], torch.device("cuda"))[0]), SIDE)
+    assert on_device.is_cuda and max(on_device.shape) == SIDE
+    on_gpu = TorchSiftExtractor(N, SIDE, FLAT, torch.device("cuda")).extract_gray(on_device)
+    on_cpu = TorchSiftExtractor(N, SIDE, FLAT, CPU).extract_gray(on_device.cpu())
     assert len(on_gpu) >= 0.9 * len(on_cpu)
     qi, ti = _ratio_matches(on_gpu.desc, on_cpu.desc)
     assert len(qi) >= 0.9 * len(on_gpu)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from conftest import jpeg_roundtrip, make_settings, rgb
-from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, coverage, rootsift, same_frame
+from memetrace.keypoints import rootsift
+from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, coverage, same_frame
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.settings import Settings
 

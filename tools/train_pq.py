@@ -19,7 +19,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from memetrace.kpcodec import DATA, rootsift
+from memetrace.keypoints import rootsift
+from memetrace.kpcodec import DATA
 
 MAX_TRAIN = 200_000  # descriptors: k-means of 256 centroids converges far below this
 
