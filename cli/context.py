@@ -129,13 +129,14 @@ class Context:
         return self.matcher.verify_pairs(pairs, sizes)
 
     def close(self) -> None:
-        """Close what was built: the SQLite files and the Milvus client (a later use opens them again).
+        """Close what was built: the SQLite files (feature store included) and the Milvus client (a later use opens them again).
         A Milvus Lite this process serves (memetrace.lite_server) serves on until the process ends."""
         built = vars(self)  # the cached properties built so far
-        for name in ("catalog", "graph_state", "trees"):
+        built.pop("matcher", None)  # it holds the index and the feature store
+        for name in ("catalog", "graph_state", "trees", "features"):
             if name in built:
                 built.pop(name).close()
-        for name in ("matcher", "index", "occurrences", "board"):  # they hold the client closed below
+        for name in ("index", "occurrences", "board"):  # they hold the client closed below
             built.pop(name, None)
         if "milvus" in built:
             built.pop("milvus").close()

@@ -41,6 +41,9 @@ class FeatureStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the object if there is one."""
 
+    def close(self) -> None:
+        """Release what the backend holds open (a later call opens it again); default: nothing."""
+
     def remove_images(self, image_ids: Iterable[int]) -> None:
         """Delete the keypoints and thumbnail of these images."""
         for i in image_ids:
@@ -157,9 +160,10 @@ class LocalFeatureStore(FeatureStore):
         return int(self._file(f"{kind}/")[0].read("SELECT COUNT(*) FROM objects")[0][0])
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
 
 class MemoryFeatureStore(FeatureStore):
