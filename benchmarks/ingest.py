@@ -30,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -76,11 +77,18 @@ def _produce(bootstrap: str, topic: str, posts: list[dict[str, str]]) -> float:
     return time.perf_counter() - t0
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the waited-for child processes so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _run_worker(verb: list[str], env: dict[str, str], cwd: Path,
                 timeout: float) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """``memetrace -v VERB... --max-idle MAX_IDLE_S``: (its printed totals, its JSON log lines, its timing)."""
     service = verb[0]  # the StreamWorker's name in its "batch stored" lines
     load_before = os.getloadavg()
+    cpu_before = _children_cpu_s()
     launched = time.time()
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(MEMETRACE), "-v", *verb, "--max-idle", str(MAX_IDLE_S)], cwd=cwd, env=env,
@@ -106,6 +114,7 @@ def _run_worker(verb: list[str], env: dict[str, str], cwd: Path,
         proc.wait()
         raise RuntimeError(f"memetrace {service} did not finish within {timeout} s")
     wall = time.perf_counter() - t0
+    cpu = _children_cpu_s() - cpu_before  # the worker's whole process tree: a figure the load moves less
     reader.join(timeout=5)
     if proc.returncode != 0:
         last = [r.get("msg", "") + " " + str(r.get("error", ""))[:300] for r in lines[-5:]]
@@ -118,7 +127,7 @@ def _run_worker(verb: list[str], env: dict[str, str], cwd: Path,
         raise RuntimeError(f"memetrace {service} stored no batch: {totals}; its log: {seen[-10:]}")
     first_consume = batches[0]["time"] - float(batches[0]["seconds"])
     span = max(batches[-1]["time"] - first_consume, 1e-3)
-    timing = {"wall_s": round(wall, 2), "startup_s": round(first_consume - launched, 2),
+    timing = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "startup_s": round(first_consume - launched, 2),
               "consume_to_commit_s": round(span, 2), "batches": len(batches),
               "records": sum(int(r["records"]) for r in batches),
               "loadavg_before": [round(x, 2) for x in load_before],
@@ -185,7 +194,7 @@ def run_ingest_bench(images: Path, count: int | None = None, clusters_csv: Path 
         "images_per_s": round(totals["occurrences"] / span, 2),
         "new_images_per_s": round(totals["new_images"] / span, 2),
         "milvus_after": stored, "loadavg_before": timing["loadavg_before"], "loadavg_after": timing["loadavg_after"],
-        "worker_wall_s": timing["wall_s"], "worker_startup_s": timing["startup_s"],
+        "worker_wall_s": timing["wall_s"], "worker_startup_s": timing["startup_s"], "worker_cpu_s": timing["cpu_s"],
         "max_idle_s": MAX_IDLE_S, "batch_size": _setting_default("ingest_batch_size"), "torch_device": device,
         "match": _match_figures(match_totals, match_lines, match_timing),
         "cluster": _cluster_figures(cluster_totals, cluster_lines, cluster_timing),
@@ -310,12 +319,13 @@ def format_ingest(r: dict[str, Any]) -> str:
         f"  in Milvus afterwards: {r['milvus_after']['images']} images, {r['milvus_after']['occurrences']} "
         f"occurrences; load average {r['loadavg_before'][0]} -> {r['loadavg_after'][0]}",
         f"  ingest {_wall(r['worker_wall_s'], r['worker_startup_s'], r['consume_to_commit_s'])}; "
-        f"produce {r['produce_s']} s",
+        f"produce {r['produce_s']} s; CPU {r['worker_cpu_s']} s ({1000 * r['worker_cpu_s'] / max(t['posts'], 1):.0f} ms a post, "
+        "start-up included)",
         f"  match images/s:  {mt['images_matched_per_s']:.1f}   ({mt['images_matched']} images matched, "
         f"{mt['edges_published']} edges published in {mt['consume_to_commit_s']} s consume->commit, "
         f"{mt['verify_s']} s of it verifying; batch size {mt['batch_size']})",
         f"  match {_wall(mt['wall_s'], mt['startup_s'], mt['consume_to_commit_s'])}; load average "
-        f"{mt['loadavg_before'][0]} -> {mt['loadavg_after'][0]}",
+        f"{mt['loadavg_before'][0]} -> {mt['loadavg_after'][0]}; CPU {mt['cpu_s']} s",
         f"  cluster: {cl['clusters']} clusters of 2+ images ({cl['images_clustered']} images, largest "
         f"{cl['largest']}; {r['stream_clusters']['edges_stored']} distinct edges); {cl['reclusterings']} reclusterings (every {cl['every_s']:.0f} s) took "
         f"{cl['recluster_s_total']} s, the last {cl['recluster_s_last']} s",

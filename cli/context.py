@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from memetrace.settings import Settings
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # the heavy modules (torch, pymilvus) load on first use: `mem
     from memetrace.occurrence_log import OccurrenceLog
     from memetrace.vector_index import VectorIndex
 
+T = TypeVar("T")
+
 
 class Context:
     """The components of one process, each built from the settings on first use."""
@@ -31,6 +33,7 @@ class Context:
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         """``embedder``: one already loaded (a test session's, say) instead of one built on first use."""
         self.settings = settings
+        self._blas_undo: list[Callable[[], None]] = []
         if embedder is not None:
             self.embedder = embedder  # takes the place of the cached property below
 
@@ -38,13 +41,13 @@ class Context:
     def embedder(self) -> Embedder:
         from memetrace.embedder import EmbedConfig, Embedder
 
-        return Embedder(EmbedConfig.from_settings(self.settings))
+        return self._loaded(Embedder(EmbedConfig.from_settings(self.settings)))
 
     @cached_property
     def extractor(self) -> KeypointExtractor:
         from memetrace.local_features import build_extractor
 
-        return build_extractor(self.settings)
+        return self._loaded(build_extractor(self.settings))
 
     @cached_property
     def milvus_config(self) -> MilvusConfig:
@@ -94,7 +97,7 @@ class Context:
         else:
             store = LocalFeatureStore(self.settings.data_dir / "features")
         store.codec = KeypointCodec.from_settings(self.settings)
-        return store
+        return self._loaded(store)
 
     @cached_property
     def catalog(self) -> BatchCatalog:
@@ -120,7 +123,15 @@ class Context:
     def matcher(self) -> Matcher:
         from memetrace.matcher.matching import MatchConfig, Matcher
 
-        return Matcher(MatchConfig.from_settings(self.settings), self.index, self.features)
+        return self._loaded(Matcher(MatchConfig.from_settings(self.settings), self.index, self.features))
+
+    def _loaded(self, component: T) -> T:
+        """``component``, once the BLAS libraries it loaded run on one thread
+        (:func:`memetrace.native_threads.single_threaded_blas`; undone by :meth:`close`)."""
+        from memetrace.native_threads import single_threaded_blas
+
+        self._blas_undo.append(single_threaded_blas())
+        return component
 
     def verify_pairs(self, pairs: Sequence[tuple[int, int]], sizes: Mapping[int, tuple[int, int]]) -> list[Match]:
         """:meth:`Matcher.verify_pairs`, the verification derivation trees ask for
@@ -140,3 +151,5 @@ class Context:
             built.pop(name, None)
         if "milvus" in built:
             built.pop("milvus").close()
+        while self._blas_undo:  # last limit first: each restores what it found
+            self._blas_undo.pop()()

@@ -20,10 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before torch loads OpenMP: its threads sleep between parallel regions instead of spinning. On 2
-# cores, 2 torch threads beside the 2 decoding/SIFT threads took 5x the CPU spin-waiting (6.3 s vs
-# 1.3 s of CPU for 48 images under load); passive, they cost 1.2x one thread's CPU.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import memetrace.native_threads  # noqa: F401 - before torch loads OpenMP: its threads then sleep, not spin
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
