@@ -93,7 +93,6 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
     posts = read_posts(posts_csv, posts_report) if posts_csv else []  # a bad CSV stops the run before any work
     batch, state = open_stores(c, with_embedder=True)
     from memetrace.ingest.indexer import Indexer, IndexConfig, IndexReport  # loaded by the embedder already
-    from memetrace.matcher.matching import MatchConfig, Matcher
 
     files = batch.files()
     known = set(files)
@@ -116,7 +115,7 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
 
     t0 = time.perf_counter()
     todo = to_match(batch, state)
-    matcher = Matcher(MatchConfig.from_settings(s), c.index, c.features)
+    matcher = c.matcher
     with progress(len(todo), "match", show_progress) as bar:
         matches = matcher.match_stored(todo, bar.update, all_stored_since=started)
     feed(state, batch, todo, matches, known)

@@ -12,7 +12,6 @@ from memetrace.clusterer.worker import ClusterWorker
 from memetrace.ingest.metrics import IngestMetrics
 from memetrace.ingest.worker import IngestWorker
 from memetrace.kafka_clients import ensure_topics
-from memetrace.matcher.matching import MatchConfig, Matcher
 from memetrace.matcher.metrics import MatchMetrics
 from memetrace.matcher.worker import MatchWorker
 from memetrace.settings import Settings
@@ -39,8 +38,7 @@ def run_match(settings: Settings, max_idle: float | None = None,
     s = settings
     ensure_topics(s, [s.kafka_images_topic, s.kafka_matches_topic, s.kafka_deadletter_topic])
     ctx = Context(s)
-    matcher = Matcher(MatchConfig.from_settings(s), ctx.index, ctx.features)
-    worker = MatchWorker(s, matcher, MatchMetrics(registry or CollectorRegistry()))
+    worker = MatchWorker(s, ctx.matcher, MatchMetrics(registry or CollectorRegistry()))
     run_service(worker, max_idle)
     return worker
 
