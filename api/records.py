@@ -27,8 +27,12 @@ def _post_time(row: OccurrenceRow) -> int:
 def posts_of(log: OccurrenceLog, image_ids: list[int]) -> list[Post]:
     """Every post of these images, oldest first (by post time, else when it was ingested)."""
     rows = sorted(log.occurrences_of(image_ids), key=lambda r: (_post_time(r), r.image_id, r.post_id))
-    return [Post(image_id=r.image_id, post_id=r.post_id, url=r.url, platform=r.platform, posted_at=r.posted_at)
-            for r in rows]
+    return [post_of(r) for r in rows]
+
+
+def post_of(row: OccurrenceRow) -> Post:
+    return Post(image_id=row.image_id, post_id=row.post_id, url=row.url, platform=row.platform,
+                posted_at=row.posted_at, meta=dict(row.meta))
 
 
 def stored_image(row: ImageRecord, cluster_id: int | None, thumbnail: str) -> StoredImage:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from memetrace.messages import MAX_META_KEYS, META_KEY_BYTES, META_VALUE_BYTES
 from memetrace.models import ClusterSummary, Geometry
 
 MAX_ID = 2**63 - 1  # Milvus INT64 primary keys
@@ -25,6 +26,10 @@ Count = Annotated[int, Field(ge=0)]
 UnixTime = Annotated[int, Field(ge=-1, description="unix seconds; -1 = unknown")]
 Path = Annotated[str, Field(max_length=4096, description="the file path or URL it was indexed from")]
 Sort = Literal["size", "growth", "recent"]
+Meta = Annotated[dict[Annotated[str, Field(min_length=1, max_length=META_KEY_BYTES)],
+                      Annotated[str, Field(max_length=META_VALUE_BYTES)]],
+                 Field(max_length=MAX_META_KEYS, description="the post's other fields (a streamed post's meta, a "
+                                                              "posts CSV's extra columns), as text")]
 
 
 class Schema(BaseModel):
@@ -56,6 +61,7 @@ class Post(Schema):
     url: str = Field(max_length=4096, description="the image URL of the post")
     platform: str = Field(max_length=64)
     posted_at: UnixTime
+    meta: Meta = Field(default_factory=dict)
 
 
 class StoredImage(Schema):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from memetrace.api.schemas import MAX_PAGE, ClusterTree, Post, TreeEdge, TreeNode
+from memetrace.api.records import post_of
+from memetrace.api.schemas import MAX_PAGE, ClusterTree, TreeEdge, TreeNode
 from memetrace.models import Derivation, ImageRecord
 from memetrace.occurrence_log import OccurrenceLog
 from memetrace.tree_store import earliest_posts
@@ -22,8 +23,7 @@ def cluster_tree(cluster_id: int, tree: list[Derivation], rows: dict[int, ImageR
         nodes.append(TreeNode(
             image_id=d.image_id, path=rows[d.image_id].path if d.image_id in rows else "",
             thumbnail=thumbnail_url(d.image_id), parent=d.parent, edit=d.edit, confidence=d.confidence,
-            first_post=None if post is None else Post(image_id=post.image_id, post_id=post.post_id, url=post.url,
-                                                      platform=post.platform, posted_at=post.posted_at),
+            first_post=None if post is None else post_of(post),
             author="" if post is None else post.author))
     shown = {n.image_id for n in nodes}
     edges = [TreeEdge(parent=d.parent, child=d.image_id, edit=d.edit, confidence=d.confidence)

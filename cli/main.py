@@ -337,7 +337,8 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "graphml"]), default="csv", show_default=True)
 @click.pass_context
 def tree(ctx: click.Context, out: Path | None, fmt: str) -> None:
-    """Write each cluster's derivation tree: path,parent_path,cluster_id,edit,confidence,first_seen."""
+    """Write each cluster's derivation tree: path,parent_path,cluster_id,edit,confidence,first_seen, then the
+    first post's first_post_id,platform,author,meta."""
     from memetrace.cli.posts import tree_table
     from memetrace.clusterer.tree_export import write_tree
 

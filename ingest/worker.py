@@ -147,7 +147,7 @@ class IngestWorker(StreamWorker):
         if stored:  # a write with nothing to write must not pass for one that reached Milvus (the poison rule)
             self.retry("occurrences", lambda: self.occurrences.add_occurrences([
                 OccurrenceRow(occurrence_key(p.post_id), o.image_id, p.post_id, p.url, p.posted_at_unix(),
-                              p.platform, p.author) for p, o in stored]))
+                              p.platform, p.author, meta=p.meta) for p, o in stored]))
         self.send([(self.s.kafka_images_topic, str(o.image_id).encode(), _event(o, p).to_bytes(), [])
                    for p, o in stored])
         self._count(len(records), stored)

@@ -1,7 +1,7 @@
 """The Kafka message contracts: every topic's payload, in one place, every field bounded.
 
 ``memetrace.posts``       :class:`Post` (JSON, from outside): ``{"post_id", "url", "posted_at"?,
-                          "platform"?, "author"?}``; other fields are ignored. Key: any.
+                          "platform"?, "author"?, "meta"?}``; other fields are ignored. Key: any.
 ``memetrace.images``      :class:`ImageEvent`, one per stored post, key = image id (ingest → matcher,
                           clusterer).
 ``memetrace.matches``     :class:`MatchEvent`, one per verified copy relation, key ``"a:b"`` (a < b):
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, TypeVar
@@ -27,6 +28,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from memetrace.models import Geometry, Match
+from memetrace.varchar import json_text
 
 SCHEMA_VERSION = 1
 MAX_ID = 2**63 - 1  # Milvus and SQLite keys are signed 64-bit
@@ -41,6 +43,12 @@ POST_ID_BYTES = 1024
 URL_BYTES = 4096
 PLATFORM_BYTES = 64
 AUTHOR_BYTES = 256
+# a post's meta: a flat mapping of text, kept whole by every store (the occurrence log holds its
+# JSON text, memetrace.varchar.json_text, in a META_BYTES VARCHAR)
+MAX_META_KEYS = 32
+META_KEY_BYTES = 64
+META_VALUE_BYTES = 1024
+META_BYTES = 4096
 
 #: dead-letter header names (values are UTF-8)
 H_REASON = "memetrace-reason"
@@ -74,6 +82,17 @@ def _at_most_bytes(max_bytes: int) -> AfterValidator:
 PostId = Annotated[str, Field(min_length=1, max_length=POST_ID_BYTES), _at_most_bytes(POST_ID_BYTES)]
 Url = Annotated[str, Field(min_length=1, max_length=URL_BYTES), _at_most_bytes(URL_BYTES)]
 Platform = Annotated[str, Field(max_length=PLATFORM_BYTES), _at_most_bytes(PLATFORM_BYTES)]
+MetaKey = Annotated[str, Field(min_length=1, max_length=META_KEY_BYTES), _at_most_bytes(META_KEY_BYTES)]
+MetaValue = Annotated[str, Field(max_length=META_VALUE_BYTES), _at_most_bytes(META_VALUE_BYTES)]
+
+
+def _meta_fits(meta: dict[str, str]) -> dict[str, str]:
+    if (n := len(json_text(meta).encode("utf-8"))) > META_BYTES:
+        raise ValueError(f"at most {META_BYTES} bytes of JSON, got {n}")
+    return meta
+
+
+Meta = Annotated[dict[MetaKey, MetaValue], Field(max_length=MAX_META_KEYS), AfterValidator(_meta_fits)]
 
 
 class _Contract(BaseModel):
@@ -93,11 +112,23 @@ class Post(_Contract):
     posted_at: datetime | None = None
     platform: Platform = ""
     author: str = Field("", max_length=AUTHOR_BYTES)
+    meta: Meta = Field(default_factory=dict, description=f"flat text about the post (likes, caption, ...): at most "
+                       f"{MAX_META_KEYS} keys of {META_KEY_BYTES} bytes, values of {META_VALUE_BYTES}, "
+                       f"{META_BYTES} bytes of JSON in all")
 
     @field_validator("post_id", mode="before")
     @classmethod
     def _id_as_text(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_ID else v
+
+    @field_validator("meta", mode="before")
+    @classmethod
+    def _scalars_as_text(cls, v: Any) -> Any:
+        # a number or boolean is kept as its JSON text ({"likes": 3} -> "3"); nested values are refused
+        if not isinstance(v, dict):
+            return v
+        return {k: json.dumps(x) if isinstance(x, bool | int) or (isinstance(x, float) and math.isfinite(x)) else x
+                for k, x in v.items()}
 
     @field_validator("url")
     @classmethod

@@ -35,9 +35,10 @@ from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchExceptio
 from memetrace.cluster_board import HISTORY_BYTES, PLATFORMS_BYTES, ClusterBoard, fitted_summary
 from memetrace.errors import ConfigError, DependencyDown, Refused
 from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRow, OccurrenceRow
-from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, OccurrenceLog
+from memetrace.messages import META_BYTES
+from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, OccurrenceLog, fitted_occurrence
 from memetrace.settings import Settings
-from memetrace.varchar import fitted
+from memetrace.varchar import fitted, json_text
 from memetrace.vector_index import IMAGE_BYTES, Hits, VectorIndex, now_ms
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ STRONG = "Strong"
 # counted, filtered by a field), so each row carries this constant 2-d vector (the smallest a
 # FLOAT_VECTOR may be) under a FLAT index: stored in every row, never searched.
 DUMMY_VECTOR = [0.0, 0.0]
+_UPSERT_CHUNK = 1000  # rows per upsert of a bulk write
 
 
 @dataclass(frozen=True)
@@ -417,23 +419,64 @@ def _vectors_by_id(rows: Sequence[dict], key: str, dim: int) -> dict[int, list[n
 # ---------------------------------------------------------------------------------- occurrence log
 
 
+#: the occurrences collection's schema version, in its name (``<prefix>_occurrences_v2``): a data dir
+#: whose occurrences an older memetrace wrote is migrated when the log opens (:meth:`MilvusOccurrenceLog._migrate`)
+OCCURRENCES_VERSION = 2
+#: what the unversioned collection (version 1, no ``meta``) lacks, with the value its rows get
+_ADDED_IN_V2 = {"meta": "{}", "seen_at": -1}
+_OCCURRENCE_INTS = ["image_id", "posted_at", "seen_at"]
+
+
 class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
-    """Collections ``<prefix>_occurrences`` and ``<prefix>_deadletters``; string fields are cut to
-    their bytes (:data:`~memetrace.occurrence_log.OCCURRENCE_BYTES`, ``DEAD_LETTER_BYTES``)."""
+    """Collections ``<prefix>_occurrences_v2`` and ``<prefix>_deadletters``; string fields are cut to
+    their bytes (:data:`~memetrace.occurrence_log.OCCURRENCE_BYTES`, ``DEAD_LETTER_BYTES``), the
+    meta kept as JSON text (:func:`~memetrace.occurrence_log.fitted_occurrence`)."""
 
     def __init__(self, client: MilvusClient, config: MilvusConfig) -> None:
-        super().__init__(client, config, ["occurrences", "deadletters"])
+        super().__init__(client, config, [f"occurrences_v{OCCURRENCES_VERSION}", "deadletters"])
         self.occurrences, self.deadletters = self.collections
-        self._ensure_records(self.occurrences, list(OCCURRENCE_BYTES.items()), ["image_id", "posted_at", "seen_at"])
+        self._ensure_records(self.occurrences, [*OCCURRENCE_BYTES.items(), ("meta", META_BYTES)], _OCCURRENCE_INTS)
         self._ensure_records(self.deadletters, list(DEAD_LETTER_BYTES.items()), ["dead_at"])
+        self._migrate(config.collection("occurrences"))
+
+    def _migrate(self, old: str) -> None:
+        """Copy the rows of the version-1 collection ``old`` here (meta empty), then drop it.
+
+        Rows are upserted by their key, so an interrupted copy is done again by the next process
+        that opens the log, and two processes may copy at once: the one that drops ``old`` has
+        copied every row first, and the other then stops. A process of the older version writing
+        meanwhile writes to ``old``; its rows come over the next time the log opens."""
+        if not self.client.has_collection(old):
+            return
+        fields = [f["name"] for f in self.client.describe_collection(old)["fields"] if f["name"] != "vector"]
+        copied = 0
+        try:
+            self.client.load_collection(old)
+            it = self.client.query_iterator(old, batch_size=_UPSERT_CHUNK, filter="id >= 0", output_fields=fields,
+                                            consistency_level=STRONG)
+            try:
+                while batch := it.next():
+                    self.client.upsert(self.occurrences, [_ADDED_IN_V2 | {k: r[k] for k in fields}
+                                                          | {"vector": DUMMY_VECTOR} for r in batch])
+                    copied += len(batch)
+            finally:
+                it.close()
+        except _FAILURES:
+            if self.client.has_collection(old):
+                raise
+            return  # another process copied every row and dropped it
+        self.client.drop_collection(old)
+        log.warning("migrated the occurrence log to schema version %d", OCCURRENCES_VERSION,
+                    extra={"from": old, "to": self.occurrences, "rows": copied})
 
     def add_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:
         if rows:
             now = int(time.time())
             self.client.upsert(self.occurrences, [
                 {"id": r.id, "vector": DUMMY_VECTOR, "image_id": r.image_id, "post_id": r.post_id, "url": r.url,
-                 "posted_at": r.posted_at, "platform": r.platform, "author": r.author, "seen_at": now}
-                for r in (fitted(r, OCCURRENCE_BYTES) for r in rows)])
+                 "posted_at": r.posted_at, "platform": r.platform, "author": r.author, "seen_at": now,
+                 "meta": json_text(r.meta)}
+                for r in (fitted_occurrence(r) for r in rows)])
 
     def add_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         if rows:
@@ -453,7 +496,8 @@ class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
         if not image_ids:
             return []
         rows = self._query_all(self.occurrences, _OCCURRENCE_FIELDS, filter=f"image_id in {_ids(image_ids)}")
-        return [OccurrenceRow(**{f: r[f] for f in _OCCURRENCE_FIELDS}) for r in rows]
+        return [OccurrenceRow(**{f: json.loads(r[f]) if f == "meta" else r[f] for f in _OCCURRENCE_FIELDS})
+                for r in rows]
 
     def image_ids_of_occurrences(self) -> list[int]:
         return [int(v) for v in self._field_values(self.occurrences, "image_id")]
@@ -469,13 +513,12 @@ class MilvusOccurrenceLog(_MilvusBackend, OccurrenceLog):
         return dict(sorted(counts.items()))
 
 
-# a row holds every field of an occurrence (``seen_at`` too)
+# a row holds every field of an occurrence (``seen_at`` and ``meta`` too)
 _OCCURRENCE_FIELDS = [f.name for f in dataclasses.fields(OccurrenceRow)]
 
 
 # ---------------------------------------------------------------------------------- cluster board
 
-_UPSERT_CHUNK = 1000
 _SUMMARY_FIELDS = ("id", "images", "posts", "first_seen", "last_seen", "growth_hour", "growth_day", "updated_at",
                    "platforms", "history")
 

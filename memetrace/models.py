@@ -6,7 +6,8 @@ contracts (``memetrace.messages``) convert to and from them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -113,6 +114,8 @@ class OccurrenceRow:
     platform: str
     author: str
     seen_at: int = -1  # unix seconds the log stored it: set by the log (read back), ignored when written
+    # the post's other fields (Post.meta, a posts CSV's extra columns), cut as the stores keep them
+    meta: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

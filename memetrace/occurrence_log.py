@@ -17,15 +17,24 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
-from memetrace.messages import AUTHOR_BYTES, MAX_DETAIL, PLATFORM_BYTES, POST_ID_BYTES, URL_BYTES
+from memetrace.messages import (AUTHOR_BYTES, MAX_DETAIL, MAX_META_KEYS, META_BYTES, META_KEY_BYTES, META_VALUE_BYTES,
+                                PLATFORM_BYTES, POST_ID_BYTES, URL_BYTES)
 from memetrace.models import DeadLetterRow, OccurrenceRow
-from memetrace.varchar import fitted
+from memetrace.varchar import fitted, fitted_mapping
 
 #: the UTF-8 bytes each backend keeps of a string field (:func:`memetrace.varchar.fitted`); a valid
 #: post's id, URL and platform fit whole (memetrace.messages bounds them so)
 OCCURRENCE_BYTES = {"post_id": POST_ID_BYTES, "url": URL_BYTES, "platform": PLATFORM_BYTES, "author": AUTHOR_BYTES}
 #: a dead letter's post id and URL are the message's, unchecked: cut like the rest
 DEAD_LETTER_BYTES = {"reason": 64, "detail": MAX_DETAIL, "post_id": POST_ID_BYTES, "url": URL_BYTES, "source": 512}
+
+
+def fitted_occurrence(row: OccurrenceRow) -> OccurrenceRow:
+    """``row`` as every backend keeps it: strings cut to :data:`OCCURRENCE_BYTES`, its meta to the
+    bounds of :class:`memetrace.messages.Post` (a valid post's meta is kept whole; a posts CSV's
+    extra columns are not checked, so they are cut here)."""
+    return replace(fitted(row, OCCURRENCE_BYTES),
+                   meta=fitted_mapping(row.meta, MAX_META_KEYS, META_KEY_BYTES, META_VALUE_BYTES, META_BYTES))
 
 
 class OccurrenceLog(ABC):
@@ -45,7 +54,8 @@ class OccurrenceLog(ABC):
 
     @abstractmethod
     def occurrences_of(self, image_ids: Sequence[int]) -> list[OccurrenceRow]:
-        """Every post of these images, with ``seen_at`` (unix seconds it was stored), in no given order."""
+        """Every post of these images, with ``seen_at`` (unix seconds it was stored) and its meta as
+        stored (:func:`fitted_occurrence`), in no given order."""
 
     @abstractmethod
     def image_ids_of_occurrences(self) -> list[int]:
@@ -71,7 +81,7 @@ class MemoryOccurrenceLog(OccurrenceLog):
     def add_occurrences(self, rows: Sequence[OccurrenceRow]) -> None:
         now = int(time.time())
         with self._lock:
-            self._posts.update((r.id, replace(fitted(r, OCCURRENCE_BYTES), seen_at=now)) for r in rows)
+            self._posts.update((r.id, replace(fitted_occurrence(r), seen_at=now)) for r in rows)
 
     def add_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         with self._lock:

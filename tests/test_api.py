@@ -195,8 +195,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
 def indexed(corpus: Corpus, embedder) -> Context:
     ctx = Context(make_settings(corpus.folder.parent / "data"))
     ctx.embedder = embedder
-    summary = run_index(ctx, corpus.folder)
+    posts = corpus.folder.parent / "posts.csv"  # a post of one singleton, with two extra columns (its meta)
+    posts.write_text("path,post_id,posted_at,platform,author,likes,caption,,likes\n"
+                     f"images/coffee.jpg,c1,2026-01-05T10:00:00Z,reddit,@ana,12,{CAPTION},x,99\n")
+    summary = run_index(ctx, corpus.folder, posts)
     assert summary["new_images"] == 7 and summary["clusters"] == 2, summary
+    assert summary["posts"]["recorded"] == 1 and summary["posts"]["ignored_columns"] == ["(no name) (column 8)",
+                                                                                      "likes (column 9)"]
     return ctx
 
 
@@ -366,6 +371,20 @@ def test_image_and_thumbnail(main: Api, corpus: Corpus) -> None:
     _error(main.get("/v1/images/12345/thumbnail"), 404, "no_thumbnail")
     _error(main.get("/v1/images/abc"), 422, "invalid_request")
     _error(main.get(f"/v1/images/{2**64}"), 422, "invalid_request")
+
+
+CAPTION = "when the coffee kicks in ☕"
+
+
+def test_a_posts_csv_s_extra_columns_are_the_stored_posts_meta(main: Api, corpus: Corpus) -> None:
+    image_id = corpus.id_of("coffee.jpg")
+    (stored,) = main.ctx.occurrences.occurrences_of([image_id])
+    assert stored.meta == {"likes": "12", "caption": CAPTION}  # the first "likes"; the unnamed column left out
+    body = main.get(f"/v1/images/{image_id}").json()
+    assert body["posts_total"] == 1 and body["posts"] == [{
+        "image_id": image_id, "post_id": "c1", "url": str(corpus.folder / "coffee.jpg"), "platform": "reddit",
+        "posted_at": 1767607200, "meta": {"likes": "12", "caption": CAPTION}}]
+    ImageResponse.model_validate(body)
 
 
 def test_clusters_in_each_order(main: Api, corpus: Corpus) -> None:

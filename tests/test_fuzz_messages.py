@@ -72,6 +72,10 @@ EDGE_AUTHORS = ["日" * 256, "😀" * 256, "a" * 256]
 EDGE_POSTED_AT = ["1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59", 0, 253402300799,
                   "2024-05-01T10:00:00+14:00"]
 URL_BYTES = 4096
+# meta at its bounds: 32 keys of 64 bytes with 2-byte values (4,034 bytes of JSON), the longest key
+# and value in bytes, numbers and booleans (kept as their text)
+EDGE_META = [{"日" * 21 + f"{i:c}": "é" * 28 for i in range(65, 97)}, {"日" * 21 + "x": "😀" * 256},
+             {"likes": 3, "ratio": -0.25, "nsfw": True}, {}]
 
 
 def _edge(rng: random.Random, usual: Any, edges: Sequence[Any]) -> Any:
@@ -91,6 +95,7 @@ def valid(kind: str, rng: random.Random) -> dict[str, Any]:
                "url": _edge(rng, url, [edge_url(url)]),
                "platform": _edge(rng, rng.choice(["", "x", "mastodon"]), EDGE_PLATFORMS),
                "author": _edge(rng, "a" * rng.randrange(20), EDGE_AUTHORS)}
+        doc |= {"meta": rng.choice(EDGE_META)} if rng.random() < 0.3 else {}
         return doc | ({"posted_at": rng.choice(EDGE_POSTED_AT)} if rng.random() < 0.4 else {})
     if kind == "image":
         return {"v": 1, "image_id": _edge(rng, rng.randrange(MAX_ID + 1), [0, MAX_ID]),
@@ -123,7 +128,7 @@ def hostile(kind: str, rng: random.Random, max_bytes: int) -> bytes | None:
         depth = rng.choice([40, 1000, 100_000])
         return b"[" * min(depth, max_bytes // 2) + b"]" * min(depth, max_bytes // 2)
     if pick == 1:  # nesting inside a field that is otherwise ignored
-        return _raw(doc)[:-1] + b', "meta": ' + b'{"x":' * 200 + b"1" + b"}" * 200 + b"}"
+        return _raw(doc)[:-1] + b', "text": ' + b'{"x":' * 200 + b"1" + b"}" * 200 + b"}"
     if pick == 2:  # a huge string where a short one belongs
         huge = "x" * rng.choice([5000, 100_000, min(max_bytes - 200, 2_000_000)])
         (doc["post"] if kind == "image" else doc)["kind" if kind == "match" else "post_id"] = huge
@@ -145,6 +150,11 @@ def hostile(kind: str, rng: random.Random, max_bytes: int) -> bytes | None:
         return _raw(doc)
     if pick == 9:
         return _raw(doc)[: rng.randrange(1, len(_raw(doc)))]  # cut short
+    if pick == 10 and kind == "post":  # a meta over its bounds, nested, or not a mapping
+        doc["meta"] = rng.choice([{f"k{i}": "v" for i in range(33)}, {"k": "v" * 1025}, {"k" * 65: "v"},
+                                  {f"k{i}": "é" * 500 for i in range(5)}, {"": "v"}, {"k": {"x": "y"}}, {"k": [1]},
+                                  {"k": None}, {"k": float("nan")}, ["k", "v"], "k=v"])
+        return _raw(doc)
     if pick == 10 and kind == "match":
         doc["b"] = doc["a"] - rng.choice([0, 1])  # self-loop or reversed
         return _raw(doc)

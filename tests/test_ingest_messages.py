@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from memetrace.fetch import FetchPolicy
-from memetrace.messages import (H_REASON, H_SOURCE, MAX_MESSAGE_BYTES, ImageEvent, InvalidMessage, Post, PostRef,
-                                dead_letter, deadletter_key, occurrence_key, parse, source_of)
+from memetrace.messages import (H_REASON, H_SOURCE, MAX_MESSAGE_BYTES, MAX_META_KEYS, META_KEY_BYTES,
+                                META_VALUE_BYTES, ImageEvent, InvalidMessage, Post, PostRef, dead_letter,
+                                deadletter_key, occurrence_key, parse, source_of)
 from memetrace.ingest.producer import lines_to_messages
 from kafka_broker import free_port
 from memetrace.ingest.metrics import IngestMetrics
@@ -24,9 +25,41 @@ def test_valid_post_keeps_the_fields_memetrace_reads() -> None:
                                    "posted_at": "2024-05-01T10:00:00Z", "platform": "mastodon", "author": "ana",
                                    "text": "lol", "meta": {"likes": 3}, "unknown": "ignored"}).encode())
     assert post.post_id == "42" and post.platform == "mastodon" and post.author == "ana"
-    assert set(post.model_dump()) == {"v", "post_id", "url", "posted_at", "platform", "author"}  # the rest: unread
-    assert post.posted_at_unix() == 1714557600
-    assert parse(Post, b'{"post_id": "a", "url": "http://h/x"}').posted_at_unix() == -1
+    assert set(post.model_dump()) == {"v", "post_id", "url", "posted_at", "platform", "author", "meta"}  # the rest: unread
+    assert post.posted_at_unix() == 1714557600 and post.meta == {"likes": "3"}
+    bare = parse(Post, b'{"post_id": "a", "url": "http://h/x"}')  # as producers sent before meta was read
+    assert bare.posted_at_unix() == -1 and bare.meta == {}
+
+
+def test_meta_is_flat_text_within_its_bounds() -> None:
+    post = parse(Post, _post(meta={" likes ": 3, "ratio": 0.5, "nsfw": False, "caption": " 日本 ", "lang": ""}))
+    assert post.meta == {"likes": "3", "ratio": "0.5", "nsfw": "false", "caption": "日本", "lang": ""}
+    edge = {f"k{i:02d}": "é" * 50 for i in range(MAX_META_KEYS)}  # 32 keys, 3,8xx bytes of JSON
+    assert parse(Post, _post(meta=edge)).meta == edge
+    assert parse(Post, _post(meta={"k" * META_KEY_BYTES: "v" * META_VALUE_BYTES})).meta
+
+
+@pytest.mark.parametrize(("meta", "hint"), [
+    ({f"k{i}": "v" for i in range(MAX_META_KEYS + 1)}, "meta: Dictionary should have at most 32 items"),
+    ({"k": "v" * (META_VALUE_BYTES + 1)}, "meta.k: String should have at most 1024 characters"),
+    ({"k": "é" * (META_VALUE_BYTES // 2 + 1)}, "meta.k: Value error, at most 1024 UTF-8 bytes"),
+    ({"k" * (META_KEY_BYTES + 1): "v"}, "String should have at most 64 characters"),
+    ({f"k{i}": "v" * 1000 for i in range(5)}, "meta: Value error, at most 4096 bytes of JSON"),
+    ({"": "v"}, "String should have at least 1 character"),
+    ({"k": {"nested": "v"}}, "meta.k: Input should be a valid string"),
+    ({"k": ["v"]}, "meta.k: Input should be a valid string"),
+    ({"k": None}, "meta.k: Input should be a valid string"),
+    ("likes=3", "meta: Input should be a valid dictionary"),
+])
+def test_meta_over_its_bounds_is_an_invalid_post(meta: object, hint: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse(Post, _post(meta=meta))
+    detail = info.value.detail
+    assert info.value.reason == "invalid_post" and detail.startswith("meta") and hint in detail, detail
+
+
+def _post(**fields: object) -> bytes:
+    return json.dumps({"post_id": "p", "url": "https://example.org/a.jpg"} | fields, ensure_ascii=False).encode()
 
 
 @pytest.mark.parametrize(("raw", "reason", "hint"), [
@@ -49,9 +82,9 @@ def test_invalid_messages_name_the_reason(raw: bytes | None, reason: str, hint: 
 
 
 def test_a_post_with_a_huge_text_gives_a_small_image_event_and_a_larger_one_is_refused_unread() -> None:
-    """A post's text and meta are read by no stage: they never reach the images topic, whose
-    events would otherwise exceed the broker's message size and be retried for ever."""
-    big = {"post_id": "p", "url": "https://example.org/a.jpg", "text": "x" * 900_000, "meta": {"k": "v" * 50_000}}
+    """A post's text is read by no stage, its meta by the ingest alone: neither reaches the images
+    topic, whose events would otherwise exceed the broker's message size and be retried for ever."""
+    big = {"post_id": "p", "url": "https://example.org/a.jpg", "text": "x" * 900_000, "meta": {"k": "v" * 1000}}
     post = parse(Post, json.dumps(big).encode())
     event = ImageEvent(image_id=1, nb_points=10, post=PostRef(post_id=post.post_id, posted_at=post.posted_at_unix(),
                                                               platform=post.platform))

@@ -32,7 +32,7 @@ from streaming import (  # noqa: F401
     write_posts,
 )
 
-from memetrace.messages import H_REASON, ImageEvent
+from memetrace.messages import H_DETAIL, H_REASON, MAX_META_KEYS, ImageEvent
 from memetrace.ingest.worker import IngestWorker
 from memetrace.cli.main import main as cli
 from memetrace.cli.context import Context
@@ -53,11 +53,13 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     names = list(GROUP_PHOTOS)
     posts: list[dict | str] = [{"post_id": f"p{i}", "url": f"{base}/img/{names[i % 6]}", "platform": "x",
                                 "author": f"u{i}", "posted_at": f"2024-01-0{1 + i % 9}T00:00:00Z"} for i in range(18)]
+    posts[0]["meta"] = {"likes": 3, "caption": "first ☕"}  # a number is kept as its text
     posts.append({"post_id": "same-bytes-other-url", "url": f"{base}/img/cat?copy=1"})
     posts.append(f"{base}/img/coffee")  # a bare URL line: the producer wraps it
     posts += [{"post_id": "gone", "url": f"{base}/missing.jpg"}, {"post_id": "err", "url": f"{base}/error/x"},
               {"post_id": "txt", "url": f"{base}/text/a.jpg"}, {"post_id": "cut", "url": f"{base}/truncated/x"},
-              {"post_id": "bomb", "url": f"{base}/bomb/x.png"}, "{this is not json", {"post_id": "no-url"}, {"post_id": "ftp", "url": "ftp://127.0.0.1/x.jpg"}]
+              {"post_id": "bomb", "url": f"{base}/bomb/x.png"}, "{this is not json", {"post_id": "no-url"}, {"post_id": "ftp", "url": "ftp://127.0.0.1/x.jpg"},
+              {"post_id": "meta-keys", "url": f"{base}/img/cat", "meta": {f"k{i}": "v" for i in range(MAX_META_KEYS + 1)}}]
     produce(env, write_posts(tmp_path / "posts.txt", posts))
 
     def run_worker(settings: Settings) -> IngestWorker:
@@ -70,9 +72,9 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
 
     worker = run_worker(s)
     t = worker.totals
-    assert (t.posts, t.occurrences, t.new_images, t.duplicates) == (28, 20, 6, 14)
+    assert (t.posts, t.occurrences, t.new_images, t.duplicates) == (29, 20, 6, 14)
     expected_dead = {"download_http_404": 1, "download_http_5xx": 1, "download_not_an_image": 1, "image_corrupt": 1,
-                     "image_too_many_pixels": 1, "invalid_json": 1, "invalid_post": 2}
+                     "image_too_many_pixels": 1, "invalid_json": 1, "invalid_post": 3}
     assert t.deadlettered == expected_dead
     counts = milvus_counts(s)
     assert counts == {"images": 6, "occurrences": 20, "distinct_in_occurrences": 6, "deadletters": expected_dead}
@@ -80,20 +82,27 @@ def test_end_to_end_posts_to_milvus_events_and_deadletters(kafka_broker: Broker,
     events = [ImageEvent.model_validate_json(r.value) for r in read_topic(s, s.kafka_images_topic, 20)]
     assert len(events) == 20 and len({e.image_id for e in events}) == 6
     assert {e.post.post_id for e in events} >= {f"p{i}" for i in range(18)}
-    features = Context(s).features
-    assert all(features.get_keypoints(e.image_id) is not None for e in events)
-    dead = read_topic(s, s.kafka_deadletter_topic, 8)
-    assert len(dead) == 8
+    stored = Context(s)
+    assert all(stored.features.get_keypoints(e.image_id) is not None for e in events)
+    meta = {o.post_id: o.meta for o in stored.occurrences.occurrences_of([e.image_id for e in events])}
+    assert meta["p0"] == {"likes": "3", "caption": "first ☕"} and meta["p1"] == {}  # without meta: as before
+    assert "meta-keys" not in meta
+    stored.close()
+    dead = read_topic(s, s.kafka_deadletter_topic, 9)
+    assert len(dead) == 9
+    (too_many,) = [r for r in dead if b'"meta-keys"' in r.value]
+    assert dict(too_many.headers)[H_REASON] == b"invalid_post"
+    assert dict(too_many.headers)[H_DETAIL].startswith(b"meta: Dictionary should have at most 32 items")
     assert b"{this is not json" in {r.value for r in dead}  # the original bytes, untouched
     assert {dict(r.headers)[H_REASON].decode() for r in dead} == set(expected_dead)
     metrics = worker.metrics.registry
-    assert metrics.get_sample_value("memetrace_posts_consumed_total") == 28
+    assert metrics.get_sample_value("memetrace_posts_consumed_total") == 29
     assert metrics.get_sample_value("memetrace_download_failures_total", {"reason": "http_404"}) == 1
     assert metrics.get_sample_value("memetrace_embed_batch_seconds_count") >= 1
 
     # a second group re-reads every message: rows are keyed by content/position, nothing doubles
     again = run_worker(s.model_copy(update={"kafka_ingest_group_id": s.kafka_ingest_group_id + "-again"}))
-    assert again.totals.posts == 28 and again.totals.new_images == 0
+    assert again.totals.posts == 29 and again.totals.new_images == 0
     assert milvus_counts(s) == counts
 
 

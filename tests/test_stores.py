@@ -6,6 +6,7 @@ The SQLite stores (clusterer state, batch catalog) are specified in test_state.p
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,13 +19,14 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from pymilvus import MilvusClient
+from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from conftest import make_settings, rgb
 from memetrace.cluster_board import ClusterBoard, MemoryClusterBoard
 from memetrace.errors import ConfigError, DependencyDown, Refused
 from memetrace.feature_store import FeatureStore, LocalFeatureStore, MemoryFeatureStore
+from memetrace.messages import MAX_META_KEYS, META_BYTES, META_KEY_BYTES, META_VALUE_BYTES, Post, parse
 from memetrace.keypoints import Keypoints
 from memetrace.kpcodec import KeypointCodec, KeypointFormatError
 from memetrace.milvus import (MilvusClusterBoard, MilvusConfig, MilvusOccurrenceLog, MilvusVectorIndex, connect,
@@ -33,7 +35,7 @@ from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRo
 from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, MemoryOccurrenceLog, OccurrenceLog
 from memetrace.settings import Settings
 from memetrace.sqlite_file import IncompatibleFile
-from memetrace.varchar import cut_utf8
+from memetrace.varchar import cut_utf8, json_text
 from memetrace.vector_index import (IMAGE_BYTES, MemoryVectorIndex, ReducedVectorIndex, VectorIndex, now_ms,
                                     open_index, shipped_basis)
 
@@ -364,6 +366,72 @@ def test_occurrences_are_keyed_by_post(backend: Backend) -> None:
     assert log.count_occurrences() == 2500
     again = next(r for r in log.occurrences_of([coins]) if r.post_id == "p0")
     assert (again.url, again.posted_at, again.platform) == ("https://x.test/moved", -1, "y")
+
+
+def test_occurrences_keep_their_meta(backend: Backend) -> None:
+    log = backend.log()
+    meta = {"likes": "3", "caption": "日本語 😀", "": "x"}  # an empty key names nothing: left out
+    log.add_occurrences([OccurrenceRow(1, 7, "p1", "u", -1, "x", "a", meta=meta), OccurrenceRow(2, 7, "p2", "u", -1, "x", "a")])
+    got = {r.post_id: r.meta for r in log.occurrences_of([7])}
+    assert got == {"p1": {"likes": "3", "caption": "日本語 😀"}, "p2": {}}
+    assert list(got["p1"]) == ["likes", "caption"]  # in the order given
+    log.add_occurrences([OccurrenceRow(1, 7, "p1", "u", -1, "x", "a", meta={"likes": "4"})])  # same key: replaced
+    assert {r.post_id: r.meta for r in log.occurrences_of([7])}["p1"] == {"likes": "4"}
+
+
+def test_meta_is_kept_whole_at_its_bounds_and_cut_alike_over_them(backend: Backend) -> None:
+    """A valid post's meta fits whole; an unchecked one (a posts CSV's columns) is cut the same way
+    on every backend: keys and values to their bytes, then the first entries whose JSON fits."""
+    at_bounds = {"日" * 20 + f"{i:02d}": "é" * 20 for i in range(MAX_META_KEYS - 1)} | {"k": "😀" * 80}
+    assert len(json_text(at_bounds).encode()) <= META_BYTES and parse(Post, json.dumps(
+        {"post_id": "p", "url": "http://h/x", "meta": at_bounds}).encode()).meta == at_bounds
+    many = {f"k{i}": "v" for i in range(MAX_META_KEYS + 8)}
+    long_value = {"a" * 100: "日" * 400, "b": "x"}
+    heavy = {f"k{i}": "x" * 1000 for i in range(8)}
+    log = backend.log()
+    for i, meta in enumerate([at_bounds, many, long_value, heavy]):
+        log.add_occurrences([OccurrenceRow(i, 7, f"p{i}", "u", -1, "x", "a", meta=meta)])
+    got = {r.id: r.meta for r in log.occurrences_of([7])}
+    assert got[0] == at_bounds
+    assert got[1] == {f"k{i}": "v" for i in range(MAX_META_KEYS)}
+    assert got[2] == {"a" * META_KEY_BYTES: "日" * (META_VALUE_BYTES // 3), "b": "x"}
+    assert got[3] == {f"k{i}": "x" * 1000 for i in range(4)}  # a fifth would pass META_BYTES of JSON
+    assert all(len(json_text(m).encode()) <= META_BYTES for m in got.values())
+
+
+def _v1_occurrences(client: MilvusClient, name: str, ids: range) -> None:
+    """The occurrences collection as memetrace wrote it before schema version 2 (no meta)."""
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+    for field, length in OCCURRENCE_BYTES.items():
+        schema.add_field(field, DataType.VARCHAR, max_length=length)
+    for field in ("image_id", "posted_at", "seen_at"):
+        schema.add_field(field, DataType.INT64)
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+    client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+    client.insert(name, [{"id": i, "vector": [0.0, 0.0], "post_id": f"p{i}", "url": "u", "platform": "x",
+                          "author": "a", "image_id": 7 + i % 2, "posted_at": i, "seen_at": 1_700_000_000}
+                         for i in ids])
+
+
+def test_an_occurrence_log_of_the_older_schema_is_migrated(milvus: Backend) -> None:
+    """A data dir whose occurrences have no meta (schema version 1) keeps every row: the log copies
+    them into its versioned collection, meta empty, and drops the old one; an interrupted copy is
+    finished by the next open."""
+    config = milvus.config()
+    old = config.collection("occurrences")
+    _v1_occurrences(milvus.client, old, range(1500))  # more than one batch of the copy
+    log = MilvusOccurrenceLog(milvus.client, config)
+    assert not milvus.client.has_collection(old) and log.count_occurrences() == 1500
+    (row,) = [r for r in log.occurrences_of([7]) if r.post_id == "p0"]
+    assert row == OccurrenceRow(0, 7, "p0", "u", 0, "x", "a", 1_700_000_000, {})
+    log.add_occurrences([OccurrenceRow(0, 7, "p0", "u", 0, "x", "a", meta={"likes": "1"})])
+    _v1_occurrences(milvus.client, old, range(2000, 2003))  # an older process wrote after the migration
+    again = MilvusOccurrenceLog(milvus.client, config)
+    assert not milvus.client.has_collection(old) and again.count_occurrences() == 1503
+    assert {r.post_id: r.meta for r in again.occurrences_of([7])}["p0"] == {"likes": "1"}
 
 
 def test_cut_utf8_keeps_whole_characters() -> None:

@@ -9,19 +9,23 @@ import json
 import logging
 from pathlib import Path
 
+import networkx as nx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import load_photo
+from conftest import load_photo, make_settings
 from tests.browser import render, require_browser
+from memetrace.api.trees import cluster_tree
+from memetrace.cli.context import Context
 from memetrace.cli.main import main
 from memetrace.cli.posts import PostsFileError, PostsReport, parse_time, read_posts, record_posts
 from memetrace.clusterer.service import recluster
 from memetrace.clusterer.state import MemoryGraphState
 from memetrace.clusterer.tree import Seen, TreeConfig, direction, forest
+from memetrace.clusterer.tree_export import tree_rows, write_tree
 from memetrace.clusterer.tree_update import current_trees, first_posts, update_trees
-from memetrace.models import Derivation, Geometry, Match
+from memetrace.models import Derivation, Geometry, Match, OccurrenceRow
 from memetrace.occurrence_log import MemoryOccurrenceLog
 from memetrace.tree_store import MemoryTreeStore, SqliteTreeStore
 
@@ -97,6 +101,20 @@ def test_a_posts_csv_without_its_columns_is_refused(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("path,when\na.jpg,1\n")
     with pytest.raises(PostsFileError, match="missing column.*post_id"):
         read_posts(tmp_path / "p.csv", PostsReport())
+    (tmp_path / "p.csv").write_text("path,post_id,posted_at,platform,author,post_id\na.jpg,1,,x,y,2\n")
+    with pytest.raises(PostsFileError, match="post_id named more than once"):
+        read_posts(tmp_path / "p.csv", PostsReport())
+
+
+def test_extra_columns_are_meta_unnamed_and_repeated_ones_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text(" path ,post_id,posted_at,platform,author,likes,,caption,likes\n"
+                                    "a.jpg,p1,,x,@a, 12 ,zz,hi,13\n"
+                                    "\n"  # a blank line: no row
+                                    "b.jpg,p2,,x,@a,,zz,\n")  # empty cells and a short row: no meta
+    report = PostsReport()
+    posts = read_posts(tmp_path / "p.csv", report)
+    assert [p.meta for p in posts] == [{"likes": "12", "caption": "hi"}, {}]
+    assert report.ignored_columns == ["(no name) (column 7)", "likes (column 9)"] and report.rows == 2
 
 
 def test_posts_are_recorded_once_and_unknown_files_reported(tmp_path: Path) -> None:
@@ -111,6 +129,34 @@ def test_posts_are_recorded_once_and_unknown_files_reported(tmp_path: Path) -> N
     assert report.unknown_examples == [str(tmp_path / "gone.jpg")]
     assert log.count_occurrences() == 2 and {o.author for o in log.occurrences_of([7])} == {"@a"}
     assert first_posts(state, [7]) == {7: 50}
+
+
+def test_the_tree_endpoint_shows_each_node_s_first_post_with_its_meta() -> None:
+    log = MemoryOccurrenceLog()
+    log.add_occurrences([OccurrenceRow(1, 1, "p1", "u1", 100, "reddit", "@a", meta={"likes": "3"}),
+                         OccurrenceRow(2, 1, "p0", "u0", 50, "x", "@b", meta={"likes": "9", "caption": "first"}),
+                         OccurrenceRow(3, 2, "p2", "u2", 200, "x", "@c")])
+    tree = cluster_tree(5, [Derivation(1, None, "", 0.9), Derivation(2, 1, "crop", 0.8)], {}, log, str)
+    first = {n.image_id: n.first_post for n in tree.nodes}
+    assert first[1] is not None and first[1].post_id == "p0" and first[1].meta == {"likes": "9", "caption": "first"}
+    assert first[2] is not None and first[2].meta == {}
+    assert tree.nodes[0].author == "@b"
+
+
+def test_tree_files_carry_each_image_s_first_post_after_the_issue_s_columns(tmp_path: Path) -> None:
+    first = {1: OccurrenceRow(9, 1, "p1", "u", 100, "reddit", "@a", meta={"likes": "3", "caption": "日本"})}
+    rows = tree_rows({5: [Derivation(2, 1, "crop", 0.8), Derivation(1, None, "", 0.9)]}, {1: "a.jpg", 2: "b.jpg"},
+                     {1: 100}, first)
+    with write_tree(rows, tmp_path / "t.csv").open(encoding="utf-8") as fh:
+        table = list(csv.reader(fh))
+    assert table[0] == ["path", "parent_path", "cluster_id", "edit", "confidence", "first_seen",
+                        "first_post_id", "platform", "author", "meta"]
+    assert table[1][6:] == ["p1", "reddit", "@a", '{"likes":"3","caption":"日本"}'] and table[2][6:] == ["", "", "", ""]
+    doc = json.loads(write_tree(rows, tmp_path / "t.json", "json").read_text())
+    assert doc[0]["meta"] == {"likes": "3", "caption": "日本"} and doc[1]["meta"] == {} and doc[1]["parent_path"] == "a.jpg"
+    graph = nx.read_graphml(write_tree(rows, tmp_path / "t.graphml", "graphml"))
+    assert json.loads(graph.nodes["a.jpg"]["meta"]) == {"likes": "3", "caption": "日本"}
+    assert list(graph.edges) == [("a.jpg", "b.jpg")]
 
 
 # ----------------------------------------------------------------------------- tree store
@@ -190,7 +236,8 @@ def test_index_with_posts_then_tree_csv(tmp_path: Path, embedder) -> None:
     padded = Image.new("RGB", (w, h + h // 4), (255, 255, 255))
     padded.paste(im, (0, h // 8))
     padded.save(folder / "pad.jpg", quality=85)
-    posts = write_csv(tmp_path / "posts.csv", [post("memes/origin.jpg", "p1", "2026-01-05T10:00:00Z"),
+    posts = write_csv(tmp_path / "posts.csv", [post("memes/origin.jpg", "p1", "2026-01-05T10:00:00Z", likes="40",
+                                                    caption="the original"),
                                                post("memes/crop.jpg", "p2", "2026-01-05T11:00:00Z"),
                                                post("memes/pad.jpg", "p3", "2026-01-05T12:00:00Z"),
                                                post("memes/nowhere.jpg", "p4", "2026-01-05T12:00:00Z")])
@@ -216,6 +263,15 @@ def test_index_with_posts_then_tree_csv(tmp_path: Path, embedder) -> None:
     assert Path(rows["crop.jpg"]["parent_path"]).name == "origin.jpg" and rows["crop.jpg"]["edit"] == "crop"
     assert Path(rows["pad.jpg"]["parent_path"]).name == "origin.jpg"
     assert rows["origin.jpg"]["first_seen"] == "2026-01-05T10:00:00Z"
+    assert list(rows["origin.jpg"])[:6] == ["path", "parent_path", "cluster_id", "edit", "confidence", "first_seen"]
+    assert (rows["origin.jpg"]["first_post_id"], rows["origin.jpg"]["author"]) == ("p1", "@a")
+    assert json.loads(rows["origin.jpg"]["meta"]) == {"likes": "40", "caption": "the original"}
+    assert rows["crop.jpg"]["meta"] == "" and rows["crop.jpg"]["platform"] == "reddit"
+    ctx = Context(make_settings(data))
+    log = ctx.occurrences
+    assert {o.post_id: o.meta for o in log.occurrences_of(log.image_ids_of_occurrences())} == {
+        "p1": {"likes": "40", "caption": "the original"}, "p2": {}, "p3": {}}
+    ctx.close()
 
     page = (tmp_path / "html" / "index.html").read_text()
     assert "Derivation tree" in page and "origin" in page and "crop" in page
