@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         3.0, description='GeM pooling exponent: 1 = average, higher leans towards the strongest activations')
     regions: bool = Field(True, description="store regional descriptors: off finds fewer partial copies "
                                             "(crops, collage tiles, screenshots), for less storage")
+    store_grid_regions: bool = Field(
+        False, description="also store the nine grid windows' descriptors (halves, quarters, centre), not only "
+                           "the content boxes' (queries embed them either way): on the benchmark they found no "
+                           "copy more, took 9 of the 9.5 regional vectors an image (21 KB of Milvus Lite) and "
+                           "crowded the candidates out (docs/scale.md)")
 
     # keypoints
     sift_features: int = Field(
