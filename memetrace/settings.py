@@ -118,9 +118,9 @@ class Settings(BaseSettings):
                                             "(crops, collage tiles, screenshots), for less storage")
     store_grid_regions: bool = Field(
         False, description="also store the nine grid windows' descriptors (halves, quarters, centre), not only "
-                           "the content boxes' (queries embed them either way): on the benchmark they found no "
-                           "copy more, took 9 of the 9.5 regional vectors an image (21 KB of Milvus Lite) and "
-                           "crowded the candidates out (docs/scale.md)")
+                           "the content boxes' (queries search with them either way): on three benchmark splits "
+                           "they found no copy more, took 9 of the 9.5 regional vectors an image (23.5 KB of "
+                           "Milvus Lite) and crowded chained copies out of the candidates (docs/scale.md)")
 
     # keypoints
     sift_features: int = Field(
