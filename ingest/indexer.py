@@ -55,10 +55,12 @@ class IndexConfig:
     chunk_size: int  # inputs embedded and written together
     prepare_threads: int
     lookahead: int = 2  # chunks prepared while one is embedded: both busy, few images held
+    store_grid: bool = False  # the grid windows' regional descriptors too, not only the content boxes'
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
-        return cls(DecodeLimits.from_settings(s), s.thumbnail_side, max(8, s.batch_size), s.prepare_threads)
+        return cls(DecodeLimits.from_settings(s), s.thumbnail_side, max(8, s.batch_size), s.prepare_threads,
+                   store_grid=s.store_grid_regions)
 
 
 def _ignore(seconds: float) -> None:
@@ -80,7 +82,7 @@ class ImageEmbedder(Protocol):
 
     def inputs(self, rgb: np.ndarray) -> EmbedInput: ...
 
-    def embed_inputs(self, inputs: Sequence[EmbedInput]) -> tuple[np.ndarray, list[np.ndarray]]: ...
+    def embed_inputs(self, inputs: Sequence[EmbedInput], grid: bool = True) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ class Indexer:
         rows: list[ImageRow] = []
         if batch:
             t0 = time.perf_counter()
-            glob, regions = self.embedder.embed_inputs([p.cnn for p in batch])
+            glob, regions = self.embedder.embed_inputs([p.cnn for p in batch], grid=self.config.store_grid)
             self.observer.embed_seconds(time.perf_counter() - t0)
             rows = [ImageRow(p.image_id, p.key, p.width, p.height, p.nbytes, len(p.keypoints), glob[i], regions[i])
                     for i, p in enumerate(batch)]

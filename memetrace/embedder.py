@@ -321,14 +321,15 @@ class Embedder:
         side = self.config.box_image_size
         return EmbedInput(_square(rgb, self.size), tuple(_square(crop(rgb, b), side) for b in boxes))
 
-    def embed_inputs(self, inputs: Sequence[EmbedInput]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """:meth:`embed` of images already reduced to their :meth:`inputs`."""
-        glob, grid = self._embed_all([x.whole for x in inputs], with_grid=self.config.regions)
+    def embed_inputs(self, inputs: Sequence[EmbedInput], grid: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`embed` of images already reduced to their :meth:`inputs`; ``grid``: with the grid
+        windows' descriptors before the content boxes' (the indexer stores them only if told to)."""
+        glob, windows = self._embed_all([x.whole for x in inputs], with_grid=self.config.regions and grid)
         crops = [c for x in inputs for c in x.crops]
         box_vecs, _ = self._embed_all(crops, with_grid=False, size=self.config.box_image_size)
         regions, k = [], 0
         for i, x in enumerate(inputs):
-            regions.append(np.concatenate([grid[i], box_vecs[k:k + len(x.crops)]]) if self.config.regions
+            regions.append(np.concatenate([windows[i], box_vecs[k:k + len(x.crops)]]) if self.config.regions
                            else np.zeros((0, self.dim), np.float32))
             k += len(x.crops)
         return glob, regions

@@ -103,6 +103,19 @@ def test_given_boxes_are_embedded_as_crops(embedder: Embedder, photos: dict[str,
     np.testing.assert_allclose(regions[0][-1], crop_glob[0], atol=1e-4)
 
 
+def test_without_the_grid_only_the_content_boxes_are_embedded(embedder: Embedder,
+                                                               photos: dict[str, Image.Image]) -> None:
+    """What the indexer stores by default (MEMETRACE_STORE_GRID_REGIONS=false): the boxes' descriptors
+    alone, the same as with the grid windows before them; the global one unchanged."""
+    inputs = [embedder.inputs(rgb(photos["rocket"]))]
+    assert inputs[0].crops  # the rocket photo has content boxes
+    glob, regions = embedder.embed_inputs(inputs)
+    boxes_glob, boxes = embedder.embed_inputs(inputs, grid=False)
+    assert boxes[0].shape == (len(inputs[0].crops), DIM)
+    np.testing.assert_allclose(boxes[0], regions[0][len(GRID):], atol=1e-5)
+    np.testing.assert_allclose(boxes_glob, glob, atol=1e-5)
+
+
 def test_regions_can_be_turned_off(embedder: Embedder, photos: dict[str, Image.Image]) -> None:
     off = Embedder(replace(embedder.config, regions=False), model=embedder.model)
     glob, regions = off.embed([rgb(photos["coffee"])])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +32,7 @@ from memetrace.ingest.indexer import (
 from memetrace.ingest.sources import InputItem
 from memetrace.keypoints import KeypointExtractor
 from memetrace.models import ImageRow
+from memetrace.regions import GRID
 from memetrace.sqlite_file import SqliteFile
 from memetrace.vector_index import MemoryVectorIndex
 
@@ -48,9 +50,9 @@ class RecordingEmbedder:
     def inputs(self, rgb: np.ndarray) -> EmbedInput:
         return self.inner.inputs(rgb)
 
-    def embed_inputs(self, inputs: Sequence[EmbedInput]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def embed_inputs(self, inputs: Sequence[EmbedInput], grid: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
         self.embedded.append(len(inputs))
-        return self.inner.embed_inputs(inputs)
+        return self.inner.embed_inputs(inputs, grid)
 
 
 class FlakyIndex(MemoryVectorIndex):
@@ -154,6 +156,21 @@ def test_one_outcome_per_input_in_input_order_same_bytes_stored_once_refusals_wi
     report.add(outcomes)
     assert (report.seen, report.new_images, report.duplicates) == (len(items), len(NAMES), 1)
     assert report.bad == {"empty": 1, "not_an_image": 1, "unreadable": 1}
+
+
+def test_the_grid_windows_are_stored_only_when_told(recording: RecordingEmbedder, extractor: KeypointExtractor,
+                                                   photo_bytes: dict[str, bytes]) -> None:
+    """By default only the content boxes' regional descriptors are stored (the grid windows' cost
+    nine vectors an image for no copy more on the benchmark); ``store_grid`` keeps them too."""
+    stored = {}
+    for store_grid in (False, True):
+        index = MemoryVectorIndex(recording.inner.dim)
+        indexer = Indexer(replace(config(), store_grid=store_grid), recording, extractor, index, MemoryFeatureStore())
+        outcome = run(indexer, [item("rocket.jpg", photo_bytes["rocket"])])[0]
+        stored[store_grid] = index.vectors([outcome.image_id])[2][0]
+    assert len(stored[False]) > 0  # the rocket photo has content boxes
+    assert len(stored[True]) == len(GRID) + len(stored[False])
+    np.testing.assert_allclose(stored[True][len(GRID):], stored[False], atol=1e-5)
 
 
 def test_images_already_stored_are_not_embedded_again_nor_new(
