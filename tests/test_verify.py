@@ -264,3 +264,51 @@ def test_rootsift_is_unit_norm() -> None:
     assert r.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-4)
     assert rootsift(np.zeros((1, 128), np.uint8)).sum() == 0.0
+
+
+# ----------------------------------------------------------------------------- frames seen among the candidates
+
+
+@pytest.fixture(scope="module")
+def posts(photos: dict[str, Image.Image]) -> dict[str, Image.Image]:
+    """Posts of one app, the same ad in each; ``retina``'s smooth photo leaves mostly the frame's points."""
+    return {n: _app_frame(photos[n], photos["astronaut"]) for n in ("retina", "coffee", "coins", "cat")}
+
+
+def test_a_shifted_post_is_not_a_copy_of_other_posts_through_their_frame(posts: dict[str, Image.Image], prep,
+                                                                         verifier: Verifier) -> None:
+    """A caption band moves the whole post: the same-frame rule does not apply, and the frame alone
+    covers most of a low-texture post. Two other posts of the app among the candidates show what
+    the frame is (they match each other unmoved but are no copies), so only the own post is kept."""
+    captioned = prep(_caption(posts["retina"]))
+    others = [prep(posts["coffee"]), prep(posts["coins"])]
+    # alone, each other post passes as a copy: only the frame seen among the candidates stops it
+    assert all(len(verifier.verify_many(captioned, [o])) == 1 for o in others)
+    found = verifier.verify_many(captioned, [prep(posts["retina"]), *others])
+    assert [v.candidate for v in found] == [0]
+    assert verifier.verify_many(captioned, others) == []
+
+
+def test_the_query_frame_is_found_from_a_same_size_post(posts: dict[str, Image.Image], prep,
+                                                        verifier: Verifier) -> None:
+    """A same-size post the same-frame rule turns down marks the query's frame points: a shifted
+    other post matching the query through them only is no copy either."""
+    query = prep(posts["retina"])
+    shifted = prep(_caption(posts["coins"]))
+    assert len(verifier.verify_many(query, [shifted])) == 1  # alone: the frame passes
+    assert verifier.verify_many(query, [prep(posts["coffee"]), shifted]) == []
+    # the query's own photo, captioned, is still found next to the same evidence
+    found = verifier.verify_many(query, [prep(posts["coffee"]), shifted, prep(_caption(posts["retina"]))])
+    assert [v.candidate for v in found] == [2]
+
+
+def test_one_photo_in_posts_of_one_app_still_matches(photos: dict[str, Image.Image], posts: dict[str, Image.Image],
+                                                     prep, verifier: Verifier) -> None:
+    """Two posts of the same photo are copies of each other, so they show no frame: the photo finds
+    both, and a screenshot of it finds the photo next to other posts of the app."""
+    again = _app_frame(photos["cat"], photos["coffee"])  # the same photo, another ad
+    found = verifier.verify_many(prep(photos["cat"]), [prep(posts["cat"]), prep(again), prep(posts["coins"])])
+    assert [v.candidate for v in found] == [0, 1]
+    found = verifier.verify_many(prep(_caption(posts["cat"])), [prep(posts["coffee"]), prep(photos["cat"]),
+                                                                prep(posts["coins"]), prep(posts["cat"])])
+    assert [v.candidate for v in found] == [1, 3]
