@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memetrace.messages import MAX_META_KEYS, META_KEY_BYTES, META_VALUE_BYTES
+from memetrace.messages import Meta as PostMeta
 from memetrace.models import ClusterSummary, Geometry
 
 MAX_ID = 2**63 - 1  # Milvus INT64 primary keys
@@ -26,10 +26,9 @@ Count = Annotated[int, Field(ge=0)]
 UnixTime = Annotated[int, Field(ge=-1, description="unix seconds; -1 = unknown")]
 Path = Annotated[str, Field(max_length=4096, description="the file path or URL it was indexed from")]
 Sort = Literal["size", "growth", "recent"]
-Meta = Annotated[dict[Annotated[str, Field(min_length=1, max_length=META_KEY_BYTES)],
-                      Annotated[str, Field(max_length=META_VALUE_BYTES)]],
-                 Field(max_length=MAX_META_KEYS, description="the post's other fields (a streamed post's meta, a "
-                                                              "posts CSV's extra columns), as text")]
+# the bounds of the posts topic's meta (memetrace.messages), which every store keeps whole
+Meta = Annotated[PostMeta, Field(description="the post's other fields (a streamed post's meta, a posts CSV's "
+                                             "extra columns), as text")]
 
 
 class Schema(BaseModel):
