@@ -25,7 +25,7 @@ from memetrace.api.middleware import ObserveRequests
 from memetrace.api.records import posts_of, sorted_summaries, stored_image
 from memetrace.api.schemas import (MAX_ID, MAX_PAGE, MAX_POSTS, MAX_TIMELINE, ClusterDetail, ClusterItem, ClusterTree,
                                    ClusterList, Health, HistoryEvent, ImageResponse, Ready, SearchResponse, Sort)
-from memetrace.api.search import OPENAPI_BODY, read_query_image, search_image
+from memetrace.api.search import OPENAPI_BODY, read_query_image, search_image, search_stored
 from memetrace.api.trees import cluster_tree as tree_of
 from memetrace.tree_html import tree_section
 from memetrace.api.warmup import Warmup
@@ -120,6 +120,14 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         cluster = ctx.board.clusters_of([image_id]).get(image_id)
         record = stored_image(row, cluster, thumbnail_url(request, image_id))
         return ImageResponse(**dict(record), posts=posts[:MAX_POSTS], posts_total=len(posts))
+
+    @v1.get("/images/{image_id}/copies", tags=["search"], responses=error_responses(404, *V1_ERRORS))
+    async def copies(image_id: ImageId) -> SearchResponse:
+        """Copies of a stored image, found as `POST /v1/search` finds them but from its stored vectors and
+        keypoints (nothing is uploaded, decoded or embedded): the same matches, best first. 503 `busy` as a search."""
+        with searches.place() as place:
+            place.take()
+            return await searches.run(search_stored, finder, ctx, metrics, image_id)
 
     @v1.get("/images/{image_id}/thumbnail", name="image_thumbnail", tags=["images"], response_class=Response,
             responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},

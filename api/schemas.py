@@ -131,7 +131,8 @@ class SearchMatch(Schema):
 
 
 class SearchResponse(Schema):
-    """``POST /v1/search``: the query image and its copies, best first (most inliers)."""
+    """``POST /v1/search`` and ``GET /v1/images/{id}/copies``: the query image and its copies, best first
+    (most inliers)."""
 
     query: QueryImage
     matches: list[SearchMatch]

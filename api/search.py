@@ -18,7 +18,7 @@ from memetrace.api.records import posts_of
 from memetrace.api.schemas import POSTS_PER_MATCH, MatchGeometry, Post, QueryImage, SearchMatch, SearchResponse
 from memetrace.fetch import Fetcher
 from memetrace.matcher.query import Copy, CopyFinder
-from memetrace.imageio import BadImage, DecodedImage
+from memetrace.imageio import BadImage
 from memetrace.api.metrics import ApiMetrics
 from memetrace.components import Components
 
@@ -165,12 +165,28 @@ def search_image(finder: CopyFinder, ctx: Components, metrics: ApiMetrics, data:
     except BadImage as exc:
         raise ApiError(400 if exc.reason == "empty" else 422, exc.reason,
                        f"the image cannot be searched: {exc.detail or exc.reason}; {FORMATS_HINT}") from None
-    result = _describe(ctx, image, copies)
+    query = QueryImage(image_id=image.image_id, width=image.width, height=image.height,
+                       stored=bool(ctx.index.existing([image.image_id])))
+    result = _describe(ctx, query, copies)
     metrics.search_seconds.observe(time.perf_counter() - started)
     return result
 
 
-def _describe(ctx: Components, image: DecodedImage, copies: list[Copy]) -> SearchResponse:
+def search_stored(finder: CopyFinder, ctx: Components, metrics: ApiMetrics, image_id: int) -> SearchResponse:
+    """The copies of stored image ``image_id``, from its stored features (blocking: run it in a thread)."""
+    started = time.perf_counter()
+    found = finder.find_stored(image_id)
+    if found is None:
+        raise ApiError(404, "unknown_image", f"no stored image has id {image_id} (or its keypoints are gone); "
+                                             "ids come from POST /v1/search or GET /v1/clusters/{id}")
+    record, copies = found
+    result = _describe(ctx, QueryImage(image_id=image_id, width=record.width, height=record.height, stored=True),
+                       copies)
+    metrics.search_seconds.observe(time.perf_counter() - started)
+    return result
+
+
+def _describe(ctx: Components, query: QueryImage, copies: list[Copy]) -> SearchResponse:
     ids = [c.image_id for c in copies]
     rows, clusters = ctx.index.get(ids), ctx.board.clusters_of(ids)
     posts_by_image: dict[int, list[Post]] = {}
@@ -184,6 +200,4 @@ def _describe(ctx: Components, image: DecodedImage, copies: list[Copy]) -> Searc
                                    geometry=MatchGeometry.of(c.geometry) if c.geometry else None,
                                    path=rows[c.image_id].path if c.image_id in rows else None,
                                    posts=posts[:POSTS_PER_MATCH], posts_total=len(posts)))
-    query = QueryImage(image_id=image.image_id, width=image.width, height=image.height,
-                       stored=bool(ctx.index.existing([image.image_id])))
     return SearchResponse(query=query, matches=matches)

@@ -5,13 +5,16 @@ holding the dev split plus synthetic neighbours, up to ``--sizes`` images.
 
 Real: a Milvus 2.3 standalone server (benchmarks.services.start_milvus_server, the tests'
 ``milvus_server_uri``), the dev split's originals and distractors indexed into it by the batch
-pipeline (``run_index``), and every query: its copies (never indexed) through
-:class:`memetrace.matcher.query.CopyFinder` end to end (decode, embed, SIFT, the three candidate
-searches, verification), timed one by one in this process.
+pipeline (``run_index``), and every query, timed one by one in this process through
+:class:`memetrace.matcher.query.CopyFinder`: ``--limit`` copies never indexed, uploaded
+(``find``, as ``POST /v1/search``: decode, embed, SIFT, the three candidate searches,
+verification), and ``--limit`` more copies indexed with the split and searched by id
+(``find_stored``, as ``GET /v1/images/{id}/copies``: their stored vectors and keypoints, the
+candidate searches, verification).
 
 Simulated: the extra images. Their global vectors follow :func:`benchmarks.scale.generate`'s
 shapes (70 % singletons, Zipf clusters) drawn by :func:`benchmarks.scale.noisy` around the split's
-real global vectors: a synthetic copy lies ``copy`` away from its real base (the median distance
+real global vectors (its originals and distractors): a synthetic copy lies ``copy`` away from its real base (the median distance
 between a copy and its original, measured on a sample of the split's copies), a singleton
 ``far`` away (the median distance between a real image and its nearest unrelated real image).
 Each carries as many regional vectors as its base, drawn the same way around the base's real
@@ -77,31 +80,43 @@ class _Borrowed:
 
 
 def query_copies(ctx: Any, gt: Path, copies: list[dict], originals: dict[str, int], level: str) -> dict:
-    """Each copy through CopyFinder, the index's candidate searches at consistency ``level`` ("Strong":
-    the workers', "Bounded": the API's default, MEMETRACE_API_SEARCH_CONSISTENCY)."""
+    """Each copy (never indexed) uploaded to CopyFinder, as ``POST /v1/search`` does."""
+    return _timed(ctx, level, "upload", [(lambda f, r=r: f.find((gt.parent / r["path"]).read_bytes())[1],
+                                          originals[r["group_id"]]) for r in copies])
+
+
+def query_stored(ctx: Any, stored: dict[int, int], level: str) -> dict:
+    """Each stored copy (image id -> its original's) searched by id, as ``GET /v1/images/{id}/copies``
+    does: from its stored vectors and keypoints, nothing decoded, embedded or extracted."""
+    return _timed(ctx, level, "stored", [(lambda f, i=i: (f.find_stored(i) or (None, []))[1], original)
+                                         for i, original in stored.items()])
+
+
+def _timed(ctx: Any, level: str, kind: str, queries: list[tuple[Any, int]]) -> dict:
+    """Each (search, expected original) timed one by one, the index's candidate searches at consistency
+    ``level`` ("Strong": the workers', "Bounded": the API's default, MEMETRACE_API_SEARCH_CONSISTENCY)."""
     from dataclasses import replace
 
     from memetrace.matcher.query import CopyFinder
 
     milvus_index = _milvus_index(ctx)
     coded = milvus_index.config
-    milvus_index.config = replace(coded, search_consistency=level)
+    milvus_index.config = replace(coded, read_consistency=level)
 
     timed = _Timed(ctx.index)
     ctx.__dict__["index"] = timed  # cached_property: the finder's matcher reads it from here
     try:
         finder, seconds, found = CopyFinder(ctx), [], 0
-        for r in copies:
-            data = (gt.parent / r["path"]).read_bytes()
+        for search, original in queries:
             t = time.perf_counter()
-            _, hits = finder.find(data)
+            hits = search(finder)
             seconds.append(time.perf_counter() - t)
-            found += originals[r["group_id"]] in {c.image_id for c in hits}
+            found += original in {c.image_id for c in hits}
     finally:
         ctx.__dict__["index"] = timed.index
         milvus_index.config = coded
-    return {"consistency": level, "queries": len(copies), "found": found,
-            "found_rate": round(found / max(1, len(copies)), 4),
+    return {"query": kind, "consistency": level, "queries": len(queries), "found": found,
+            "found_rate": round(found / max(1, len(queries)), 4),
             "end_to_end": _percentiles(seconds), "candidates": _percentiles(timed.seconds)}
 
 
@@ -174,7 +189,12 @@ def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: 
     from memetrace.settings import Settings
 
     gt, _ = generate(bench_dir(), split_dir(bench_dir(), "dev"), DEFAULT_CACHE.resolve() / "generated" / "dev", SEED)
-    copies, originals, listing = prepare_split(gt, limit, work)
+    copies, originals, listing = prepare_split(gt, 2 * limit, work)
+    # the first ``limit`` copies are uploaded; the next ``limit`` are indexed too and searched by id
+    copies, kept = copies[:limit], copies[limit:]
+    with listing.open("a", encoding="utf-8") as fh:
+        fh.writelines(f"{(gt.parent / r['path']).resolve()}\n" for r in kept)
+    stored = {content_id((gt.parent / r["path"]).read_bytes()): originals[r["group_id"]] for r in kept}
     milvus_dir = Path(tempfile.mkdtemp(prefix="memetrace-milvus-", dir=work))
     proc, uri = start_milvus_server(milvus_dir)
     out: dict[str, Any] = {"index_type": index_type, "rows": []}
@@ -184,9 +204,10 @@ def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: 
         t0 = time.perf_counter()
         run_index(ctx, listing, show_progress=False)
         out["real_index_s"] = round(time.perf_counter() - t0, 1)
-        ids = sorted({content_id(Path(p).read_bytes()) for p in listing.read_text().splitlines()})
-        ids, glob, regions = ctx.index.vectors(ids)
-        out["real_images"], out["real_regions"] = len(ids), int(sum(len(r) for r in regions))
+        real = {content_id(Path(p).read_bytes()) for p in listing.read_text().splitlines()}
+        # the synthetic images are drawn around the originals and distractors, not the copies searched by id
+        ids, glob, regions = ctx.index.vectors(sorted(real - stored.keys()))
+        out["real_images"], out["real_regions"] = len(real), int(sum(len(r) for r in regions))
         copy, far = distances(ctx, gt, copies, originals, glob, ids)
         out["copy_distance"], out["far_distance"] = round(copy, 4), round(far, 4)
         lender: dict[int, int] = {}
@@ -200,11 +221,12 @@ def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: 
             insert_s = round(time.perf_counter() - t0, 1)
             waited = wait_indexed(ctx)
             for level in levels:
-                row = {"images": ctx.index.count(), "insert_s": insert_s, "index_wait_s": waited,
-                       **query_copies(ctx, gt, copies, originals, level), "milvus_rss_mb": rss_mb(proc.pid)}
-                out["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                (work.parent / "query-scale.partial.json").write_text(json.dumps(out, indent=2))  # kept if stopped
+                for measured in (query_copies(ctx, gt, copies, originals, level), query_stored(ctx, stored, level)):
+                    row = {"images": ctx.index.count(), "insert_s": insert_s, "index_wait_s": waited,
+                           **measured, "milvus_rss_mb": rss_mb(proc.pid)}
+                    out["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+                    (work.parent / "query-scale.partial.json").write_text(json.dumps(out, indent=2))  # kept if stopped
     finally:
         stop_process(proc, MILVUS_STOP_GRACE)
         shutil.rmtree(milvus_dir, ignore_errors=True)
@@ -216,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000],
                     help="images in the server (the split's real ones included)")
     ap.add_argument("--index", default="IVF_SQ8", choices=["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"])
-    ap.add_argument("--limit", type=int, default=100, help="copies queried at each size")
+    ap.add_argument("--limit", type=int, default=100,
+                    help="copies uploaded at each size; as many more are indexed and searched by id")
     ap.add_argument("--consistency", nargs="+", default=["Strong", "Bounded"],
                     help="read consistency of the candidate searches: Strong (the workers'), Bounded (the API's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -230,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                    "real": "Milvus 2.3 server, the split's images and queries, CopyFinder end to end"})
     (a.out / "query-scale.json").write_text(json.dumps(result, indent=2))
     for r in result["rows"]:
-        print(f"{r['images']:>9,} images, {r['consistency']:>7}: found {r['found']}/{r['queries']}, end to end p50 "
+        print(f"{r['images']:>9,} images, {r['query']:>6}, {r['consistency']:>7}: found {r['found']}/{r['queries']}, end to end p50 "
               f"{r['end_to_end']['p50_ms']}"
               f" / p99 {r['end_to_end']['p99_ms']} ms, candidates p50 {r['candidates']['p50_ms']} / p99 "
               f"{r['candidates']['p99_ms']} ms, Milvus RSS {r['milvus_rss_mb']} MB")

@@ -300,11 +300,15 @@ def draw(result: dict, png: Path) -> bool:
         speed.plot([max(stored, 1)], [np.mean([x["images_stored"] for x in w]) / longrun.get("every", 60)], "s",
                    label="ingest+match+cluster services (real posts, long run)")
     if query:
-        for level in sorted({r["consistency"] for r in query["rows"]}):
-            q = [r for r in query["rows"] if r["consistency"] == level]
-            p99.plot([r["images"] for r in q], [r["end_to_end"]["p99_ms"] for r in q], "o-", label=f"end to end, {level}")
-            p99.plot([r["images"] for r in q], [r["candidates"]["p99_ms"] for r in q], "x--", label=f"candidates, {level}")
-        memory.plot([r["images"] for r in query["rows"]], [r["milvus_rss_mb"] for r in query["rows"]], "s-",
+        for kind, level in sorted({(r.get("query", "upload"), r["consistency"]) for r in query["rows"]}):
+            q = [r for r in query["rows"] if (r.get("query", "upload"), r["consistency"]) == (kind, level)]
+            p99.plot([r["images"] for r in q], [r["end_to_end"]["p99_ms"] for r in q], "o-",
+                     label=f"{kind} end to end, {level}")
+            if kind == "upload":  # a stored search's candidate searches are the same ones
+                p99.plot([r["images"] for r in q], [r["candidates"]["p99_ms"] for r in q], "x--",
+                         label=f"candidates, {level}")
+        q = [r for r in query["rows"] if r.get("query", "upload") == "upload"]
+        memory.plot([r["images"] for r in q], [r["milvus_rss_mb"] for r in q], "s-",
                     label=f"Milvus server ({query['index_type']})")
     space.plot(n, [r["bytes_per_image"] for r in rows], "o-", label="clusterer state file")
     med = [r["recluster_s"] for r in rows]
@@ -341,7 +345,7 @@ def report(result: dict) -> str:
     if q := result.get("query"):
         lines.append(f"query latency (real Milvus server, {q['index_type']}, synthetic neighbours beyond the "
                      f"{q['real_images']} real images):")
-        lines += [f"{r['images']:>10,} {r['consistency']:>8}: found {r['found']}/{r['queries']}, end to end p50 "
+        lines += [f"{r['images']:>10,} {r.get('query', 'upload'):>6} {r['consistency']:>8}: found {r['found']}/{r['queries']}, end to end p50 "
                   f"{r['end_to_end']['p50_ms']} / p99 {r['end_to_end']['p99_ms']} ms, candidates p50 "
                   f"{r['candidates']['p50_ms']} / p99 {r['candidates']['p99_ms']} ms, Milvus RSS {r['milvus_rss_mb']} MB"
                   for r in q["rows"]]

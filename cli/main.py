@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
@@ -14,6 +15,9 @@ from memetrace.cli.context import Context
 from memetrace.settings import Settings, invalid_settings, unknown_env_names
 from memetrace.errors import ConfigError, DependencyDown, StorageDenied
 from memetrace.sqlite_file import IncompatibleFile
+
+if TYPE_CHECKING:
+    from memetrace.matcher.query import Copy, CopyFinder
 
 log = logging.getLogger("memetrace")
 
@@ -198,11 +202,12 @@ def export(ctx: click.Context, out: Path | None, fmt: str | None, html_dir: Path
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
-def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
-    """Copies of the given image(s) among the indexed ones, with scores and cluster ids."""
+def query(ctx: click.Context, images: tuple[str, ...], as_json: bool) -> None:
+    """Copies of the given image(s) among the indexed ones, with scores and cluster ids. Each IMAGE is
+    a file, or the id of an indexed image (searched from what is stored: nothing decoded again)."""
     from memetrace.cli.tables import display_paths, stored_images
     from memetrace.matcher.query import CopyFinder, describe_geometry
     from memetrace.imageio import BadImage
@@ -213,17 +218,17 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
     finder = CopyFinder(c)
     clusters, paths = c.graph_state.clusters(), display_paths(c.catalog)
     results = []
-    for path in images:
+    for arg in images:
         try:
-            image, copies = finder.find(path.read_bytes())
+            image_id, copies = _find_copies(finder, arg, c.settings.data_dir)
         except BadImage as exc:
-            results.append({"query": str(path), "error": exc.reason, "detail": exc.detail, "matches": []})
+            results.append({"query": arg, "error": exc.reason, "detail": exc.detail, "matches": []})
             continue
         matches = [{"image_id": m.image_id, "paths": paths.get(m.image_id, []), "inliers": m.inliers, "kind": m.kind,
                     "similarity": m.similarity, "mirrored": m.mirrored, "cluster_id": clusters.get(m.image_id),
                     "geometry": m.geometry.to_dict() if m.geometry else None}
                    for m in copies]
-        results.append({"query": str(path), "image_id": image.image_id, "matches": matches})
+        results.append({"query": arg, "image_id": image_id, "matches": matches})
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -235,6 +240,19 @@ def query(ctx: click.Context, images: tuple[Path, ...], as_json: bool) -> None:
         for m in r["matches"]:
             click.echo(f"  {m['inliers']:4d} inliers  {m['kind']:9s} cluster {m['cluster_id']}  {', '.join(m['paths'])}"
                        f"{describe_geometry(m['geometry'])}")
+
+
+def _find_copies(finder: CopyFinder, arg: str, data_dir: Path) -> tuple[int, list[Copy]]:
+    """(query id, its copies) of a file path, else of a stored image id (raises BadImage for a file)."""
+    path = Path(arg)
+    if path.is_file():
+        image, copies = finder.find(path.read_bytes())
+        return image.image_id, copies
+    found = finder.find_stored(int(arg)) if arg.isdigit() else None
+    if found is None:
+        raise click.ClickException(f"{arg}: neither a readable file nor the id of an image indexed in {data_dir} "
+                                   "(ids: `memetrace query FILE --json`)")
+    return int(arg), found[1]
 
 
 @main.command()
@@ -435,7 +453,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     c = _context(ctx)
     # a query need not wait for writes made in the last instant; the workers' searches stay Strong
-    c.milvus_config = dataclasses.replace(c.milvus_config, search_consistency=c.settings.api_search_consistency)
+    c.milvus_config = dataclasses.replace(c.milvus_config, read_consistency=c.settings.api_search_consistency)
     serve_api(c, host or c.settings.api_host, port or c.settings.api_port)
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from memetrace.matcher.matching import MatchConfig, Matcher
+from memetrace.matcher.matching import MatchConfig, Matcher, Verified
 from memetrace.matcher.low_texture import sketch_of_rgb
 from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodedImage, DecodeLimits, decode
-from memetrace.models import Geometry
+from memetrace.models import Geometry, ImageRecord
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,30 @@ class CopyFinder:
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
         found = Matcher(self.config, c.index, c.features).match_outside(
             glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=sketch_of_rgb(image.rgb))
-        copies = [Copy(f.candidate.image_id, f.verification.inliers,
-                       "identical" if f.candidate.image_id == image.image_id else f.verification.kind,
-                       round(f.candidate.similarity, 4), f.verification.mirrored, geo) for f, geo in found]
-        return image, sorted(copies, key=lambda m: (-m.inliers, -m.similarity, m.image_id))
+        return image, _copies(found, image.image_id)
 
+    def find_stored(self, image_id: int) -> tuple[ImageRecord, list[Copy]] | None:
+        """The copies of a stored image, from what is stored (its vectors, keypoints and thumbnail:
+        nothing decoded, embedded or extracted), best first; None: ``image_id`` is not stored."""
+        c = self.ctx
+        record = c.index.get([image_id]).get(image_id)
+        ids, glob, regions = c.index.vectors([image_id])
+        keypoints = c.features.get_keypoints(image_id)
+        if record is None or not ids or keypoints is None:
+            return None
+        matcher = Matcher(self.config, c.index, c.features)
+        found = matcher.match_outside(glob[0], regions[0], keypoints, (record.width, record.height),
+                                      exclude=image_id, sketch=matcher.sketch(image_id))
+        return record, _copies(found, -1)
+
+
+def _copies(found: list[tuple[Verified, Geometry | None]], query_id: int) -> list[Copy]:
+    """``match_outside``'s answers as copies, best first; ``query_id``: the query's bytes' id (its
+    stored copy is ``identical``)."""
+    copies = [Copy(f.candidate.image_id, f.verification.inliers,
+                   "identical" if f.candidate.image_id == query_id else f.verification.kind,
+                   round(f.candidate.similarity, 4), f.verification.mirrored, geo) for f, geo in found]
+    return sorted(copies, key=lambda m: (-m.inliers, -m.similarity, m.image_id))
 
 def describe_geometry(g: dict | None) -> str:
     """``  [box in the query] -> [box in the copy] x0.50 turned 90° mirrored``, from :meth:`Geometry.to_dict`."""

@@ -67,8 +67,9 @@ class MilvusConfig:
     collection_prefix: str = "memetrace"
     index_type: str = "FLAT"
     metric: str = "IP"
-    # candidate searches only: reads that must see a write just made stay Strong
-    search_consistency: str = STRONG
+    # every read's: the workers read what they just wrote (Strong); the API, which writes nothing, need
+    # not wait for the server's time tick (MEMETRACE_API_SEARCH_CONSISTENCY)
+    read_consistency: str = STRONG
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
@@ -218,6 +219,11 @@ class _MilvusBackend:
         self.config = config
         self.collections = [config.collection(r) for r in roles]
 
+    @property
+    def _read(self) -> str:
+        """The consistency of every read but a migration's (which must see every row)."""
+        return self.config.read_consistency
+
     def _reload(self) -> None:
         """Load this backend's collections again (idempotent); a Milvus still down: the next retry tries again."""
         try:
@@ -272,13 +278,13 @@ class _MilvusBackend:
         self.client.load_collection(name)
 
     def _count(self, collection: str, filter: str = "") -> int:
-        res = self.client.query(collection, filter=filter, output_fields=["count(*)"], consistency_level=STRONG)
+        res = self.client.query(collection, filter=filter, output_fields=["count(*)"], consistency_level=self._read)
         return int(res[0]["count(*)"])
 
     def _query_all(self, collection: str, fields: list[str], filter: str = "id >= 0") -> list[dict]:
         """Every row matching ``filter``, through an iterator: one query returns 16384 rows at most."""
         it = self.client.query_iterator(collection, batch_size=1000, filter=filter, output_fields=fields,
-                                        consistency_level=STRONG)
+                                        consistency_level=self._read)
         out: list[dict] = []
         try:
             while batch := it.next():
@@ -347,14 +353,14 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
         if not image_ids:
             return set()
         rows = self.client.query(self.images, filter=f"id in {_ids(image_ids)}", output_fields=["id"],
-                                 consistency_level=STRONG)
+                                 consistency_level=self._read)
         return {int(r["id"]) for r in rows}
 
     def get(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
         if not image_ids:
             return {}
         rows = self.client.query(self.images, filter=f"id in {_ids(image_ids)}", output_fields=_IMAGE_FIELDS,
-                                 consistency_level=STRONG)
+                                 consistency_level=self._read)
         return {int(r["id"]): ImageRecord(int(r["id"]), r["path"], int(r["width"]), int(r["height"]), int(r["nbytes"]),
                                           int(r["nb_points"])) for r in rows}
 
@@ -364,12 +370,12 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
         if not ids:
             return [], np.zeros((0, self.dim), np.float32), []
         rows = self.client.query(self.images, filter=f"id in {ids}", output_fields=["id", "vector"],
-                                 consistency_level=STRONG)
+                                 consistency_level=self._read)
         glob = {k: v[0] for k, v in _vectors_by_id(rows, "id", self.dim).items()}
         regs: dict[int, list[np.ndarray]] = {}
         if with_regions:
             rows = self.client.query(self.regions, filter=f"image_id in {ids}",
-                                     output_fields=["id", "image_id", "vector"], consistency_level=STRONG)
+                                     output_fields=["id", "image_id", "vector"], consistency_level=self._read)
             regs = _vectors_by_id(rows, "image_id", self.dim)
         found = [i for i in ids if i in glob]
         g = np.stack([glob[i] for i in found]) if found else np.zeros((0, self.dim), np.float32)
@@ -386,7 +392,7 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
 
     def stored_before(self, when: int) -> bool:
         return bool(self.client.query(self.images, filter=f"indexed_at < {int(when)}", output_fields=["id"],
-                                      limit=1, consistency_level=STRONG))
+                                      limit=1, consistency_level=self._read))
 
     def ping(self, timeout_s: float) -> None:
         self.client.has_collection(self.images, timeout=timeout_s)
@@ -404,7 +410,7 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
         res = self.client.search(collection, data=list(np.asarray(vectors, dtype=np.float32)), limit=limit,
                                  filter=filter, output_fields=[id_field] if id_field != "id" else [],
                                  search_params=search_params(self.config, limit),
-                                 consistency_level=self.config.search_consistency)
+                                 consistency_level=self._read)
         return [[(int(h["entity"][id_field]) if id_field != "id" else int(h["id"]), float(h["distance"]))
                  for h in hits] for hits in res]
 
@@ -550,7 +556,7 @@ class MilvusClusterBoard(_MilvusBackend, ClusterBoard):
         if not image_ids:
             return {}
         rows = self.client.query(self.clusters, filter=f"id in {_ids(image_ids)}",
-                                 output_fields=["id", "cluster_id"], consistency_level=STRONG)
+                                 output_fields=["id", "cluster_id"], consistency_level=self._read)
         return {int(r["id"]): int(r["cluster_id"]) for r in rows}
 
     def members(self, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
@@ -567,7 +573,7 @@ class MilvusClusterBoard(_MilvusBackend, ClusterBoard):
 
     def summary(self, cluster_id: int) -> ClusterSummary | None:
         rows = self.client.query(self.cluster_summaries, filter=f"id == {int(cluster_id)}",
-                                 output_fields=list(_SUMMARY_FIELDS), consistency_level=STRONG)
+                                 output_fields=list(_SUMMARY_FIELDS), consistency_level=self._read)
         return _summary_of(rows[0]) if rows else None
 
     def summaries(self) -> list[ClusterSummary]:

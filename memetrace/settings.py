@@ -284,9 +284,10 @@ class Settings(BaseSettings):
     api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
     api_search_concurrency: int = Field(2, ge=1, description="searches (decode, embed, SIFT, verify) run at once")
     api_search_consistency: Literal["Strong", "Bounded"] = Field(
-        "Bounded", description="Milvus read consistency of the API's candidate searches: Bounded answers at once and "
-                               "may miss images stored in the last seconds; Strong sees every write but waits for "
-                               "the server's time tick (about 0.3 s a search on a Milvus server)")
+        "Bounded", description="Milvus read consistency of the API's reads (its searches and the rows that describe "
+                               "the answers): Bounded answers at once and may miss what was stored in the last seconds; "
+                               "Strong sees every write but waits for the server's time tick (about 0.3 s a read on a "
+                               "Milvus server)")
     api_search_queue: int = Field(8, ge=0, description="searches receiving their image or waiting for a "
                                   "slot; beyond, 503 busy at once")
     api_body_timeout_s: float = Field(15.0, gt=0, description="a request body must arrive within this, else 408")

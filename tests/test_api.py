@@ -269,6 +269,17 @@ def test_search_a_stored_image_is_identical_to_itself(main: Api, corpus: Corpus)
     assert kinds == {corpus.id_of("cat_mirror.jpg"): ("identical", False), corpus.id_of("cat.jpg"): ("full", True)}
 
 
+def test_copies_of_a_stored_image_are_what_its_upload_finds(main: Api, corpus: Corpus) -> None:
+    uploaded = main.upload(corpus.files["cat_mirror.jpg"]).json()
+    reply = main.get(f"/v1/images/{corpus.id_of('cat_mirror.jpg')}/copies")
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["query"] == {**uploaded["query"], "stored": True}
+    assert body["matches"] == [m for m in uploaded["matches"] if m["kind"] != "identical"]
+    assert [(m["kind"], m["mirrored"]) for m in body["matches"]] == [("full", True)]
+    _error(main.get("/v1/images/1/copies"), 404, "unknown_image")
+
+
 def test_search_by_url_through_the_fetcher(main: Api, corpus: Corpus) -> None:
     reply = main.search_url(f"{corpus.images_url}/astronaut_crop.jpg")
     assert reply.status == 200, reply.body
@@ -566,7 +577,8 @@ def test_openapi_describes_every_response(main: Api) -> None:
     """Every route's 200 is a component schema (or, for the binary and text routes, its media type),
     and every error it declares is the ErrorBody."""
     paths = main.get("/openapi.json").json()["paths"]
-    assert set(paths) == {"/v1/search", "/v1/images/{image_id}", "/v1/images/{image_id}/thumbnail",
+    assert set(paths) == {"/v1/search", "/v1/images/{image_id}", "/v1/images/{image_id}/copies",
+                          "/v1/images/{image_id}/thumbnail",
                           "/v1/images/{image_id}/file", "/v1/explain", "/v1/clusters",
                           "/v1/clusters/{cluster_id}", "/v1/clusters/{cluster_id}/tree", "/gallery", "/healthz", "/readyz", "/metrics"}
     for path, operations in paths.items():

@@ -248,6 +248,17 @@ def test_query_an_indexed_file_is_identical(run: Run) -> None:
     assert top["image_id"] == coins_id and top["kind"] == "identical" and top["cluster_id"] == coins_cluster
 
 
+def test_query_by_id_finds_what_the_file_finds(run: Run) -> None:
+    """A stored image searched by its id (from its stored features) finds the copies its file finds."""
+    coins_id, _ = _cluster_of(run, "coins.jpg")
+    by_file, by_id = _json(run.invoke("query", str(run.images / "coins.jpg"), str(coins_id), "--json"))
+    assert by_id["query"] == str(coins_id) and by_id["image_id"] == coins_id
+    copies = {m["image_id"] for m in by_file["matches"] if m["kind"] != "identical"}
+    assert copies and {m["image_id"] for m in by_id["matches"]} == copies  # never itself
+    result = run.invoke("query", "12345")
+    assert result.exit_code != 0 and "neither a readable file nor the id of an image indexed" in result.output
+
+
 def test_query_a_non_image_is_an_error_entry(run: Run) -> None:
     result = run.invoke("query", str(run.images / "notes.png"), str(run.images / "coins.jpg"), "--json")
     bad, good = _json(result)

@@ -249,8 +249,9 @@ def test_reopening_sees_the_same_rows(milvus: Backend, indexed) -> None:
     assert stored_dim(again.client, index.config) == index.dim
 
 
-def test_candidate_searches_read_at_the_configured_consistency(milvus: Backend) -> None:
-    """The API's searches need not wait for the server's time tick (Bounded); the workers' stay Strong."""
+def test_reads_are_at_the_configured_consistency(milvus: Backend) -> None:
+    """The API's reads (searches and the rows that describe their answers) need not wait for the
+    server's time tick (Bounded); the workers' stay Strong."""
     levels: list[str] = []
 
     class Recording:
@@ -261,16 +262,30 @@ def test_candidate_searches_read_at_the_configured_consistency(milvus: Backend) 
             levels.append(kwargs["consistency_level"])
             return self.client.search(*args, **kwargs)
 
+        def query(self, *args: Any, **kwargs: Any) -> Any:
+            levels.append(kwargs["consistency_level"])
+            return self.client.query(*args, **kwargs)
+
         def __getattr__(self, name: str) -> Any:
             return getattr(self.client, name)
 
+    def reads(index: MilvusVectorIndex) -> list[str]:
+        levels.clear()
+        assert [i for i, _ in index.search_images(_unit(4, 0), 1)[0]] == [1]
+        index.search_regions(_unit(4, 1), 1)
+        assert set(index.get([1])) == {1} and index.vectors([1])[0] == [1] and index.existing([1]) == {1}
+        return list(levels)
+
     strong = MilvusVectorIndex(Recording(milvus.client), milvus.config(), 4)
     strong.upsert([_row(1, _unit(4, 0)[0], _unit(4, 1))])
-    assert [i for i, _ in strong.search_images(_unit(4, 0), 1)[0]] == [1]
-    bounded = MilvusVectorIndex(Recording(milvus.client), replace(strong.config, search_consistency="Bounded"), 4)
-    bounded.search_images(_unit(4, 0), 1)
-    bounded.search_regions(_unit(4, 1), 1)
-    assert levels == ["Strong", "Bounded", "Bounded"]
+    assert set(reads(strong)) == {"Strong"}
+    bounded = MilvusVectorIndex(Recording(milvus.client), replace(strong.config, read_consistency="Bounded"), 4)
+    assert set(reads(bounded)) == {"Bounded"} and len(levels) == 6
+    board = MilvusClusterBoard(Recording(milvus.client), bounded.config)
+    levels.clear()
+    board.clusters_of([1])
+    board.summary(1)
+    assert levels == ["Bounded", "Bounded"]
 
 
 def test_milvus_lite_file_lives_in_the_data_dir(milvus: Backend, indexed) -> None:
