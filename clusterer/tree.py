@@ -58,7 +58,8 @@ class TreeConfig:
     distance_weight: float = 60.0  # per unit of appearance distance (mean absolute difference, 0..1)
     root_weight: float = -10.0  # a member is a root when every way in scores lower: merged clusters get several
     # a member hangs under its chosen parent's parent when that one's edge is at most this much
-    # weaker (closest_ancestor); 0.5 ~ 8 % fewer inliers: best of 0.25 / 0.5 / 1 on three seeds
+    # weaker (closest_ancestor); 0.5 ~ 8 % fewer inliers: of 0.25 / 0.5 / 1 the best in sum over three
+    # seeds (docs/propagation.md)
     ancestor_margin: float = 0.5
     # a cluster with at most this many pairs has every pair verified for its tree (tree_update.py):
     # 435 = clusters of up to 30 images, a few seconds of verification
