@@ -15,9 +15,13 @@ fewer edits apart) plus how well the cues say p came first:
 - **additions**: between two full copies, the one with unmatched keypoints of its own carries an
   added text or sticker: it is the copy.
 
+The time counts both ways; the geometry only vetoes (an edge it says runs backwards loses weight,
+one it confirms gains none): it tells a pair's direction, not which neighbour is the parent.
 The forest is the optimum branching (Edmonds) of those edges plus a virtual root: every member
-gets the parent that maximises the total weight, the cluster's origin none. An edge's
-confidence is how far its weight beats the member's next best choice.
+gets the parent that maximises the total weight, the cluster's origin none; a member whose chosen
+parent's own parent explains it almost as well hangs under that older image
+(:func:`closest_ancestor`). An edge's confidence is how far its weight beats the member's next
+best choice.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class TreeConfig:
     similarity_weight: float = 6.0  # per log of verified keypoints
     distance_weight: float = 60.0  # per unit of appearance distance (mean absolute difference, 0..1)
     root_weight: float = -10.0  # a member is a root when every way in scores lower: merged clusters get several
+    # a member hangs under its chosen parent's parent when that one's edge is at most this much
+    # weaker (closest_ancestor); 0.5 ~ 8 % fewer inliers: of 0.25 / 0.5 / 1 the best in sum over three
+    # seeds (docs/propagation.md)
+    ancestor_margin: float = 0.5
     # a cluster with at most this many pairs has every pair verified for its tree (tree_update.py):
     # 435 = clusters of up to 30 images, a few seconds of verification
     max_verified_pairs: int = 435
@@ -92,9 +100,14 @@ def _clip(x: float) -> float:
     return max(-1.0, min(1.0, x))
 
 
-def direction(e: Seen, dt_h: float | None, cfg: TreeConfig) -> float:
-    """How strongly the cues say p -> c rather than c -> p (antisymmetric: swap p and c, negate)."""
-    score = 0.0 if dt_h is None else cfg.time_weight * math.tanh(dt_h / cfg.time_scale_h)
+def time_cue(dt_h: float | None, cfg: TreeConfig) -> float:
+    """The earlier first post is the source (antisymmetric; 0 when either time is unknown)."""
+    return 0.0 if dt_h is None else cfg.time_weight * math.tanh(dt_h / cfg.time_scale_h)
+
+
+def geometry_cue(e: Seen, cfg: TreeConfig) -> float:
+    """How strongly the match's geometry says p -> c rather than c -> p (antisymmetric)."""
+    score = 0.0
     ls = math.log(max(e.scale, 1e-3))
     if abs(ls) > 0.07:
         score -= cfg.scale_weight * _clip(ls / 0.2)
@@ -108,6 +121,11 @@ def direction(e: Seen, dt_h: float | None, cfg: TreeConfig) -> float:
     elif abs(lc) <= 0.05 and abs(e.rotation) < 1.0 and min(e.cover_p, e.cover_c) >= 0:
         score += cfg.addition_weight * _clip((e.cover_p - e.cover_c) / 0.05)
     return score
+
+
+def direction(e: Seen, dt_h: float | None, cfg: TreeConfig) -> float:
+    """How strongly the cues say p -> c rather than c -> p (antisymmetric: swap p and c, negate)."""
+    return time_cue(dt_h, cfg) + geometry_cue(e, cfg)
 
 
 def edit_of(e: Seen) -> str:
@@ -158,16 +176,20 @@ def forest(members: Sequence[int], first_seen: Mapping[int, int], matches: Itera
         pair = oriented(m)
         for (p, c), e in zip(((m.a, m.b), (m.b, m.a)), pair or (None, None)):
             dt = (first_seen[c] - first_seen[p]) / 3600 if p in first_seen and c in first_seen else None
-            d = direction(e, dt, cfg) if e is not None else (0.0 if dt is None else cfg.time_weight * math.tanh(dt / cfg.time_scale_h))
-            g.add_edge(p, c, weight=sim[m.a, m.b] - best[c] + d, direction=d)
+            t, geo = time_cue(dt, cfg), (geometry_cue(e, cfg) if e is not None else 0.0)
+            # the geometry only vetoes: it tells a pair's direction, not which neighbour is the parent
+            # (a sibling that added a caption "holds" the child as a crop's source would; rewarding
+            # that made siblings win over the true parent, docs/propagation.md)
+            g.add_edge(p, c, weight=sim[m.a, m.b] - best[c] + t + min(0.0, geo), direction=t + geo)
             if e is not None:
                 seen[p, c] = e
     for i in inside:
         g.add_edge(ROOT, i, weight=cfg.root_weight)
     tree = nx.maximum_spanning_arborescence(g, attr="weight", preserve_attrs=True)
+    chosen = {c: next(iter(tree.predecessors(c))) for c in inside}
     out: dict[int, Derivation] = {}
     for c in sorted(inside):
-        (p,) = list(tree.predecessors(c))
+        p = closest_ancestor(g, chosen, c, cfg.ancestor_margin)
         if p == ROOT:  # as sure as no member looks like its source
             against = [g[q][c]["direction"] for q in g.predecessors(c) if q != ROOT]
             out[c] = Derivation(c, None, "", _sigmoid(-max(against, default=-10.0)))
@@ -177,6 +199,21 @@ def forest(members: Sequence[int], first_seen: Mapping[int, int], matches: Itera
         e = seen.get((p, c))
         out[c] = Derivation(c, p, edit_of(e) if e else "re-encode", conf)
     return out
+
+
+def closest_ancestor(g: nx.DiGraph, chosen: Mapping[int, int], c: int, margin: float) -> int:
+    """c's parent: its chosen parent, or that parent's parent when it explains c within ``margin``.
+
+    A near-identical copy of the true parent (its re-encode, recolour, flip) matches the child as
+    well as the parent does; between an image and its own parent, both able to explain the child,
+    the older is the likelier source (copies are made from the early, widely seen posts). Read on
+    the branching as chosen, so the result does not depend on the order the members are visited;
+    every member moves up its own chosen branch, so no cycle can form."""
+    p = chosen[c]
+    if p == ROOT or chosen[p] == ROOT or not g.has_edge(chosen[p], c):
+        return p
+    up = chosen[p]
+    return up if g[up][c]["weight"] >= g[p][c]["weight"] - margin else p
 
 
 def _sigmoid(x: float) -> float:

@@ -53,15 +53,41 @@ def test_each_cue_points_from_the_source_to_the_copy() -> None:
     assert direction(Seen.of(flat), 5.0, cfg) > 0 > direction(Seen.of(flat), -5.0, cfg)
 
 
-def test_forest_hangs_each_edit_under_the_original_even_when_it_was_seen_late() -> None:
+def test_forest_hangs_each_edit_under_the_original() -> None:
     matches = [Match(1, 2, 300, "partial", CROP), Match(1, 3, 400, "partial", CAPTION),
                Match(1, 4, 350, "full", SCALE), Match(2, 3, 150, "partial", None)]
-    # the original's first post was missed: it is seen after its crop
-    seen = {1: 10 * HOUR, 2: 2 * HOUR, 3: 12 * HOUR, 4: 13 * HOUR}
-    tree = forest([1, 2, 3, 4], seen, matches)
-    assert {i: d.parent for i, d in tree.items()} == {1: None, 2: 1, 3: 1, 4: 1}
-    assert (tree[2].edit, tree[3].edit, tree[4].edit) == ("crop", "caption", "scale")
-    assert all(0.0 <= d.confidence <= 1.0 for d in tree.values())
+    for seen in ({1: 0, 2: 2 * HOUR, 3: 12 * HOUR, 4: 13 * HOUR},
+                 # the original's posts were all missed (a file, no post): the geometry alone orients it
+                 {2: 2 * HOUR, 3: 12 * HOUR, 4: 13 * HOUR}):
+        tree = forest([1, 2, 3, 4], seen, matches)
+        assert {i: d.parent for i, d in tree.items()} == {1: None, 2: 1, 3: 1, 4: 1}
+        assert (tree[2].edit, tree[3].edit, tree[4].edit) == ("crop", "caption", "scale")
+        assert all(0.0 <= d.confidence <= 1.0 for d in tree.values())
+
+
+def test_geometry_vetoes_but_does_not_attract_a_sibling() -> None:
+    # 2: 1 under a textured caption band (its text's keypoints unmatched); 3: a recolour of 1. 2 holds
+    # 3 as a crop's source would, and matches it as well as 1 does: that must not make 2 its parent
+    captioned = geo((800, 600), (0, 0, 800, 600), (800, 800), (0, 200, 800, 800), cover_a=1.0, cover_b=0.75)
+    recolour = geo((800, 600), (0, 0, 800, 600), (800, 600), (0, 0, 800, 600))
+    matches = [Match(1, 2, 300, "partial", captioned), Match(1, 3, 300, "full", recolour),
+               Match(2, 3, 300, "partial", captioned.swapped())]
+    tree = forest([1, 2, 3], {1: 0, 2: HOUR, 3: 5 * HOUR}, matches)
+    assert {i: d.parent for i, d in tree.items()} == {1: None, 2: 1, 3: 1}
+
+
+def test_a_near_tie_goes_to_the_older_of_parent_and_grandparent() -> None:
+    same = geo((800, 600), (0, 0, 800, 600), (800, 600), (0, 0, 800, 600))
+    seen = {1: 0, 2: HOUR, 3: 5 * HOUR}
+
+    def parents(inliers_13: int, inliers_23: int) -> dict[int, int | None]:
+        # 2 is a re-encode of 1; 3 matches both, 2 a little better
+        matches = [Match(1, 2, 500, "full", same), Match(1, 3, inliers_13, "full", same),
+                   Match(2, 3, inliers_23, "full", same)]
+        return {i: d.parent for i, d in forest([1, 2, 3], seen, matches).items()}
+
+    assert parents(300, 303) == {1: None, 2: 1, 3: 1}  # within the margin: the older image
+    assert parents(200, 400) == {1: None, 2: 1, 3: 2}  # clearly closer to 2: its parent stays 2
 
 
 def test_two_unrelated_images_are_two_roots() -> None:
