@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from memetrace.api.auth import COOKIE, BearerCredentials, TokenCheck
 from memetrace.api.docs import install_docs
-from memetrace.api.errors import ApiError, error_responses, install_error_handlers
+from memetrace.api.errors import ApiError, error_responses, install_error_handlers, unknown_image
 from memetrace.api.explain import explain_links
 from memetrace.api.gallery import gallery_page, script
 from memetrace.api.limits import ApiLimits, BodyDeadline, SearchPool
@@ -30,7 +30,8 @@ from memetrace.api.trees import cluster_tree as tree_of
 from memetrace.tree_html import tree_section
 from memetrace.api.warmup import Warmup
 from memetrace.fetch import Fetcher, FetchPolicy
-from memetrace.matcher.explain import NotStored, png, side_of_stored
+from memetrace.matcher.explain import png, side_of_stored
+from memetrace.matcher.stored import FeaturesMissing, NotStored, features_missing_hint
 from memetrace.matcher.query import CopyFinder
 from memetrace.matcher.verify import VerifyConfig
 from memetrace.imageio import DecodeLimits
@@ -114,17 +115,18 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         """A stored image: path, size, keypoints, cluster, and its posts (oldest first)."""
         row = ctx.index.get([image_id]).get(image_id)
         if row is None:
-            raise ApiError(404, "unknown_image", f"no stored image has id {image_id}; ids come from "
-                                                 "POST /v1/search or GET /v1/clusters/{id}")
+            raise unknown_image(image_id)
         posts = posts_of(ctx.occurrences, [image_id])
         cluster = ctx.board.clusters_of([image_id]).get(image_id)
         record = stored_image(row, cluster, thumbnail_url(request, image_id))
         return ImageResponse(**dict(record), posts=posts[:MAX_POSTS], posts_total=len(posts))
 
-    @v1.get("/images/{image_id}/copies", tags=["search"], responses=error_responses(404, *V1_ERRORS))
+    @v1.get("/images/{image_id}/copies", tags=["search"], responses=error_responses(404, 409, *V1_ERRORS))
     async def copies(image_id: ImageId) -> SearchResponse:
-        """Copies of a stored image, found as `POST /v1/search` finds them but from its stored vectors and
-        keypoints (nothing is uploaded, decoded or embedded): the same matches, best first. 503 `busy` as a search."""
+        """Copies of a stored image (itself left out), best first, searched and verified with what is stored of
+        it: its global and content-box vectors and its keypoints, nothing embedded or extracted again. An upload
+        of the same file to `POST /v1/search` also searches with grid windows and may find a few more partial
+        copies. 409 `features_missing` when its keypoints are gone; 503 `busy` as a search."""
         with searches.place() as place:
             place.take()
             return await searches.run(search_stored, finder, ctx, metrics, image_id)
@@ -153,8 +155,9 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         try:
             sides = [side_of_stored(ctx, i, explain_limits) for i in (a, b)]
         except NotStored as exc:
-            raise ApiError(404, "unknown_image", f"no stored image (with keypoints) has id {exc}; ids come from "
-                                                 "POST /v1/search or GET /v1/clusters/{id}") from None
+            raise unknown_image(exc) from None
+        except FeaturesMissing as exc:
+            raise ApiError(409, "features_missing", features_missing_hint(exc)) from None
         data, e = png(*sides, explain_config)
         return Response(data, media_type="image/png",
                         headers={"X-Memetrace-Match": "true" if e.geometry else "false",
@@ -169,7 +172,7 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         """The full-size image: the indexed local file, or a redirect to the URL it came from."""
         row = ctx.index.get([image_id]).get(image_id)
         if row is None:
-            raise ApiError(404, "unknown_image", f"no stored image has id {image_id}")
+            raise unknown_image(image_id)
         if row.path.startswith(("http://", "https://")):
             return RedirectResponse(row.path, status_code=307)
         path = FsPath(row.path)

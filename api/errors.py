@@ -20,7 +20,7 @@ MAX_DETAIL = 4096  # ErrorBody.detail: a dependency's message could be longer
 # the error responses of the OpenAPI document; each route declares those it can answer
 _MEANINGS = {400: "unreadable request (bad JSON, empty file)", 401: "missing or wrong token",
              404: "unknown id", 408: "the body did not arrive in time", 413: "body too large",
-             415: "unsupported Content-Type", 422: "invalid parameters, not an image, or a failed download",
+             409: "the image is stored but its keypoints are not", 415: "unsupported Content-Type", 422: "invalid parameters, not an image, or a failed download",
              500: "unexpected server error (logged)", 503: "not ready yet, busy, or Milvus down: see Retry-After"}
 
 
@@ -36,6 +36,12 @@ class ApiError(Exception):
                  reason: str | None = None) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status, self.error, self.detail, self.headers, self.reason = status, error, detail, headers, reason
+
+
+def unknown_image(image_id: object) -> ApiError:
+    """404 for an image id no stored image has."""
+    return ApiError(404, "unknown_image", f"no stored image has id {image_id}; ids come from POST /v1/search "
+                                          "or GET /v1/clusters/{id}")
 
 
 def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None,

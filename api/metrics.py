@@ -16,5 +16,6 @@ class ApiMetrics:
                                 ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("memetrace_api_request_seconds", "one HTTP request, body read included",
                                          ["route"], buckets=ITEM_BUCKETS, registry=r)
-        self.search_seconds = Histogram("memetrace_search_seconds", "decode + embed + SIFT + Milvus + verify "
-                                        "of one searched image", buckets=ITEM_BUCKETS, registry=r)
+        # query="upload": decode + embed + SIFT + Milvus + verify; "stored": Milvus + verify of a stored image
+        self.search_seconds = Histogram("memetrace_search_seconds", "one search, by kind of query (upload, stored)",
+                                        ["query"], buckets=ITEM_BUCKETS, registry=r)

@@ -12,12 +12,13 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from memetrace.api.errors import ApiError, describe_validation
+from memetrace.api.errors import ApiError, describe_validation, unknown_image
 from memetrace.api.limits import Place
 from memetrace.api.records import posts_of
 from memetrace.api.schemas import POSTS_PER_MATCH, MatchGeometry, Post, QueryImage, SearchMatch, SearchResponse
 from memetrace.fetch import Fetcher
 from memetrace.matcher.query import Copy, CopyFinder
+from memetrace.matcher.stored import FeaturesMissing, NotStored, features_missing_hint
 from memetrace.imageio import BadImage
 from memetrace.api.metrics import ApiMetrics
 from memetrace.components import Components
@@ -168,21 +169,22 @@ def search_image(finder: CopyFinder, ctx: Components, metrics: ApiMetrics, data:
     query = QueryImage(image_id=image.image_id, width=image.width, height=image.height,
                        stored=bool(ctx.index.existing([image.image_id])))
     result = _describe(ctx, query, copies)
-    metrics.search_seconds.observe(time.perf_counter() - started)
+    metrics.search_seconds.labels(query="upload").observe(time.perf_counter() - started)
     return result
 
 
 def search_stored(finder: CopyFinder, ctx: Components, metrics: ApiMetrics, image_id: int) -> SearchResponse:
     """The copies of stored image ``image_id``, from its stored features (blocking: run it in a thread)."""
     started = time.perf_counter()
-    found = finder.find_stored(image_id)
-    if found is None:
-        raise ApiError(404, "unknown_image", f"no stored image has id {image_id} (or its keypoints are gone); "
-                                             "ids come from POST /v1/search or GET /v1/clusters/{id}")
-    record, copies = found
+    try:
+        record, copies = finder.find_stored(image_id)
+    except NotStored:
+        raise unknown_image(image_id) from None
+    except FeaturesMissing:
+        raise ApiError(409, "features_missing", features_missing_hint(image_id)) from None
     result = _describe(ctx, QueryImage(image_id=image_id, width=record.width, height=record.height, stored=True),
                        copies)
-    metrics.search_seconds.observe(time.perf_counter() - started)
+    metrics.search_seconds.labels(query="stored").observe(time.perf_counter() - started)
     return result
 
 

@@ -93,8 +93,8 @@ def query_stored(ctx: Any, stored: dict[int, int], level: str) -> dict:
 
 
 def _timed(ctx: Any, level: str, kind: str, queries: list[tuple[Any, int]]) -> dict:
-    """Each (search, expected original) timed one by one, the index's candidate searches at consistency
-    ``level`` ("Strong": the workers', "Bounded": the API's default, MEMETRACE_API_SEARCH_CONSISTENCY)."""
+    """Each (search, expected original) timed one by one, the index's reads at consistency
+    ``level`` ("Strong": the workers', "Bounded": the API's default, MEMETRACE_API_READ_CONSISTENCY)."""
     from dataclasses import replace
 
     from memetrace.matcher.query import CopyFinder
@@ -207,17 +207,18 @@ def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: 
         real = {content_id(Path(p).read_bytes()) for p in listing.read_text().splitlines()}
         # the synthetic images are drawn around the originals and distractors, not the copies searched by id
         ids, glob, regions = ctx.index.vectors(sorted(real - stored.keys()))
-        out["real_images"], out["real_regions"] = len(real), int(sum(len(r) for r in regions))
+        out["real_images"], out["base_images"] = len(real), len(ids)
+        out["base_regions"] = int(sum(len(r) for r in regions))
         copy, far = distances(ctx, gt, copies, originals, glob, ids)
         out["copy_distance"], out["far_distance"] = round(copy, 4), round(far, 4)
         lender: dict[int, int] = {}
         ctx.__dict__["features"] = _Borrowed(ctx.features, lender)
         have = 0
-        for n in [len(ids), *sizes]:
+        for n in [len(real), *sizes]:
             t0 = time.perf_counter()
-            if n > len(ids):
-                add_synthetic(ctx, ids, glob, regions, n - len(ids), have, copy, far, lender, seed)
-                have = n - len(ids)
+            if n > len(real):
+                add_synthetic(ctx, ids, glob, regions, n - len(real), have, copy, far, lender, seed)
+                have = n - len(real)
             insert_s = round(time.perf_counter() - t0, 1)
             waited = wait_indexed(ctx)
             for level in levels:
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=100,
                     help="copies uploaded at each size; as many more are indexed and searched by id")
     ap.add_argument("--consistency", nargs="+", default=["Strong", "Bounded"],
-                    help="read consistency of the candidate searches: Strong (the workers'), Bounded (the API's default)")
+                    help="read consistency of the index's reads: Strong (the workers'), Bounded (the API's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "query-scale")
     a = ap.parse_args(argv)

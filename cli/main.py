@@ -207,10 +207,10 @@ def export(ctx: click.Context, out: Path | None, fmt: str | None, html_dir: Path
 @click.pass_context
 def query(ctx: click.Context, images: tuple[str, ...], as_json: bool) -> None:
     """Copies of the given image(s) among the indexed ones, with scores and cluster ids. Each IMAGE is
-    a file, or the id of an indexed image (searched from what is stored: nothing decoded again)."""
+    a file, or the id of an indexed image (searched with its stored vectors and keypoints; a file also
+    searches with grid windows, so it may find a few more partial copies)."""
     from memetrace.cli.tables import display_paths, stored_images
     from memetrace.matcher.query import CopyFinder, describe_geometry
-    from memetrace.imageio import BadImage
 
     c = _context(ctx)
     if not c.catalog.images() and not stored_images(c):  # the streaming ingest stores no catalog rows
@@ -219,10 +219,9 @@ def query(ctx: click.Context, images: tuple[str, ...], as_json: bool) -> None:
     clusters, paths = c.graph_state.clusters(), display_paths(c.catalog)
     results = []
     for arg in images:
-        try:
-            image_id, copies = _find_copies(finder, arg, c.settings.data_dir)
-        except BadImage as exc:
-            results.append({"query": arg, "error": exc.reason, "detail": exc.detail, "matches": []})
+        image_id, copies, error = _find_copies(finder, arg, c.settings.data_dir)
+        if error is not None:
+            results.append({"query": arg, **error, "matches": []})
             continue
         matches = [{"image_id": m.image_id, "paths": paths.get(m.image_id, []), "inliers": m.inliers, "kind": m.kind,
                     "similarity": m.similarity, "mirrored": m.mirrored, "cluster_id": clusters.get(m.image_id),
@@ -234,7 +233,7 @@ def query(ctx: click.Context, images: tuple[str, ...], as_json: bool) -> None:
         return
     for r in results:
         if "error" in r:
-            click.echo(f"{r['query']}: not an indexable image ({r['error']}: {r['detail']})")
+            click.echo(f"{r['query']}: {r['message']}")
             continue
         click.echo(f"{r['query']}: {len(r['matches'])} cop{'y' if len(r['matches']) == 1 else 'ies'}")
         for m in r["matches"]:
@@ -242,17 +241,24 @@ def query(ctx: click.Context, images: tuple[str, ...], as_json: bool) -> None:
                        f"{describe_geometry(m['geometry'])}")
 
 
-def _find_copies(finder: CopyFinder, arg: str, data_dir: Path) -> tuple[int, list[Copy]]:
-    """(query id, its copies) of a file path, else of a stored image id (raises BadImage for a file)."""
-    path = Path(arg)
-    if path.is_file():
-        image, copies = finder.find(path.read_bytes())
-        return image.image_id, copies
-    found = finder.find_stored(int(arg)) if arg.isdigit() else None
-    if found is None:
-        raise click.ClickException(f"{arg}: neither a readable file nor the id of an image indexed in {data_dir} "
-                                   "(ids: `memetrace query FILE --json`)")
-    return int(arg), found[1]
+def _find_copies(finder: CopyFinder, arg: str, data_dir: Path) -> tuple[int, list[Copy], dict[str, str] | None]:
+    """(query id, its copies, None) of a file, else of an indexed image's id; or (-1, [], the error entry)."""
+    from memetrace.imageio import BadImage
+    from memetrace.matcher.stored import FeaturesMissing, NotStored, features_missing_hint, file_or_id, not_stored_hint
+
+    try:
+        named = file_or_id(arg)
+        if isinstance(named, Path):
+            image, copies = finder.find(named.read_bytes())
+            return image.image_id, copies, None
+        return named, finder.find_stored(named)[1], None
+    except BadImage as exc:
+        return -1, [], {"error": exc.reason, "detail": exc.detail,
+                        "message": f"not an indexable image ({exc.reason}: {exc.detail})"}
+    except NotStored:
+        return -1, [], {"error": "unknown_image", "detail": "", "message": not_stored_hint(arg, data_dir)}
+    except FeaturesMissing:
+        return -1, [], {"error": "features_missing", "detail": "", "message": features_missing_hint(arg)}
 
 
 @main.command()
@@ -265,7 +271,8 @@ def explain(ctx: click.Context, a: str, b: str, out: Path) -> None:
     """Draw why A and B match (paths or indexed image ids): both side by side, the verified keypoint
     pairs joined, the shared region boxed. Exit status 1 (picture still written) when they do not match."""
     from memetrace.imageio import BadImage, DecodeLimits
-    from memetrace.matcher.explain import NotStored, caption, png, side_of_argument
+    from memetrace.matcher.explain import caption, png, side_of_argument
+    from memetrace.matcher.stored import FeaturesMissing, NotStored, features_missing_hint, not_stored_hint
     from memetrace.matcher.verify import VerifyConfig
 
     c = _context(ctx)
@@ -275,8 +282,9 @@ def explain(ctx: click.Context, a: str, b: str, out: Path) -> None:
         try:
             sides.append(side_of_argument(arg, c, limits))
         except NotStored:
-            raise click.ClickException(f"{arg}: neither a readable file nor the id of an image indexed in "
-                                       f"{c.settings.data_dir} (ids: `memetrace query FILE --json`)") from None
+            raise click.ClickException(not_stored_hint(arg, c.settings.data_dir)) from None
+        except FeaturesMissing:
+            raise click.ClickException(features_missing_hint(arg)) from None
         except BadImage as exc:
             raise click.ClickException(f"{arg}: not an image ({exc.reason}: {exc.detail})") from None
     data, e = png(*sides, VerifyConfig.from_settings(c.settings))
@@ -453,7 +461,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     c = _context(ctx)
     # a query need not wait for writes made in the last instant; the workers' searches stay Strong
-    c.milvus_config = dataclasses.replace(c.milvus_config, read_consistency=c.settings.api_search_consistency)
+    c.milvus_config = dataclasses.replace(c.milvus_config, read_consistency=c.settings.api_read_consistency)
     serve_api(c, host or c.settings.api_host, port or c.settings.api_port)
 
 

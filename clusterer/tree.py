@@ -123,11 +123,6 @@ def geometry_cue(e: Seen, cfg: TreeConfig) -> float:
     return score
 
 
-def direction(e: Seen, dt_h: float | None, cfg: TreeConfig) -> float:
-    """How strongly the cues say p -> c rather than c -> p (antisymmetric: swap p and c, negate)."""
-    return time_cue(dt_h, cfg) + geometry_cue(e, cfg)
-
-
 def edit_of(e: Seen) -> str:
     """The edit kind that best explains c from p."""
     if e.mirrored:

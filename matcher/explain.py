@@ -25,6 +25,7 @@ from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodeLimits, decode
 from memetrace.keypoints import KeypointExtractor, Keypoints
+from memetrace.matcher.stored import FeaturesMissing, NotStored, file_or_id
 from memetrace.matcher.verify import Prepared, Verifier, VerifyConfig, geometry
 from memetrace.models import Geometry
 
@@ -33,10 +34,6 @@ CAPTION = 28  # pixels of the caption strip under them
 MAX_LINES = 120  # inlier lines drawn (an even sample): more only hide the images
 BOX = (0, 230, 90)
 LINE = (255, 200, 0)
-
-
-class NotStored(Exception):
-    """An image id that the index does not hold."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +62,12 @@ def side_of_bytes(data: bytes, label: str, extractor: KeypointExtractor, limits:
 
 def side_of_stored(ctx: Components, image_id: int, limits: DecodeLimits) -> Side:
     """A stored image: its stored keypoints, drawn from its file when this machine can read it, else
-    from its thumbnail (a URL-ingested image)."""
+    from its thumbnail (a URL-ingested image); raises NotStored, FeaturesMissing."""
     row = ctx.index.get([image_id]).get(image_id)
-    kp = ctx.features.get_keypoints(image_id) if row is not None else None
-    if row is None or kp is None:
+    if row is None:
         raise NotStored(image_id)
+    if (kp := ctx.features.get_keypoints(image_id)) is None:
+        raise FeaturesMissing(image_id)
     path = Path(row.path)
     if path.is_file():
         rgb = decode(path.read_bytes(), limits).rgb
@@ -81,13 +79,12 @@ def side_of_stored(ctx: Components, image_id: int, limits: DecodeLimits) -> Side
 
 
 def side_of_argument(arg: str, ctx: Components, limits: DecodeLimits) -> Side:
-    """A file path, else a stored image id (raises :class:`NotStored`, :class:`~memetrace.imageio.BadImage`)."""
-    path = Path(arg)
-    if path.is_file():
-        return side_of_bytes(path.read_bytes(), arg, ctx.extractor, limits)
-    if not arg.isdigit():
-        raise NotStored(arg)
-    return side_of_stored(ctx, int(arg), limits)
+    """A file path, else a stored image id (raises :class:`~memetrace.matcher.stored.NotStored`,
+    :class:`~memetrace.matcher.stored.FeaturesMissing`, :class:`~memetrace.imageio.BadImage`)."""
+    named = file_or_id(arg)
+    if isinstance(named, Path):
+        return side_of_bytes(named.read_bytes(), arg, ctx.extractor, limits)
+    return side_of_stored(ctx, named, limits)
 
 
 def explain(a: Side, b: Side, config: VerifyConfig) -> Explanation:

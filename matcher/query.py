@@ -1,6 +1,8 @@
-"""Copies of an outside image among the stored ones: decode → embed + SIFT → vector index → verify.
+"""Copies of an image among the stored ones: decode → embed + SIFT → vector index → verify, or, for a
+stored image, its stored vectors and keypoints → vector index → verify.
 
-The one implementation behind ``memetrace query`` and the query API's ``POST /v1/search``.
+The one implementation behind ``memetrace query`` and the query API's ``POST /v1/search`` and
+``GET /v1/images/{id}/copies``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 from memetrace.matcher.matching import MatchConfig, Matcher, Verified
 from memetrace.matcher.low_texture import sketch_of_rgb
+from memetrace.matcher.stored import FeaturesMissing, NotStored
 from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodedImage, DecodeLimits, decode
@@ -51,20 +54,25 @@ class CopyFinder:
             glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=sketch_of_rgb(image.rgb))
         return image, _copies(found, image.image_id)
 
-    def find_stored(self, image_id: int) -> tuple[ImageRecord, list[Copy]] | None:
-        """The copies of a stored image, from what is stored (its vectors, keypoints and thumbnail:
-        nothing decoded, embedded or extracted), best first; None: ``image_id`` is not stored."""
+    def find_stored(self, image_id: int) -> tuple[ImageRecord, list[Copy]]:
+        """The copies of a stored image as the matcher finds them, best first: searched and verified with
+        what is stored of it (its global and content-box vectors, its coded keypoints, its thumbnail for
+        the low-texture rule), so nothing is embedded or extracted again. An upload of the same file also
+        searches with its grid windows (unless MEMETRACE_STORE_GRID_REGIONS): it may find a few more
+        partial copies. Raises :class:`NotStored`, :class:`FeaturesMissing`."""
         c = self.ctx
         record = c.index.get([image_id]).get(image_id)
+        if record is None:
+            raise NotStored(image_id)
+        if (keypoints := c.features.get_keypoints(image_id)) is None:
+            raise FeaturesMissing(image_id)
         ids, glob, regions = c.index.vectors([image_id])
-        keypoints = c.features.get_keypoints(image_id)
-        if record is None or not ids or keypoints is None:
-            return None
+        if not ids:  # removed since
+            raise NotStored(image_id)
         matcher = Matcher(self.config, c.index, c.features)
         found = matcher.match_outside(glob[0], regions[0], keypoints, (record.width, record.height),
                                       exclude=image_id, sketch=matcher.sketch(image_id))
         return record, _copies(found, -1)
-
 
 def _copies(found: list[tuple[Verified, Geometry | None]], query_id: int) -> list[Copy]:
     """``match_outside``'s answers as copies, best first; ``query_id``: the query's bytes' id (its
@@ -73,6 +81,7 @@ def _copies(found: list[tuple[Verified, Geometry | None]], query_id: int) -> lis
                    "identical" if f.candidate.image_id == query_id else f.verification.kind,
                    round(f.candidate.similarity, 4), f.verification.mirrored, geo) for f, geo in found]
     return sorted(copies, key=lambda m: (-m.inliers, -m.similarity, m.image_id))
+
 
 def describe_geometry(g: dict | None) -> str:
     """``  [box in the query] -> [box in the copy] x0.50 turned 90° mirrored``, from :meth:`Geometry.to_dict`."""

@@ -67,8 +67,9 @@ class MilvusConfig:
     collection_prefix: str = "memetrace"
     index_type: str = "FLAT"
     metric: str = "IP"
-    # every read's: the workers read what they just wrote (Strong); the API, which writes nothing, need
-    # not wait for the server's time tick (MEMETRACE_API_SEARCH_CONSISTENCY)
+    # every read's but a migration's: the workers read what they just wrote (Strong); the API reads
+    # nothing it wrote (its only writes: creating missing collections, migrating the occurrence log)
+    # and need not wait for the server's time tick (MEMETRACE_API_READ_CONSISTENCY)
     read_consistency: str = STRONG
 
     @classmethod

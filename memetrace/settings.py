@@ -30,6 +30,7 @@ RENAMED: dict[str, tuple[str, ...]] = {
     "ingest_retry_max_s": ("retry_max_s",),
     "workers": ("prepare_threads", "match_threads"),
     "catalog_path": ("cluster_state_path",),
+    "api_search_consistency": ("api_read_consistency",),
 }
 
 
@@ -118,7 +119,7 @@ class Settings(BaseSettings):
                                             "(crops, collage tiles, screenshots), for less storage")
     store_grid_regions: bool = Field(
         False, description="also store the nine grid windows' descriptors (halves, quarters, centre), not only "
-                           "the content boxes' (queries search with them either way): on three benchmark splits "
+                           "the content boxes' (uploaded queries search with them either way): on three benchmark splits "
                            "they found no copy more, took 9 of the 9.5 regional vectors an image (23.5 KB of "
                            "Milvus Lite) and crowded chained copies out of the candidates (docs/scale.md)")
 
@@ -283,7 +284,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(None, description="bearer token the API requires; empty = no auth")
     api_max_upload_bytes: int = Field(20_000_000, ge=1, description="largest image accepted by POST /v1/search")
     api_search_concurrency: int = Field(2, ge=1, description="searches (decode, embed, SIFT, verify) run at once")
-    api_search_consistency: Literal["Strong", "Bounded"] = Field(
+    api_read_consistency: Literal["Strong", "Bounded"] = Field(
         "Bounded", description="Milvus read consistency of the API's reads (its searches and the rows that describe "
                                "the answers): Bounded answers at once and may miss what was stored in the last seconds; "
                                "Strong sees every write but waits for the server's time tick (about 0.3 s a read on a "

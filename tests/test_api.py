@@ -280,6 +280,20 @@ def test_copies_of_a_stored_image_are_what_its_upload_finds(main: Api, corpus: C
     _error(main.get("/v1/images/1/copies"), 404, "unknown_image")
 
 
+def test_a_stored_image_without_keypoints_says_so(main: Api, corpus: Corpus) -> None:
+    image_id, features = corpus.id_of("hubble.jpg"), main.ctx.features
+    kp = features.get_keypoints(image_id)
+    features.delete(features.keypoints_key(image_id))
+    try:
+        assert main.get(f"/v1/images/{image_id}").status == 200
+        body = _error(main.get(f"/v1/images/{image_id}/copies"), 409, "features_missing")
+        assert str(image_id) in body["detail"] and "index its file again" in body["detail"]
+        _error(main.get(f"/v1/explain?a={image_id}&b={corpus.id_of('cat.jpg')}"), 409, "features_missing")
+    finally:
+        features.put_keypoints(image_id, kp)
+    assert main.get(f"/v1/images/{image_id}/copies").status == 200
+
+
 def test_search_by_url_through_the_fetcher(main: Api, corpus: Corpus) -> None:
     reply = main.search_url(f"{corpus.images_url}/astronaut_crop.jpg")
     assert reply.status == 200, reply.body
@@ -508,6 +522,7 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 def test_metrics_count_requests_by_route_template(main: Api, corpus: Corpus) -> None:
     main.get(f"/v1/images/{corpus.id_of('hubble.jpg')}")
     main.upload(corpus.files["coffee.jpg"])
+    main.get(f"/v1/images/{corpus.id_of('coffee.jpg')}/copies")
     main.get("/docs")
     samples = _metrics(main)
     requests = "memetrace_api_requests_total"
@@ -517,7 +532,8 @@ def test_metrics_count_requests_by_route_template(main: Api, corpus: Corpus) -> 
     assert _value(samples, requests, route="unmatched", method="GET", status="404") >= 1
     assert _value(samples, requests, route="unmatched", method="GET", status="200") == 0
     assert _value(samples, "memetrace_api_request_seconds_count", route="/readyz") >= 1
-    assert _value(samples, "memetrace_search_seconds_count") >= 1
+    assert _value(samples, "memetrace_search_seconds_count", query="upload") >= 1
+    assert _value(samples, "memetrace_search_seconds_count", query="stored") >= 1
     routes = {dict(labels).get("route") for name, labels in samples if name == requests}
     assert not any(str(corpus.id_of("hubble.jpg")) in r for r in routes)  # raw paths never become labels
 

@@ -255,8 +255,10 @@ def test_query_by_id_finds_what_the_file_finds(run: Run) -> None:
     assert by_id["query"] == str(coins_id) and by_id["image_id"] == coins_id
     copies = {m["image_id"] for m in by_file["matches"] if m["kind"] != "identical"}
     assert copies and {m["image_id"] for m in by_id["matches"]} == copies  # never itself
-    result = run.invoke("query", "12345")
-    assert result.exit_code != 0 and "neither a readable file nor the id of an image indexed" in result.output
+    unknown, again = _json(run.invoke("query", "12345", "²", str(coins_id), "--json"))[:2]
+    assert unknown["error"] == "unknown_image" and unknown["matches"] == [] and again["error"] == "unknown_image"
+    text = run.invoke("query", "12345")
+    assert text.exit_code == 0 and "12345: neither a readable file nor the id of an image indexed" in text.stdout
 
 
 def test_query_a_non_image_is_an_error_entry(run: Run) -> None:

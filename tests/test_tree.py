@@ -22,7 +22,7 @@ from memetrace.cli.main import main
 from memetrace.cli.posts import PostsFileError, PostsReport, parse_time, read_posts, record_posts
 from memetrace.clusterer.service import recluster
 from memetrace.clusterer.state import MemoryGraphState
-from memetrace.clusterer.tree import Seen, TreeConfig, direction, forest
+from memetrace.clusterer.tree import Seen, TreeConfig, forest, geometry_cue, time_cue
 from memetrace.clusterer.tree_export import tree_rows, write_tree
 from memetrace.clusterer.tree_update import current_trees, first_posts, update_trees
 from memetrace.models import Derivation, Geometry, Match, OccurrenceRow
@@ -46,11 +46,12 @@ SCALE = geo((800, 600), (0, 0, 800, 600), (400, 300), (0, 0, 400, 300), scale=0.
 def test_each_cue_points_from_the_source_to_the_copy() -> None:
     cfg = TreeConfig()
     for g in (CROP, CAPTION, SCALE):
-        assert direction(Seen.of(g), None, cfg) > 1.0
-        assert direction(Seen.of(g.swapped()), None, cfg) == pytest.approx(-direction(Seen.of(g), None, cfg))
+        assert geometry_cue(Seen.of(g), cfg) > 1.0
+        assert geometry_cue(Seen.of(g.swapped()), cfg) == pytest.approx(-geometry_cue(Seen.of(g), cfg))
     # time alone: the earlier image is the source
     flat = geo((800, 600), (0, 0, 800, 600), (800, 600), (0, 0, 800, 600))
-    assert direction(Seen.of(flat), 5.0, cfg) > 0 > direction(Seen.of(flat), -5.0, cfg)
+    assert time_cue(5.0, cfg) > 0 > time_cue(-5.0, cfg) and time_cue(None, cfg) == 0
+    assert time_cue(5.0, cfg) + geometry_cue(Seen.of(flat), cfg) > 0 > time_cue(-5.0, cfg) + geometry_cue(Seen.of(flat), cfg)
 
 
 def test_forest_hangs_each_edit_under_the_original() -> None:
@@ -63,6 +64,13 @@ def test_forest_hangs_each_edit_under_the_original() -> None:
         assert {i: d.parent for i, d in tree.items()} == {1: None, 2: 1, 3: 1, 4: 1}
         assert (tree[2].edit, tree[3].edit, tree[4].edit) == ("crop", "caption", "scale")
         assert all(0.0 <= d.confidence <= 1.0 for d in tree.values())
+
+
+def test_a_crop_seen_hours_before_its_source_is_taken_for_it() -> None:
+    """The known cost of the veto (docs/propagation.md): where the posting time and the crop's geometry
+    disagree with equal strength, the time wins the pair. Pinned so that changing it is deliberate."""
+    tree = forest([1, 2], {1: 6 * HOUR, 2: 0}, [Match(1, 2, 300, "partial", CROP)])
+    assert {i: d.parent for i, d in tree.items()} == {1: 2, 2: None}
 
 
 def test_geometry_vetoes_but_does_not_attract_a_sibling() -> None:
