@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -128,8 +129,9 @@ class Producer:
 def run(minutes: float, every: float, backlog: int, work: Path) -> dict:
     from memetrace.settings import Settings
 
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "logs").mkdir(exist_ok=True)
+    # a fresh work folder: an earlier run's data dir and Milvus files would start this one on a bigger corpus
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True)
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Variants))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -142,7 +144,7 @@ def run(minutes: float, every: float, backlog: int, work: Path) -> dict:
                     "MEMETRACE_MILVUS_URI": uri, "MEMETRACE_FETCH_ALLOW_PRIVATE_NETWORKS": "1"})
         ports = {name: free_port() for name in SERVICES}
         for name, verb in SERVICES.items():
-            log = (work / "logs" / f"{name}.log").open("ab")
+            log = (work / "logs" / f"{name}.log").open("wb")
             procs[name] = subprocess.Popen([MEMETRACE, *verb], env={**env, "MEMETRACE_METRICS_PORT": str(ports[name])},
                                            stdout=log, stderr=log)
         for name in SERVICES:

@@ -10,8 +10,6 @@ the candidate searches and verifications already done; the batch pipeline calls 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Self
 import faiss
 import numpy as np
 
+from memetrace.byte_lru import ByteLRU
 from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
@@ -30,9 +29,6 @@ from memetrace.models import Candidate, Geometry, Match
 from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
 
-CACHED = 4096  # prepared keypoints kept: the images a viral batch verifies against again and again
-
-
 @dataclass(frozen=True)
 class MatchConfig:
     """How many candidates to verify and how: the settings of the same names describe them."""
@@ -40,13 +36,15 @@ class MatchConfig:
     candidates_k: int
     candidate_min_similarity: float
     match_threads: int
+    cache_bytes: int  # prepared keypoints kept (the images a viral batch verifies against again and again)
     verify: VerifyConfig
     low_texture: LowTextureConfig
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
         return cls(candidates_k=s.candidates_k, candidate_min_similarity=s.candidate_min_similarity,
-                   match_threads=s.match_threads, verify=VerifyConfig.from_settings(s),
+                   match_threads=s.match_threads, cache_bytes=s.match_cache_mb * 2**20,
+                   verify=VerifyConfig.from_settings(s),
                    low_texture=LowTextureConfig.from_settings(s))
 
 
@@ -69,22 +67,16 @@ class Matcher:
         self.index = index
         self.features = features
         self.verifier = verifier or Verifier(config.verify)
-        self._prepared: OrderedDict[int, Prepared | None] = OrderedDict()  # the latest CACHED, by use
-        self._cache_lock = threading.Lock()
+        self._prepared: ByteLRU[int, Prepared | None] = ByteLRU(config.cache_bytes, _nbytes)
         faiss.omp_set_num_threads(1)  # parallelism comes from our threads, one query each
 
     def prepared(self, image_id: int, call: Call = call_once) -> Prepared | None:
         """The stored keypoints of ``image_id`` ready to verify (None: none stored), read through ``call``."""
-        with self._cache_lock:
-            if image_id in self._prepared:
-                self._prepared.move_to_end(image_id)
-                return self._prepared[image_id]
-        kp = call(lambda: self.features.get_keypoints(image_id))
-        p = Prepared(kp) if kp is not None else None
-        with self._cache_lock:
-            self._prepared[image_id] = p
-            if len(self._prepared) > CACHED:
-                self._prepared.popitem(last=False)
+        found, p = self._prepared.get(image_id)
+        if not found:
+            kp = call(lambda: self.features.get_keypoints(image_id))
+            p = Prepared(kp) if kp is not None else None
+            self._prepared.put(image_id, p)
         return p
 
     def _keep(self, cands: list[Candidate]) -> list[Candidate]:
@@ -208,3 +200,7 @@ class Matcher:
         cands = self._keep(call(lambda: self.index.candidates(vector, regions, self.config.candidates_k, exclude)))
         found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, lambda: sketch)]
         return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]
+
+
+def _nbytes(p: Prepared | None) -> int:
+    return 0 if p is None else p.nbytes

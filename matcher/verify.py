@@ -2,7 +2,7 @@
 
 Lifecycle of one query image::
 
-    Keypoints --Prepared()--> Prepared (RootSIFT, plus mirrored copy for flipped reposts)
+    Keypoints --Prepared()--> Prepared (RootSIFT; its mirror built per query for flipped reposts)
     query Prepared + candidate Prepared list --verify_many()--> [Verification]
 
 A pair is a copy when a similarity transform (scale, rotation, shift) explains at least
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Self
 
 import cv2
@@ -39,18 +38,26 @@ from memetrace.settings import Settings
 
 
 class Prepared:
-    """Keypoints ready for matching; the mirrored RootSIFT is computed only if asked for."""
+    """Keypoints ready for matching: their RootSIFT only. Neither the stored descriptors nor the
+    mirrored copy are kept: prepared keypoints are cached by the bytes they hold
+    (:class:`memetrace.byte_lru.ByteLRU`), and those two would be 1.25x more."""
 
     def __init__(self, kp: Keypoints) -> None:
-        self.kp = kp
         self.xy = kp.xy
         self.desc = rootsift(kp.desc)
         self.width, self.height = kp.width, kp.height
 
-    @cached_property
     def mirror(self) -> tuple[np.ndarray, np.ndarray]:
-        m = self.kp.mirrored()
-        return m.xy, rootsift(m.desc)
+        """xy and RootSIFT of the horizontally flipped image (:meth:`Keypoints.mirrored`), built
+        from the RootSIFT: the same floats, since RootSIFT is per bin but for the L1 sum, which is
+        exact on the stored uint8 bins in any order."""
+        m = Keypoints(xy=self.xy, desc=self.desc, width=self.width, height=self.height).mirrored()
+        return m.xy, m.desc
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (what a cache of them holds)."""
+        return self.xy.nbytes + self.desc.nbytes
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
@@ -193,7 +200,7 @@ class Verifier:
         for mirrored in (False, True):
             if not pending:
                 break
-            q_xy, q_desc = query.mirror if mirrored else (query.xy, query.desc)
+            q_xy, q_desc = query.mirror() if mirrored else (query.xy, query.desc)
             failed = []
             for i, (q_idx, c_idx) in zip(pending, self._search(q_desc, [candidates[i] for i in pending])):
                 v, frame = self._check(query, q_xy, candidates[i], q_idx, c_idx, i, mirrored)

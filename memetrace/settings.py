@@ -208,6 +208,11 @@ class Settings(BaseSettings):
                                        "different skies and gradients")
     prepare_threads: int = Field(2, ge=1, le=256, description="threads for decoding and SIFT")
     match_threads: int = Field(2, ge=1, le=256, description="threads verifying candidates (FAISS + RANSAC)")
+    match_cache_mb: int = Field(
+        256, ge=0, description="MB of prepared keypoints (xy and RootSIFT, 520 B a keypoint: 0.12 MB an image on the "
+                               "benchmark, 0.3 at most) the matcher and the clusterer's tree verification each keep for "
+                               "the images verified again and again: lower it when a pod nears its memory limit, at the "
+                               "cost of reading them again; 0 = none kept")
 
     # clustering
     cluster_algorithm: Literal["components", "louvain"] = Field(

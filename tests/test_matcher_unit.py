@@ -18,12 +18,14 @@ import json
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import make_settings, rgb
+from memetrace.byte_lru import ENTRY_BYTES
 from memetrace.errors import DependencyDown
 from memetrace.feature_store import MemoryFeatureStore
 from memetrace.keypoints import KeypointExtractor, Keypoints
@@ -83,12 +85,12 @@ class RecordingVerifier(Verifier):
 
     def __init__(self, config: VerifyConfig, keypoints: dict[int, Keypoints]) -> None:
         super().__init__(config)
-        self.image_of = {kp.desc.tobytes(): i for i, kp in keypoints.items()}
+        self.image_of = {Prepared(kp).desc.tobytes(): i for i, kp in keypoints.items()}
         self.pairs: Counter[frozenset[int]] = Counter()
 
     def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
-        q = self.image_of[query.kp.desc.tobytes()]
-        self.pairs.update(frozenset((q, self.image_of[c.kp.desc.tobytes()])) for c in candidates)
+        q = self.image_of[query.desc.tobytes()]
+        self.pairs.update(frozenset((q, self.image_of[c.desc.tobytes()])) for c in candidates)
         return super().verify_many(query, candidates)
 
 
@@ -258,3 +260,19 @@ def test_verify_pairs_checks_the_pairs_asked_whatever_the_candidates(keypoints, 
     assert geo is not None and geo.size_b == (keypoints[COFFEE_CROP].width, keypoints[COFFEE_CROP].height)
     # a -> b: the whole crop (b) is a part of the coffee (a)
     assert geo.box_b == (0, 0, *geo.size_b) and geo.cover_b > 0.9 > 0.7 > geo.cover_a
+
+
+def test_the_keypoint_cache_is_bounded_by_the_setting_in_bytes(keypoints, tmp_path) -> None:
+    """MEMETRACE_MATCH_CACHE_MB reaches the matcher's cache, which keeps prepared keypoints by their
+    bytes: a budget of about two images keeps the two used last, whatever their count of points."""
+    assert MatchConfig.from_settings(make_settings(tmp_path, match_cache_mb=3)).cache_bytes == 3 * 2**20
+    index, features = MemoryVectorIndex(DIM), MemoryFeatureStore()
+    _store(index, features, keypoints, OLD + NEW)
+    sizes = {i: Prepared(keypoints[i]).nbytes + ENTRY_BYTES for i in (CAT, COFFEE, COINS)}
+    config = MatchConfig.from_settings(make_settings(tmp_path))
+    matcher = Matcher(replace(config, cache_bytes=sizes[COFFEE] + sizes[COINS]), index, features)
+    for i in (CAT, COFFEE, COINS):
+        matcher.prepared(i)
+    assert matcher._prepared.nbytes == sizes[COFFEE] + sizes[COINS]
+    assert [matcher._prepared.get(i)[0] for i in (CAT, COFFEE, COINS)] == [False, True, True]
+    assert matcher.prepared(99) is None and matcher._prepared.get(99) == (True, None)  # no keypoints: kept as such

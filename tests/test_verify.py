@@ -312,3 +312,15 @@ def test_one_photo_in_posts_of_one_app_still_matches(photos: dict[str, Image.Ima
     found = verifier.verify_many(prep(_caption(posts["cat"])), [prep(posts["coffee"]), prep(photos["cat"]),
                                                                 prep(posts["coins"]), prep(posts["cat"])])
     assert [v.candidate for v in found] == [1, 3]
+
+
+def test_the_mirror_built_from_rootsift_is_that_of_the_mirrored_keypoints(extractor: KeypointExtractor,
+                                                                          photos: dict[str, Image.Image]) -> None:
+    """Prepared keeps no stored descriptors: its mirror, built from its RootSIFT, must be the very
+    floats the stored keypoints' mirror gives (the L1 sum of uint8 bins is exact in any order)."""
+    for name in NAMES:
+        kp = extractor.extract(rgb(photos[name]))
+        xy, desc = Prepared(kp).mirror()
+        m = kp.mirrored()
+        assert np.array_equal(xy, m.xy) and np.array_equal(desc, rootsift(m.desc)), name
+        assert Prepared(kp).nbytes == kp.xy.nbytes + 4 * kp.desc.size  # float32 RootSIFT and the xy, nothing more
