@@ -181,7 +181,8 @@ def wait_indexed(ctx: Any, timeout: float = 1800) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: Path, seed: int) -> dict:
+def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: Path, seed: int,
+        nlist: int = 128, nprobe: int = 16) -> dict:
     from benchmarks.services import MILVUS_STOP_GRACE, start_milvus_server, stop_process
     from memetrace.cli.batch import run_index
     from memetrace.cli.context import Context
@@ -197,9 +198,10 @@ def run(sizes: list[int], index_type: str, levels: list[str], limit: int, work: 
     stored = {content_id((gt.parent / r["path"]).read_bytes()): originals[r["group_id"]] for r in kept}
     milvus_dir = Path(tempfile.mkdtemp(prefix="memetrace-milvus-", dir=work))
     proc, uri = start_milvus_server(milvus_dir)
-    out: dict[str, Any] = {"index_type": index_type, "rows": []}
+    out: dict[str, Any] = {"index_type": index_type, "nlist": nlist, "nprobe": nprobe, "rows": []}
     try:
         ctx = Context(Settings(_env_file=None, data_dir=work / "stores", milvus_uri=uri, milvus_index_type=index_type,
+                               milvus_ivf_nlist=nlist, milvus_ivf_nprobe=nprobe,
                                cluster_state_path=None))
         t0 = time.perf_counter()
         run_index(ctx, listing, show_progress=False)
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000],
                     help="images in the server (the split's real ones included)")
     ap.add_argument("--index", default="IVF_SQ8", choices=["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"])
+    ap.add_argument("--nlist", type=int, default=128, help="IVF lists (MEMETRACE_MILVUS_IVF_NLIST)")
+    ap.add_argument("--nprobe", type=int, default=16, help="IVF lists searched (MEMETRACE_MILVUS_IVF_NPROBE)")
     ap.add_argument("--limit", type=int, default=100,
                     help="copies uploaded at each size; as many more are indexed and searched by id")
     ap.add_argument("--consistency", nargs="+", default=["Strong", "Bounded"],
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     from memetrace import logs
 
     logs.configure(0)
-    result = run(a.sizes, a.index, a.consistency, a.limit, a.out / "query-work", a.seed)
+    result = run(a.sizes, a.index, a.consistency, a.limit, a.out / "query-work", a.seed, a.nlist, a.nprobe)
     result.update({"cpu": cpu(), "simulated": "the images beyond the split's (vectors near its real ones)",
                    "real": "Milvus 2.3 server, the split's images and queries, CopyFinder end to end"})
     (a.out / "query-scale.json").write_text(json.dumps(result, indent=2))

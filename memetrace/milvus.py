@@ -67,6 +67,8 @@ class MilvusConfig:
     collection_prefix: str = "memetrace"
     index_type: str = "FLAT"
     metric: str = "IP"
+    ivf_nlist: int = 128  # IVF_FLAT / IVF_SQ8 only
+    ivf_nprobe: int = 16
     # every read's but a migration's: the workers read what they just wrote (Strong); the API reads
     # nothing it wrote (its only writes: creating missing collections, migrating the occurrence log)
     # and need not wait for the server's time tick (MEMETRACE_API_READ_CONSISTENCY)
@@ -75,7 +77,8 @@ class MilvusConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
         return cls(uri=s.resolved_milvus_uri(), token=s.milvus_token, collection_prefix=s.milvus_collection_prefix,
-                   index_type=s.milvus_index_type, metric=s.milvus_metric)
+                   index_type=s.milvus_index_type, metric=s.milvus_metric, ivf_nlist=s.milvus_ivf_nlist,
+                   ivf_nprobe=s.milvus_ivf_nprobe)
 
     def collection(self, role: str) -> str:
         return f"{self.collection_prefix}_{role}"
@@ -134,18 +137,16 @@ def stored_dim(client: MilvusClient, config: MilvusConfig) -> int | None:
 
 
 # Build and search parameters per MEMETRACE_MILVUS_INDEX_TYPE, within Milvus' documented ranges.
-# IVF_*: nlist in [1, 65536] clusters per segment, nprobe in [1, nlist] of them searched (1/8:
-# recall first, the candidates are verified anyway). HNSW: ef in [limit, 32768]. DISKANN: no
+# IVF_*: nlist in [1, 65536] clusters per segment, nprobe in [1, nlist] of them searched (by default
+# 16 of 128: recall first, the candidates are verified anyway; MEMETRACE_MILVUS_IVF_NLIST / _NPROBE). HNSW: ef in [limit, 32768]. DISKANN: no
 # build parameters, search_list in [limit, ...] (Milvus 2.3 caps it at 200 while limit <= 20).
-IVF_NLIST = 128
-IVF_NPROBE = 16
 
 
 def index_params(client: MilvusClient, config: MilvusConfig):
     params = client.prepare_index_params()
     index_type = config.index_type
     extra = ({"M": 16, "efConstruction": 200} if index_type == "HNSW"
-             else {"nlist": IVF_NLIST} if index_type in ("IVF_FLAT", "IVF_SQ8") else {})
+             else {"nlist": config.ivf_nlist} if index_type in ("IVF_FLAT", "IVF_SQ8") else {})
     params.add_index(field_name="vector", index_type=index_type, metric_type=config.metric, params=extra)
     return params
 
@@ -153,7 +154,7 @@ def index_params(client: MilvusClient, config: MilvusConfig):
 def search_params(config: MilvusConfig, limit: int) -> dict:
     index_type = config.index_type
     extra = ({"ef": max(64, limit)} if index_type == "HNSW"
-             else {"nprobe": IVF_NPROBE} if index_type in ("IVF_FLAT", "IVF_SQ8")
+             else {"nprobe": min(config.ivf_nprobe, config.ivf_nlist)} if index_type in ("IVF_FLAT", "IVF_SQ8")
              else {"search_list": max(100, limit)} if index_type == "DISKANN" else {})
     return {"metric_type": config.metric, **({"params": extra} if extra else {})}
 

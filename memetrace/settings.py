@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     milvus_index_type: str = Field(
         "FLAT", description="Milvus index built when the collections are created: FLAT (exact), HNSW, IVF_FLAT, "
                             "IVF_SQ8, DISKANN (docs/deploy.md)")
+    milvus_ivf_nlist: int = Field(
+        128, ge=1, le=65536, description="lists of an IVF_FLAT / IVF_SQ8 index (set when the collections are created): "
+                                         "raise it for a large corpus (each search scans nprobe / nlist of it: faster "
+                                         "searches, slower index builds; Milvus suggests ~4 x sqrt(vectors))")
+    milvus_ivf_nprobe: int = Field(
+        16, ge=1, le=65536, description="IVF lists each search scans (at most nlist): raise it to find more of the "
+                                        "true neighbours, lower it for faster searches")
     milvus_metric: Literal["IP", "COSINE"] = Field(
         "IP", description="vector similarity; descriptors are L2-normalised, so IP and COSINE rank alike "
                           "(a distance metric such as L2 would invert MEMETRACE_CANDIDATE_MIN_SIMILARITY)")

@@ -25,6 +25,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -39,7 +40,7 @@ from pymilvus.exceptions import MilvusException
 
 from benchmarks.services import free_port
 from memetrace import metrics
-from memetrace.milvus import IVF_NLIST, MilvusConfig, index_params, search_params
+from memetrace.milvus import MilvusConfig, index_params, search_params
 from memetrace.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -520,10 +521,19 @@ def test_milvus_search_params_stay_in_the_documented_ranges(index_type: str, tmp
         if index_type == "HNSW":
             assert limit <= p["ef"] <= 32768
         elif index_type == "IVF_SQ8":
-            assert 1 <= p["nprobe"] <= IVF_NLIST <= 65536
+            assert 1 <= p["nprobe"] <= config.ivf_nlist <= 65536
         else:
             assert limit <= p["search_list"] <= (200 if limit <= 20 else min(10 * limit, 65535))
     assert "params" not in search_params(config_for("FLAT", tmp_path), 9)
+
+
+def test_ivf_lists_come_from_the_settings(tmp_path: Path) -> None:
+    config = MilvusConfig.from_settings(make_settings(tmp_path, milvus_index_type="IVF_SQ8", milvus_ivf_nlist=1024,
+                                                      milvus_ivf_nprobe=4096))
+    assert search_params(config, 8)["params"] == {"nprobe": 1024}  # never more lists than there are
+    assert search_params(replace(config, ivf_nprobe=32), 8)["params"] == {"nprobe": 32}
+    params = index_params(MilvusClient, config)
+    assert [i.to_dict()["nlist"] for i in params] == [1024]
 
 
 @pytest.mark.milvus_server
