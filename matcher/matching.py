@@ -38,6 +38,7 @@ class MatchConfig:
     """How many candidates to verify and how: the settings of the same names describe them."""
 
     candidates_k: int
+    query_candidates_k: int
     candidate_min_similarity: float
     match_threads: int
     verify: VerifyConfig
@@ -45,7 +46,8 @@ class MatchConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
-        return cls(candidates_k=s.candidates_k, candidate_min_similarity=s.candidate_min_similarity,
+        return cls(candidates_k=s.candidates_k, query_candidates_k=s.query_candidates_k,
+                   candidate_min_similarity=s.candidate_min_similarity,
                    match_threads=s.match_threads, verify=VerifyConfig.from_settings(s),
                    low_texture=LowTextureConfig.from_settings(s))
 
@@ -205,6 +207,8 @@ class Matcher:
         """Verified copies of an image that need not be stored (``memetrace query``, the API), with
         their geometry (query -> copy); ``size``: the query file's width and height; ``sketch``: its
         :func:`~memetrace.matcher.low_texture.sketch_of_rgb` (None: no low-texture rule)."""
-        cands = self._keep(call(lambda: self.index.candidates(vector, regions, self.config.candidates_k, exclude)))
+        # one query, not a batch: more candidates cost little, and no other side's search finds the pair
+        k = self.config.query_candidates_k
+        cands = self._keep(call(lambda: self.index.candidates(vector, regions, k, exclude)))
         found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, lambda: sketch)]
         return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]
