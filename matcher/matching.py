@@ -34,6 +34,7 @@ class MatchConfig:
     """How many candidates to verify and how: the settings of the same names describe them."""
 
     candidates_k: int
+    query_candidates_k: int
     candidate_min_similarity: float
     match_threads: int
     cache_bytes: int  # prepared keypoints kept (the images a viral batch verifies against again and again)
@@ -42,7 +43,8 @@ class MatchConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
-        return cls(candidates_k=s.candidates_k, candidate_min_similarity=s.candidate_min_similarity,
+        return cls(candidates_k=s.candidates_k, query_candidates_k=s.query_candidates_k,
+                   candidate_min_similarity=s.candidate_min_similarity,
                    match_threads=s.match_threads, cache_bytes=s.match_cache_mb * 2**20,
                    verify=VerifyConfig.from_settings(s),
                    low_texture=LowTextureConfig.from_settings(s))
@@ -197,7 +199,10 @@ class Matcher:
         """Verified copies of an image that need not be stored (``memetrace query``, the API), with
         their geometry (query -> copy); ``size``: the query file's width and height; ``sketch``: its
         :func:`~memetrace.matcher.low_texture.sketch_of_rgb` (None: no low-texture rule)."""
-        cands = self._keep(call(lambda: self.index.candidates(vector, regions, self.config.candidates_k, exclude)))
+        # one query, not a batch: no search from the other side finds the pair, so it verifies more
+        # candidates (20 instead of 8: about +45 % p50 latency, docs/benchmarks.md)
+        k = self.config.query_candidates_k
+        cands = self._keep(call(lambda: self.index.candidates(vector, regions, k, exclude)))
         found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, lambda: sketch)]
         return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]
 

@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     # matching
     candidates_k: int = Field(
         8, description='vector-index candidates verified per image: raise to find copies in crowded clusters, slower')
+    query_candidates_k: int = Field(
+        20, ge=1, description="vector-index candidates verified per outside query (memetrace query, POST "
+                              "/v1/search): raise to find copies that look-alikes outrank (collage tiles, small "
+                              "crops), at more time per query")
     candidate_min_similarity: float = Field(
         0.45, description="descriptor similarity below which a candidate is not verified: lower to find harder "
                           "copies, slower")
@@ -199,6 +203,11 @@ class Settings(BaseSettings):
     same_frame_min_coverage: float = Field(
         0.7, description="share of both images' keypoints an unmoved, same-size match must explain (two "
                          "posts sharing only an app frame): raise to link fewer screenshots of one app")
+    overlay_min_coverage: float = Field(
+        0.8, gt=0, le=1, description="share of one image's keypoints that still makes an unmoved, same-size pair "
+                                     "a copy below same_frame_min_coverage, when no block of both images is left "
+                                     "unmatched (a caption or sticker drawn over the other): lower finds more "
+                                     "captioned copies, raise it to link fewer screenshots of one app")
     coverage_radius: float = Field(
         0.05, description="how near a matched point a keypoint counts as explained, share of the longest side: "
                           "higher makes both coverage tests easier to pass")

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from conftest import jpeg_roundtrip, make_settings, rgb
 from memetrace.keypoints import rootsift
-from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, coverage, same_frame
+from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, coverage, same_frame, spread
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.settings import Settings
 
@@ -203,6 +203,30 @@ def test_same_post_reencoded_is_a_copy(photos: dict[str, Image.Image], prep, ver
     assert min(v.coverage_query, v.coverage_candidate) >= 0.7 and v.kind == "full"
 
 
+def _overlaid_caption(im: Image.Image, size: float) -> Image.Image:
+    """Two lines of stroked text drawn over the photo itself (same canvas), ``size``: share of its height."""
+    out = im.copy()
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=int(im.height * size))
+    for k, line in enumerate(["WHEN THE COPY", "HAS A CAPTION ON IT"]):
+        draw.text((im.width * 0.04, im.height * (0.05 + k * size * 1.1)), line, fill="white", font=font,
+                  stroke_width=max(1, font.size // 12), stroke_fill="black")
+    return out
+
+
+@pytest.mark.parametrize("name,size", [("cameraman", 0.1), ("coins", 0.14), ("hubble", 0.14)])
+def test_caption_drawn_over_the_photo_is_a_copy(photos: dict[str, Image.Image], prep, verifier: Verifier,
+                                                settings: Settings, name: str, size: float) -> None:
+    """The caption's points hide part of the copy (both sides are not covered, as the same-frame rule
+    asks), but the original is nearly all explained and nothing of both is left unmatched."""
+    copy, original = prep(_overlaid_caption(photos[name], size)), prep(photos[name])
+    (v,) = verifier.verify_many(copy, [original])
+    assert min(v.coverage_query, v.coverage_candidate) < settings.same_frame_min_coverage
+    assert max(v.coverage_query, v.coverage_candidate) >= settings.overlay_min_coverage
+    (back,) = verifier.verify_many(original, [copy])
+    assert back.inliers >= settings.min_inliers
+
+
 # ----------------------------------------------------------------------------- unit tests
 
 
@@ -227,6 +251,12 @@ def test_same_frame() -> None:
     assert not same_frame(_similarity(), a, _prepared(500, 760))  # another canvas size
     assert not same_frame(_similarity(), a, _prepared(400, 700))
     assert not same_frame(_similarity(0.5), a, _prepared(250, 350))  # a rescaled copy is not the frame
+
+
+def test_spread_hand_computed() -> None:
+    frame = _prepared(100, 50)  # cells of 20 px: 6 x 3 grid (the last row and column partly outside)
+    xy = np.array([[1, 1], [5, 5], [25, 1], [99, 49], [-3, 4]], np.float32)  # 3 cells; one point outside
+    assert spread(xy, frame, 20.0) == pytest.approx(3 / 18)
 
 
 def test_coverage_hand_computed() -> None:
