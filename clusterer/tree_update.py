@@ -108,7 +108,7 @@ def _nbytes(c: ClusterEdges) -> int:
 
 
 class TreeEdgeCache(ByteLRU[frozenset[int], ClusterEdges]):
-    """A cluster's :class:`ClusterEdges` by member set, for one feature store and verifier. Exact:
+    """A cluster's :class:`ClusterEdges` by member set, for one feature store, verifier and TreeConfig. Exact:
     the verification and the thumbnails depend on the member set only (an id is its content's hash,
     its keypoints and thumbnail never change; the verifier reads a query's candidates together, so
     no pair's result is reused on its own), and an entry serves only the same stored edges."""
