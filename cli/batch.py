@@ -129,7 +129,7 @@ def run_index(c: Context, source: str | Path | Sequence[str | Path], posts_csv: 
     reclustered = recluster(state, s.cluster_algorithm, publish=c.board.publish)
     timings["cluster_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    update_trees(state, c.features, c.trees, reclustered.touched, verify=matcher.verify_pairs)
+    update_trees(state, c.features, c.trees, reclustered.touched, verify=matcher.verify_pairs, cache=c.tree_edges)
     timings["tree_s"] = round(time.perf_counter() - t0, 2)
     return {"inputs": report.seen, "new_images": report.new_images, "duplicates": report.duplicates,
             "bad_inputs": report.bad, "new_matches": len(matches), "changed_files": plan.changed,
@@ -263,7 +263,7 @@ def _drop(c: Context, batch: BatchCatalog, state: GraphState, paths: Sequence[st
     if paths or removed:
         update_trees(state, c.features, c.trees,
                      recluster(state, c.settings.cluster_algorithm, publish=c.board.publish).touched,
-                     verify=c.verify_pairs)
+                     verify=c.verify_pairs, cache=c.tree_edges)
     return {"removed_paths": len(paths), "removed_images": removed, **counts(c)}
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the heavy modules (torch, pymilvus) load on first use: `mem
     from memetrace.cli.catalog import BatchCatalog
     from memetrace.cluster_board import ClusterBoard
     from memetrace.clusterer.state import GraphState
+    from memetrace.clusterer.tree_update import TreeEdgeCache
     from memetrace.tree_store import TreeStore
     from memetrace.embedder import Embedder
     from memetrace.feature_store import FeatureStore
@@ -118,6 +119,13 @@ class Context:
         from memetrace.tree_store import SqliteTreeStore
 
         return SqliteTreeStore(self.settings.resolved_cluster_state_path().with_name("trees.db"))
+
+    @cached_property
+    def tree_edges(self) -> TreeEdgeCache:
+        """What the derivation trees reuse from one run to the next (a clusterer service's lifetime)."""
+        from memetrace.clusterer.tree_update import TreeEdgeCache
+
+        return TreeEdgeCache()
 
     @cached_property
     def matcher(self) -> Matcher:

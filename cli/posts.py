@@ -158,7 +158,7 @@ def record_posts(posts: Iterable[CsvPost], image_of: Mapping[str, int], state: G
 
 def tree_table(c: Context) -> list[TreeRow]:
     """Every cluster's derivation tree as rows (paths as indexed): those stored, missing ones rebuilt."""
-    trees = current_trees(c.graph_state, c.features, c.trees, verify=c.verify_pairs)
+    trees = current_trees(c.graph_state, c.features, c.trees, verify=c.verify_pairs, cache=c.tree_edges)
     members = sorted({d.image_id for tree in trees.values() for d in tree})
     paths = {i: ps[0] for i, ps in c.catalog.paths_by_image().items() if ps}
     # no tree, no Milvus opened (nor created in an empty data dir)

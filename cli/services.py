@@ -53,7 +53,7 @@ def run_cluster(settings: Settings, every_s: float, max_idle: float | None = Non
 
     def redo_trees(run: ClusterRun) -> None:  # the trees of the clusters the run touched, nothing else
         update_trees(ctx.graph_state, ctx.features, ctx.trees, run.touched, metrics=tree_metrics,
-                     verify=ctx.verify_pairs)
+                     verify=ctx.verify_pairs, cache=ctx.tree_edges)
 
     worker = ClusterWorker(s, ctx.graph_state, ctx.board, ClusterMetrics(registry), every_s, after_run=redo_trees)
     run_service(worker, max_idle)

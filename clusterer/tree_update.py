@@ -10,6 +10,9 @@ verifies each image's few best candidates only (in a tree of near-identical copi
 is often not among them), and in the order the images came (a pair's inliers and geometry depend
 on which side is the query); verified again, a tree no longer depends on the arrival order, so a
 folder run and a streaming run give the same trees. Those matches feed the tree only.
+A :class:`TreeEdgeCache` (one a process, kept across runs) saves that verification and the
+thumbnails' distances for a cluster whose members and stored edges did not change: in a stream
+most touches only add posts to existing images (exact reposts share an image id).
 The trees are kept in a :class:`~memetrace.tree_store.TreeStore`.
 """
 
@@ -18,10 +21,12 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from memetrace.byte_lru import ByteLRU
 from memetrace.clusterer.state import GraphState
 from memetrace.clusterer.metrics import COPY_RANKS, TreeMetrics
 from memetrace.clusterer.tree import TreeConfig, appearance_distance, copy_delays, depth, forest
@@ -79,15 +84,63 @@ def verified_pairs(members: Collection[int], edges: Sequence[Match], verify: Pai
     return list(found.values()) + [m for m in edges if (m.a, m.b) not in found]
 
 
+@dataclass(frozen=True)
+class ClusterEdges:
+    """What a cluster's tree is drawn on, made from its members and the state's edges among them."""
+
+    stored: tuple[Match, ...]  # the state's edges among the members, as read
+    edges: tuple[Match, ...]  # the tree's: those of verified_pairs (the stored ones without a verifier)
+    distances: Mapping[tuple[int, int], float]  # the edges' appearance distances (distances())
+
+
+#: bytes a cached Match is counted for (with its Geometry: ~0.7 KB traced for its objects and
+#: tuples, ~0.5 KB for its numbers; less without geometry) and a distance (its (a, b) key and float)
+MATCH_BYTES, DISTANCE_BYTES = 1200, 200
+#: 64 MB: a cluster of up to 30 images (max_verified_pairs) is under 1.3 MB (its 435 pairs and as
+#: many stored edges), the usual few-image one a few KB; a stream touches its recent clusters again
+#: and again, and those fit many times over
+TREE_CACHE_BYTES = 64 * 2**20
+
+
+def _nbytes(c: ClusterEdges) -> int:
+    """An estimate: each Match once (the tree's edges share the stored ones not verified again)."""
+    return MATCH_BYTES * len({id(m) for m in c.stored + c.edges}) + DISTANCE_BYTES * len(c.distances)
+
+
+class TreeEdgeCache(ByteLRU[frozenset[int], ClusterEdges]):
+    """A cluster's :class:`ClusterEdges` by member set, for one feature store, verifier and TreeConfig. Exact:
+    the verification and the thumbnails depend on the member set only (an id is its content's hash,
+    its keypoints and thumbnail never change; the verifier reads a query's candidates together, so
+    no pair's result is reused on its own), and an entry serves only the same stored edges."""
+
+    def __init__(self, max_bytes: int = TREE_CACHE_BYTES) -> None:
+        super().__init__(max_bytes, _nbytes)
+
+
+def cluster_edges(members: Collection[int], stored: tuple[Match, ...], features: FeatureStore | None,
+                  cfg: TreeConfig, verify: PairVerifier | None, cache: TreeEdgeCache | None) -> ClusterEdges:
+    """The edges of ``members``' tree (with ``verify``: :func:`verified_pairs`) and their distances;
+    ``cache``'s where it holds them made from the same ``stored`` edges."""
+    key = frozenset(members)
+    hit, kept = cache.get(key) if cache is not None else (False, None)
+    if hit and kept is not None and kept.stored == stored:
+        return kept
+    edges = tuple(verified_pairs(key, stored, verify, cfg.max_verified_pairs)) if verify is not None else stored
+    made = ClusterEdges(stored, edges, distances(edges, features))
+    if cache is not None:
+        cache.put(key, made)
+    return made
+
+
 def cluster_tree(state: GraphState, members: Collection[int], features: FeatureStore | None,
-                 cfg: TreeConfig = TreeConfig(), verify: PairVerifier | None = None) -> list[Derivation]:
+                 cfg: TreeConfig = TreeConfig(), verify: PairVerifier | None = None,
+                 cache: TreeEdgeCache | None = None) -> list[Derivation]:
     """The derivation forest of one cluster's ``members``, read from the state (with ``verify``:
-    on the matches of :func:`verified_pairs`)."""
+    on the matches of :func:`verified_pairs`; with ``cache``: those kept where they still hold)."""
     inside = set(members)
-    edges = [m for m in state.edges_of(inside) if m.a in inside and m.b in inside]
-    if verify is not None:
-        edges = verified_pairs(inside, edges, verify, cfg.max_verified_pairs)
-    tree = forest(sorted(inside), first_posts(state, inside), edges, cfg, distances(edges, features))
+    stored = tuple(m for m in state.edges_of(inside) if m.a in inside and m.b in inside)
+    made = cluster_edges(inside, stored, features, cfg, verify, cache)
+    tree = forest(sorted(inside), first_posts(state, inside), made.edges, cfg, made.distances)
     return [tree[i] for i in sorted(tree)]
 
 
@@ -101,14 +154,15 @@ def members_of(state: GraphState, cluster_ids: Collection[int]) -> dict[int, lis
 
 def update_trees(state: GraphState, features: FeatureStore | None, store: TreeStore,
                  cluster_ids: Collection[int], cfg: TreeConfig = TreeConfig(),
-                 metrics: TreeMetrics | None = None, verify: PairVerifier | None = None) -> int:
+                 metrics: TreeMetrics | None = None, verify: PairVerifier | None = None,
+                 cache: TreeEdgeCache | None = None) -> int:
     """Redo the trees of ``cluster_ids`` (a run's touched clusters); a cluster now gone or of one
-    image loses its tree. Returns the trees written."""
+    image loses its tree. Returns the trees written. ``cache``: the process's, kept across runs."""
     members = members_of(state, cluster_ids)
     written = 0
     for cid in sorted(set(cluster_ids)):
         ids = members.get(cid, [])
-        tree = cluster_tree(state, ids, features, cfg, verify) if len(ids) > 1 else []
+        tree = cluster_tree(state, ids, features, cfg, verify, cache) if len(ids) > 1 else []
         store.put(cid, tree)
         written += bool(tree)
         if tree and metrics is not None:
@@ -126,10 +180,12 @@ def observe(metrics: TreeMetrics, state: GraphState, tree: Mapping[int, Derivati
 
 
 def current_trees(state: GraphState, features: FeatureStore | None, store: TreeStore,
-                  cfg: TreeConfig = TreeConfig(), verify: PairVerifier | None = None) -> Mapping[int, list[Derivation]]:
+                  cfg: TreeConfig = TreeConfig(), verify: PairVerifier | None = None,
+                  cache: TreeEdgeCache | None = None) -> Mapping[int, list[Derivation]]:
     """Every cluster's tree, cluster id -> tree: the stored one where it holds the cluster's members
     (index and the clusterer service keep them so), the others redone; trees of clusters gone are dropped."""
     live = {c: set(ids) for c, ids in members_of(state, set(state.clusters().values())).items() if len(ids) > 1}
     stale = {c for c, ids in live.items() if {d.image_id for d in store.get(c)} != ids}
-    update_trees(state, features, store, stale | (set(store.cluster_ids()) - live.keys()), cfg, verify=verify)
+    update_trees(state, features, store, stale | (set(store.cluster_ids()) - live.keys()), cfg,
+                 verify=verify, cache=cache)
     return {c: store.get(c) for c in sorted(live)}

@@ -105,7 +105,7 @@ def _stream_trees(folder: Path, tmp: Path, env: dict[str, str], server: PhotoSer
     state = SqliteGraphState(s.data_dir / "cluster-state.db")
 
     def redo_trees(run: ClusterRun) -> None:  # as memetrace.cli.services.run_cluster wires it
-        update_trees(state, ctx.features, trees, run.touched, verify=ctx.verify_pairs)
+        update_trees(state, ctx.features, trees, run.touched, verify=ctx.verify_pairs, cache=ctx.tree_edges)
 
     _run_all(ingest_worker(ctx, IngestMetrics(CollectorRegistry())),
              MatchWorker(s, Matcher(MatchConfig.from_settings(s), ctx.index, ctx.features),

@@ -5,11 +5,13 @@ posts through the CLI, whose ``tree`` CSV names the original as root."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -24,7 +26,8 @@ from memetrace.clusterer.service import recluster
 from memetrace.clusterer.state import MemoryGraphState
 from memetrace.clusterer.tree import Seen, TreeConfig, forest, geometry_cue, time_cue
 from memetrace.clusterer.tree_export import tree_rows, write_tree
-from memetrace.clusterer.tree_update import current_trees, first_posts, update_trees
+from memetrace.clusterer.tree_update import TreeEdgeCache, current_trees, first_posts, update_trees
+from memetrace.feature_store import MemoryFeatureStore
 from memetrace.models import Derivation, Geometry, Match, OccurrenceRow
 from memetrace.occurrence_log import MemoryOccurrenceLog
 from memetrace.tree_store import MemoryTreeStore, SqliteTreeStore
@@ -255,6 +258,70 @@ def test_the_tree_verifies_every_pair_of_a_small_cluster_again(graph_state) -> N
     assert asked == []
     # memetrace tree: the stored trees, nothing redone
     assert current_trees(graph_state, None, store, verify=verify) == {cid: store.get(cid)} and asked == []
+
+
+class CountingStore(MemoryFeatureStore):
+    """Thumbnails of ids 1..4 (a gradient at each member's file size), reads counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        for i, (w, h) in {1: (800, 600), 2: (400, 300), 3: (800, 900), 4: (400, 300)}.items():
+            im = Image.fromarray(np.add.outer(np.arange(h) * i % 256, np.arange(w) % 256).astype(np.uint8))
+            data = io.BytesIO()
+            im.resize((w // 4, h // 4)).convert("RGB").save(data, "JPEG")
+            self.put_thumbnail(i, data.getvalue())
+
+    def get_thumbnail(self, image_id: int) -> bytes | None:
+        self.reads += 1
+        return super().get_thumbnail(image_id)
+
+
+def test_the_tree_cache_reuses_a_member_set_and_gives_the_same_trees(graph_state) -> None:
+    graph_state.add_images([(1, 100), (2, 100), (3, 100)])
+    graph_state.add_matches([Match(1, 2, 300, "partial", CROP), Match(2, 3, 150, "partial", None)])
+    graph_state.add_posts([("p1", 1, 100, "reddit"), ("p2", 2, 200, "reddit"), ("p3", 3, 300, "reddit")])
+    asked: list[list] = []
+    verified = {(1, 2): Match(1, 2, 300, "partial", CROP), (1, 3): Match(1, 3, 400, "partial", CAPTION),
+                (1, 4): Match(1, 4, 350, "full", SCALE)}
+
+    def verify(pairs, sizes):  # the cached runs' verifier, its calls recorded
+        asked.append(list(pairs))
+        return same(pairs, sizes)
+
+    def same(pairs, sizes):
+        return [verified[p] for p in pairs if p in verified]
+
+    features, cache = CountingStore(), TreeEdgeCache()
+    cached, fresh = MemoryTreeStore(), MemoryTreeStore()
+
+    def run() -> int:  # a reclustering run, its trees redone with the cache and without; verifier calls made
+        touched, calls = recluster(graph_state, "components").touched, len(asked)
+        update_trees(graph_state, features, cached, touched, verify=verify, cache=cache)
+        made = len(asked) - calls
+        update_trees(graph_state, CountingStore(), fresh, touched, verify=same)
+        assert cached.cluster_ids() == fresh.cluster_ids()
+        assert all(cached.get(c) == fresh.get(c) for c in fresh.cluster_ids())
+        return made
+
+    assert run() == 1 and features.reads == 3 and len(cache) == 1
+    (cid,) = cached.cluster_ids()
+    first = cached.get(cid)
+    # new posts of its images only: the cluster is touched, nothing is verified or decoded again
+    graph_state.add_posts([("p4", 3, 50, "twitter")])
+    reads = features.reads
+    assert run() == 0 and features.reads == reads and cached.get(cid) != first  # 3 now posted first
+    update_trees(graph_state, features, cached, [cid], verify=verify, cache=cache)  # redelivery
+    assert len(asked) == 1 and cached.get(cid) == fresh.get(cid)
+    # a stored edge changed among the same members: made again
+    graph_state.add_matches([Match(2, 3, 180, "partial", None)])
+    assert run() == 1
+    # a member joins: verified again, the new pairs with it
+    graph_state.add_images([(4, 100)])
+    graph_state.add_matches([Match(1, 4, 350, "full", SCALE)])
+    graph_state.add_posts([("p5", 4, 400, "reddit")])
+    assert run() == 1 and asked[-1] == [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
+    assert {d.image_id: d.parent for d in cached.get(cid)}[4] == 1
 
 
 # ----------------------------------------------------------------------------- end to end
