@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # numpy, PIL, pandas and the stages load when used: `import m
     import pandas
 
     from memetrace.clusterer.export import ClusterRow
-    from memetrace.matcher.query import CopyFinder
+    from memetrace.matcher.query import Copy, CopyFinder
     from memetrace.models import Geometry
 
 #: what :meth:`Library.query` accepts: a file path, encoded bytes, an RGB(A)/gray uint8 array or a PIL image
@@ -190,17 +190,31 @@ class Library:
         """The indexed copies of ``image``: a path, encoded bytes (JPEG, PNG...), a numpy uint8 array
         (H x W gray, H x W x 3 RGB, H x W x 4 RGBA; RGB order, not OpenCV's BGR) or a PIL image.
         Raises :class:`memetrace.imageio.BadImage` when it cannot be decoded or is too small."""
-        from memetrace.cli.tables import display_paths
+        data, label = image_bytes(image)
+        decoded, copies = self._copy_finder().find(data)
+        return self._result(label, decoded.image_id, copies)
+
+    def copies(self, image_id: int) -> QueryResult:
+        """The copies of an indexed image (itself left out), from its stored vectors and keypoints, as
+        ``memetrace query ID``. Raises :class:`memetrace.matcher.stored.NotStored` (no such image),
+        :class:`memetrace.matcher.stored.FeaturesMissing` (its keypoints are gone)."""
+        _, copies = self._copy_finder().find_stored(image_id)
+        return self._result(f"image {image_id}", image_id, copies)
+
+    def _copy_finder(self) -> CopyFinder:
         from memetrace.matcher.query import CopyFinder
 
-        data, label = image_bytes(image)
+        self._finder = self._finder or CopyFinder(self.context)
+        return self._finder
+
+    def _result(self, label: str, image_id: int, copies: Sequence[Copy]) -> QueryResult:
+        from memetrace.cli.tables import display_paths
+
         c = self.context
-        self._finder = self._finder or CopyFinder(c)
-        decoded, copies = self._finder.find(data)
         clusters, paths = c.graph_state.clusters(), display_paths(c.catalog)
         matches = tuple(QueryMatch(m.image_id, tuple(paths.get(m.image_id, [])), clusters.get(m.image_id),
                                    m.inliers, m.kind, m.similarity, m.mirrored, m.geometry) for m in copies)
-        return QueryResult(label, decoded.image_id, matches)
+        return QueryResult(label, image_id, matches)
 
     def members(self, cluster_id: int | None = None) -> Table:
         """One row per indexed file with its cluster (the columns of ``memetrace export``'s CSV),

@@ -116,6 +116,17 @@ def test_query_an_indexed_file_is_identical_and_a_gray_array_works(lib: Library,
     assert {m.cluster_id for m in lib.query(gray).matches} == {r.best.cluster_id}
 
 
+def test_copies_of_an_indexed_image_are_its_file_query_less_itself(lib: Library, corpus: tuple[Path, Path]) -> None:
+    from memetrace.matcher.stored import NotStored
+
+    by_file = lib.query(str(corpus[0] / "rocket.jpg"))
+    by_id = lib.copies(by_file.image_id)
+    assert by_id.image_id == by_file.image_id and by_id.matches
+    assert {m.image_id for m in by_id.matches} == {m.image_id for m in by_file.matches if m.kind != "identical"}
+    with pytest.raises(NotStored):
+        lib.copies(12345)
+
+
 def test_query_an_unrelated_photo_finds_nothing(lib: Library, corpus: tuple[Path, Path]) -> None:
     assert lib.query((corpus[1] / "coffee.jpg").read_bytes()).matches == ()
 
