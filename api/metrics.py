@@ -19,3 +19,5 @@ class ApiMetrics:
         # query="upload": decode + embed + SIFT + Milvus + verify; "stored": Milvus + verify of a stored image
         self.search_seconds = Histogram("memetrace_search_seconds", "one search, by kind of query (upload, stored)",
                                         ["query"], buckets=ITEM_BUCKETS, registry=r)
+        for kind in ("upload", "stored"):  # both series exist from the start: a first search moves them
+            self.search_seconds.labels(query=kind)

@@ -234,7 +234,8 @@ def test_an_invalid_record_beside_valid_ones_in_a_milvus_fault_does_not_make_the
     waits = w._stop = ReadinessAtWaits(w)
     w.run(max_idle=0.2)
     assert w.dead() == {0: "invalid_json"} and w.poison_count("milvus") == 0
-    assert w.stored == [edge(1, 2), edge(1, 3)] and w.consumer.committed_offset() == 3
+    # in either order: when the window ends during the record-by-record retry, the second may pass first
+    assert sorted(w.stored) == sorted([edge(1, 2), edge(1, 3)]) and w.consumer.committed_offset() == 3
     assert all(not ok and msg.startswith("retrying milvus for ") for ok, msg in waits.seen[:-1])
 
 
