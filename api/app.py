@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from memetrace.api.auth import COOKIE, BearerCredentials, TokenCheck
 from memetrace.api.docs import install_docs
-from memetrace.api.errors import ApiError, error_responses, install_error_handlers, unknown_image
+from memetrace.api.errors import ApiError, error_responses, features_missing, install_error_handlers, unknown_image
 from memetrace.api.explain import explain_links
 from memetrace.api.gallery import gallery_page, script
 from memetrace.api.limits import ApiLimits, BodyDeadline, SearchPool
@@ -31,7 +31,7 @@ from memetrace.tree_html import tree_section
 from memetrace.api.warmup import Warmup
 from memetrace.fetch import Fetcher, FetchPolicy
 from memetrace.matcher.explain import png, side_of_stored
-from memetrace.matcher.stored import FeaturesMissing, NotStored, features_missing_hint
+from memetrace.matcher.stored import FeaturesMissing, NotStored
 from memetrace.matcher.query import CopyFinder
 from memetrace.matcher.verify import VerifyConfig
 from memetrace.imageio import DecodeLimits
@@ -157,7 +157,7 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
         except NotStored as exc:
             raise unknown_image(exc) from None
         except FeaturesMissing as exc:
-            raise ApiError(409, "features_missing", features_missing_hint(exc)) from None
+            raise features_missing(exc) from None
         data, e = png(*sides, explain_config)
         return Response(data, media_type="image/png",
                         headers={"X-Memetrace-Match": "true" if e.geometry else "false",

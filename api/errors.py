@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from memetrace.api.schemas import ErrorBody
 from memetrace.errors import DependencyDown
+from memetrace.matcher.stored import features_missing_hint
 from memetrace.settings import Settings
 
 MAX_DETAIL = 4096  # ErrorBody.detail: a dependency's message could be longer
@@ -20,7 +21,8 @@ MAX_DETAIL = 4096  # ErrorBody.detail: a dependency's message could be longer
 # the error responses of the OpenAPI document; each route declares those it can answer
 _MEANINGS = {400: "unreadable request (bad JSON, empty file)", 401: "missing or wrong token",
              404: "unknown id", 408: "the body did not arrive in time", 413: "body too large",
-             409: "the image is stored but its keypoints are not", 415: "unsupported Content-Type", 422: "invalid parameters, not an image, or a failed download",
+             409: "the image is stored but its keypoints are not", 415: "unsupported Content-Type",
+             422: "invalid parameters, not an image, or a failed download",
              500: "unexpected server error (logged)", 503: "not ready yet, busy, or Milvus down: see Retry-After"}
 
 
@@ -42,6 +44,11 @@ def unknown_image(image_id: object) -> ApiError:
     """404 for an image id no stored image has."""
     return ApiError(404, "unknown_image", f"no stored image has id {image_id}; ids come from POST /v1/search "
                                           "or GET /v1/clusters/{id}")
+
+
+def features_missing(image_id: object) -> ApiError:
+    """409 for a stored image whose keypoints the feature store lacks."""
+    return ApiError(409, "features_missing", features_missing_hint(image_id))
 
 
 def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None,

@@ -12,13 +12,13 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from memetrace.api.errors import ApiError, describe_validation, unknown_image
+from memetrace.api.errors import ApiError, describe_validation, features_missing, unknown_image
 from memetrace.api.limits import Place
 from memetrace.api.records import posts_of
 from memetrace.api.schemas import POSTS_PER_MATCH, MatchGeometry, Post, QueryImage, SearchMatch, SearchResponse
 from memetrace.fetch import Fetcher
 from memetrace.matcher.query import Copy, CopyFinder
-from memetrace.matcher.stored import FeaturesMissing, NotStored, features_missing_hint
+from memetrace.matcher.stored import FeaturesMissing, NotStored
 from memetrace.imageio import BadImage
 from memetrace.api.metrics import ApiMetrics
 from memetrace.components import Components
@@ -181,7 +181,7 @@ def search_stored(finder: CopyFinder, ctx: Components, metrics: ApiMetrics, imag
     except NotStored:
         raise unknown_image(image_id) from None
     except FeaturesMissing:
-        raise ApiError(409, "features_missing", features_missing_hint(image_id)) from None
+        raise features_missing(image_id) from None
     result = _describe(ctx, QueryImage(image_id=image_id, width=record.width, height=record.height, stored=True),
                        copies)
     metrics.search_seconds.labels(query="stored").observe(time.perf_counter() - started)

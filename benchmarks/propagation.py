@@ -95,9 +95,10 @@ def redo_trees(data_dir: Path, parents_csv: Path, clusters_csv: Path) -> dict[st
     from memetrace.clusterer.tree_update import update_trees
     from memetrace.settings import Settings
 
-    if not (data_dir / "cluster-state.db").is_file():
+    settings = Settings(data_dir=data_dir, milvus_uri="", cluster_state_path=None)
+    if not settings.resolved_cluster_state_path().is_file():
         raise BenchError(f"--trees-only: no indexed data dir in {data_dir} (run once without it)")
-    c = Context(Settings(data_dir=data_dir, milvus_uri="", cluster_state_path=None))
+    c = Context(settings)
     try:
         t0 = time.perf_counter()
         state = c.graph_state

@@ -14,8 +14,8 @@ candidate searches, verification).
 
 Simulated: the extra images. Their global vectors follow :func:`benchmarks.scale.generate`'s
 shapes (70 % singletons, Zipf clusters) drawn by :func:`benchmarks.scale.noisy` around the split's
-real global vectors (its originals and distractors): a synthetic copy lies ``copy`` away from its real base (the median distance
-between a copy and its original, measured on a sample of the split's copies), a singleton
+real global vectors (its originals and distractors): a synthetic copy lies ``copy`` away from its
+real base (the median distance between a copy and its original, measured on a sample of the split's copies), a singleton
 ``far`` away (the median distance between a real image and its nearest unrelated real image).
 Each carries as many regional vectors as its base, drawn the same way around the base's real
 regions. Their local features (for verification) are borrowed from another, unrelated real image
@@ -88,7 +88,7 @@ def query_copies(ctx: Any, gt: Path, copies: list[dict], originals: dict[str, in
 def query_stored(ctx: Any, stored: dict[int, int], level: str) -> dict:
     """Each stored copy (image id -> its original's) searched by id, as ``GET /v1/images/{id}/copies``
     does: from its stored vectors and keypoints, nothing decoded, embedded or extracted."""
-    return _timed(ctx, level, "stored", [(lambda f, i=i: (f.find_stored(i) or (None, []))[1], original)
+    return _timed(ctx, level, "stored", [(lambda f, i=i: f.find_stored(i)[1], original)
                                          for i, original in stored.items()])
 
 

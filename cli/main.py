@@ -460,7 +460,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     from memetrace.api.server import serve as serve_api
 
     c = _context(ctx)
-    # a query need not wait for writes made in the last instant; the workers' searches stay Strong
+    # the API's reads need not wait for writes made in the last instant; the workers' reads stay Strong
     c.milvus_config = dataclasses.replace(c.milvus_config, read_consistency=c.settings.api_read_consistency)
     serve_api(c, host or c.settings.api_host, port or c.settings.api_port)
 

@@ -29,6 +29,7 @@ from memetrace.models import Candidate, Geometry, Match
 from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
 
+
 @dataclass(frozen=True)
 class MatchConfig:
     """How many candidates to verify and how: the settings of the same names describe them."""
@@ -194,16 +195,17 @@ class Matcher:
                 for (a, f), geo in zip(found, self._geometries(found, dict(sizes), call))]
 
     def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints, size: tuple[int, int],
-                      exclude: int = -1, call: Call = call_once, sketch: np.ndarray | None = None
-                      ) -> list[tuple[Verified, Geometry | None]]:
+                      exclude: int = -1, call: Call = call_once,
+                      sketch: Callable[[], np.ndarray | None] = lambda: None) -> list[tuple[Verified, Geometry | None]]:
         """Verified copies of an image that need not be stored (``memetrace query``, the API), with
-        their geometry (query -> copy); ``size``: the query file's width and height; ``sketch``: its
-        :func:`~memetrace.matcher.low_texture.sketch_of_rgb` (None: no low-texture rule)."""
+        their geometry (query -> copy); ``size``: the query file's width and height; ``sketch``: reads
+        its :func:`~memetrace.matcher.low_texture.sketch_of_rgb`, only when the low-texture rule is
+        tried (a None: no low-texture rule)."""
         # one query, not a batch: no search from the other side finds the pair, so it verifies more
         # candidates (20 instead of 8: about +45 % p50 latency, docs/benchmarks.md)
         k = self.config.query_candidates_k
         cands = self._keep(call(lambda: self.index.candidates(vector, regions, k, exclude)))
-        found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, lambda: sketch)]
+        found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, sketch)]
         return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]
 
 

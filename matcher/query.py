@@ -51,7 +51,7 @@ class CopyFinder:
         keypoints = c.extractor.extract(image.rgb)
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
         found = Matcher(self.config, c.index, c.features).match_outside(
-            glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=sketch_of_rgb(image.rgb))
+            glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=lambda: sketch_of_rgb(image.rgb))
         return image, _copies(found, image.image_id)
 
     def find_stored(self, image_id: int) -> tuple[ImageRecord, list[Copy]]:
@@ -71,8 +71,9 @@ class CopyFinder:
             raise NotStored(image_id)
         matcher = Matcher(self.config, c.index, c.features)
         found = matcher.match_outside(glob[0], regions[0], keypoints, (record.width, record.height),
-                                      exclude=image_id, sketch=matcher.sketch(image_id))
+                                      exclude=image_id, sketch=lambda: matcher.sketch(image_id))
         return record, _copies(found, -1)
+
 
 def _copies(found: list[tuple[Verified, Geometry | None]], query_id: int) -> list[Copy]:
     """``match_outside``'s answers as copies, best first; ``query_id``: the query's bytes' id (its

@@ -138,8 +138,9 @@ def stored_dim(client: MilvusClient, config: MilvusConfig) -> int | None:
 
 # Build and search parameters per MEMETRACE_MILVUS_INDEX_TYPE, within Milvus' documented ranges.
 # IVF_*: nlist in [1, 65536] clusters per segment, nprobe in [1, nlist] of them searched (by default
-# 16 of 128: recall first, the candidates are verified anyway; MEMETRACE_MILVUS_IVF_NLIST / _NPROBE). HNSW: ef in [limit, 32768]. DISKANN: no
-# build parameters, search_list in [limit, ...] (Milvus 2.3 caps it at 200 while limit <= 20).
+# 16 of 128: recall first, the candidates are verified anyway; MEMETRACE_MILVUS_IVF_NLIST / _NPROBE).
+# HNSW: ef in [limit, 32768]. DISKANN: no build parameters, search_list in [limit, ...] (Milvus 2.3
+# caps it at 200 while limit <= 20).
 
 
 def index_params(client: MilvusClient, config: MilvusConfig):
@@ -280,7 +281,8 @@ class _MilvusBackend:
         self.client.load_collection(name)
 
     def _count(self, collection: str, filter: str = "") -> int:
-        res = self.client.query(collection, filter=filter, output_fields=["count(*)"], consistency_level=self._read)
+        res = self.client.query(collection, filter=filter, output_fields=["count(*)"],
+                                consistency_level=self._read)
         return int(res[0]["count(*)"])
 
     def _query_all(self, collection: str, fields: list[str], filter: str = "id >= 0") -> list[dict]:

@@ -309,8 +309,8 @@ class Settings(BaseSettings):
     api_read_consistency: Literal["Strong", "Bounded"] = Field(
         "Bounded", description="Milvus read consistency of the API's reads (its searches and the rows that describe "
                                "the answers): Bounded answers at once and may miss what was stored in the last seconds; "
-                               "Strong sees every write but waits for the server's time tick (about 0.3 s a read on a "
-                               "Milvus server)")
+                               "Strong sees every write but waits for the server's time tick (about 0.2 s a read on a "
+                               "Milvus server, docs/scale.md)")
     api_search_queue: int = Field(8, ge=0, description="searches receiving their image or waiting for a "
                                   "slot; beyond, 503 busy at once")
     api_body_timeout_s: float = Field(15.0, gt=0, description="a request body must arrive within this, else 408")
