@@ -135,7 +135,9 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     summary = board.summary(cat_cluster)
     assert summary is not None and (summary.images, summary.posts) == (3, 4)  # cat was posted twice
     assert summary.platforms == {"x": 3, "y": 1}
-    assert [h["event"] for h in summary.history] == ["created"]
+    # the services run concurrently: the cat edges may land in one reclustering run or two
+    events = [h["event"] for h in summary.history]
+    assert events[0] == "created" and set(events[1:]) <= {"grew"}, events
     assert board.members([cat_cluster])[cat_cluster] == sorted(ids[n] for n in ("cat", "cat-crop", "cat-q40"))
     reg = cluster.metrics.registry
     assert reg.get_sample_value("memetrace_clusters") == 2
@@ -154,7 +156,7 @@ def test_ingest_match_cluster_end_to_end(kafka_broker: Broker, photo_server: Pho
     assert again == edges
     replayed = board.summary(cat_cluster)
     assert replayed is not None and (replayed.images, replayed.posts, replayed.platforms) == (3, 4, {"x": 3, "y": 1})
-    assert [h["event"] for h in replayed.history] == ["created"]
+    assert replayed.history == summary.history  # redelivery records no new history
 
 
 def test_services_starting_together_create_the_collections_once(milvus_server: str, tmp_path: Path) -> None:
