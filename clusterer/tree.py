@@ -27,8 +27,8 @@ best choice.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import cv2
 import networkx as nx
@@ -39,6 +39,10 @@ from memetrace.models import Derivation, Geometry, Match
 ROOT = -1  # the virtual root's node id (image ids are >= 0)
 CONTAINED = math.log(1.25)  # one box covers this much more of its image: a containment (direction cue)
 FRAMED = math.log(1.1)  # enough to name the edit a crop, pad or caption
+#: the two candidates differ on a pixel when their warped thumbnails are at least this far apart
+#: (mean over channels, 0..1): under it JPEG noise and resampling, not an edit
+DIFFER_MIN = 8 / 255
+DIFFER_SHARE = 0.1  # the inheritance cue reads the tenth of pixels where the two candidates differ most
 EDITS = ("crop", "caption", "pad", "collage", "mirror", "rotate", "scale", "overlay", "re-encode")
 
 
@@ -61,6 +65,13 @@ class TreeConfig:
     # weaker (closest_ancestor); 0.5 ~ 8 % fewer inliers: of 0.25 / 0.5 / 1 the best in sum over three
     # seeds (docs/propagation.md)
     ancestor_margin: float = 0.5
+    # a member whose chosen parent and that parent's parent are within this much of each other as its
+    # source is hung by the inheritance cue (inheritance), where the thumbnails can tell: 1.5 ~ 22 %
+    # more inliers, the span in which keypoints and distance cannot tell a copy from its source
+    inherit_margin: float = 1.5
+    # the share of the pixels where the two candidates differ on which the member is closer to the
+    # parent than to the grandparent, from which it is taken to have inherited the parent's edit
+    inherit_threshold: float = 0.5
     # a cluster with at most this many pairs has every pair verified for its tree (tree_update.py):
     # 435 = clusters of up to 30 images, a few seconds of verification
     max_verified_pairs: int = 435
@@ -148,16 +159,47 @@ def oriented(m: Match) -> tuple[Seen, Seen] | None:
     return Seen.of(m.geometry), Seen.of(m.geometry.swapped())
 
 
+#: a member's thumbnail (RGB, uint8) by image id, None where not stored
+Thumbnails = Callable[[int], np.ndarray | None]
+
+
+@dataclass
+class Looks:
+    """The thumbnails and the matches' geometry the inheritance cue reads: a thumbnail is read
+    (``thumbnail``) when a near tie first asks for it, once (a cluster's others stay unread)."""
+
+    thumbnail: Thumbnails
+    geometry: Mapping[tuple[int, int], Geometry]  # (p, c) -> the match's geometry read p -> c
+    _read: dict[int, np.ndarray | None] = field(default_factory=dict, init=False, repr=False)
+
+    def of(self, image_id: int) -> np.ndarray | None:
+        if image_id not in self._read:
+            self._read[image_id] = self.thumbnail(image_id)
+        return self._read[image_id]
+
+    def reading(self, c: int, p: int, up: int) -> float | None:
+        """:func:`inheritance` of c from p rather than from up; None where a thumbnail or geometry is missing."""
+        g_p, g_up = self.geometry.get((p, c)), self.geometry.get((up, c))
+        if g_p is None or g_up is None:
+            return None
+        t_c, t_p, t_up = self.of(c), self.of(p), self.of(up)
+        if t_c is None or t_p is None or t_up is None:
+            return None
+        return inheritance(t_c, t_p, g_p, t_up, g_up)
+
+
 def forest(members: Sequence[int], first_seen: Mapping[int, int], matches: Iterable[Match],
-           cfg: TreeConfig = TreeConfig(), distance: Mapping[tuple[int, int], float] | None = None
-           ) -> dict[int, Derivation]:
+           cfg: TreeConfig = TreeConfig(), distance: Mapping[tuple[int, int], float] | None = None,
+           thumbnail: Thumbnails | None = None) -> dict[int, Derivation]:
     """Each member's derivation; ``first_seen``: earliest observed post (unix s), absent = unknown;
-    ``distance``: (a, b) -> :func:`appearance_distance` of a match, where known.
+    ``distance``: (a, b) -> :func:`appearance_distance` of a match, where known; ``thumbnail``: reads
+    a member's thumbnail for the inheritance cue (only those of near ties are read).
     Matches without geometry count by similarity and time only; those leaving the members are ignored."""
     inside = set(members)
     g = nx.DiGraph()
     g.add_nodes_from(inside)
     seen: dict[tuple[int, int], Seen] = {}
+    geometry: dict[tuple[int, int], Geometry] = {}
     kept = [m for m in matches if m.a in inside and m.b in inside and m.a != m.b]
     # similarity relative to each child's most similar neighbour: choosing a parent compares
     # neighbours, and a member's cost of being a root is then its direction cues alone
@@ -176,15 +218,17 @@ def forest(members: Sequence[int], first_seen: Mapping[int, int], matches: Itera
             # (a sibling that added a caption "holds" the child as a crop's source would; rewarding
             # that made siblings win over the true parent, docs/propagation.md)
             g.add_edge(p, c, weight=sim[m.a, m.b] - best[c] + t + min(0.0, geo), direction=t + geo)
-            if e is not None:
+            if e is not None and m.geometry is not None:
                 seen[p, c] = e
+                geometry[p, c] = m.geometry if p == m.a else m.geometry.swapped()
     for i in inside:
         g.add_edge(ROOT, i, weight=cfg.root_weight)
     tree = nx.maximum_spanning_arborescence(g, attr="weight", preserve_attrs=True)
     chosen = {c: next(iter(tree.predecessors(c))) for c in inside}
+    looks = Looks(thumbnail, geometry) if thumbnail is not None else None
     out: dict[int, Derivation] = {}
     for c in sorted(inside):
-        p = closest_ancestor(g, chosen, c, cfg.ancestor_margin)
+        p = closest_ancestor(g, chosen, c, cfg, looks)
         if p == ROOT:  # as sure as no member looks like its source
             against = [g[q][c]["direction"] for q in g.predecessors(c) if q != ROOT]
             out[c] = Derivation(c, None, "", _sigmoid(-max(against, default=-10.0)))
@@ -196,31 +240,39 @@ def forest(members: Sequence[int], first_seen: Mapping[int, int], matches: Itera
     return out
 
 
-def closest_ancestor(g: nx.DiGraph, chosen: Mapping[int, int], c: int, margin: float) -> int:
-    """c's parent: its chosen parent, or that parent's parent when it explains c within ``margin``.
+def closest_ancestor(g: nx.DiGraph, chosen: Mapping[int, int], c: int, cfg: TreeConfig,
+                     looks: Looks | None = None) -> int:
+    """c's parent: its chosen parent p, or p's own parent ``up`` when that explains c as well.
 
     A near-identical copy of the true parent (its re-encode, recolour, flip) matches the child as
-    well as the parent does; between an image and its own parent, both able to explain the child,
-    the older is the likelier source (copies are made from the early, widely seen posts). Read on
-    the branching as chosen, so the result does not depend on the order the members are visited;
-    every member moves up its own chosen branch, so no cycle can form."""
+    well as the parent does. Where the two edges into c are within ``cfg.inherit_margin`` and the
+    thumbnails can tell (``looks``, :func:`inheritance`), c goes to the one whose edit it carries;
+    otherwise to up when it explains c within ``cfg.ancestor_margin``: between an image and its own
+    parent, both able to explain the child, the older is the likelier source (copies are made from
+    the early, widely seen posts). Read on the branching as chosen, so the result does not depend on
+    the order the members are visited; every member moves up its own chosen branch, so no cycle can form."""
     p = chosen[c]
     if p == ROOT or chosen[p] == ROOT or not g.has_edge(chosen[p], c):
         return p
     up = chosen[p]
-    return up if g[up][c]["weight"] >= g[p][c]["weight"] - margin else p
+    w_p, w_up = g[p][c]["weight"], g[up][c]["weight"]
+    if looks is not None and abs(w_p - w_up) <= cfg.inherit_margin:
+        reading = looks.reading(c, p, up)
+        if reading is not None:
+            return p if reading >= cfg.inherit_threshold else up
+    return up if w_up >= w_p - cfg.ancestor_margin else p
 
 
 def _sigmoid(x: float) -> float:
     return round(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, x)))), 3)
 
 
-def appearance_distance(thumb_a: np.ndarray, thumb_b: np.ndarray, g: Geometry) -> float:
-    """Mean absolute difference (0..1) of a's thumbnail laid onto b's by the match's transform,
-    over the shared region: low for a parent and its direct copy, higher across a sibling's edit."""
+def _laid_onto(thumb_a: np.ndarray, thumb_b: np.ndarray, g: Geometry) -> tuple[np.ndarray, np.ndarray] | None:
+    """a's thumbnail warped onto b's by the match's transform (a -> b), and the mask of b's pixels
+    it covers inside the shared box; None without sizes or with under 16 such pixels."""
     size_a, size_b = g.size_a, g.size_b
     if min(*size_a, *size_b) <= 0:
-        return -1.0
+        return None
     fa, fb = thumb_a.shape[1] / size_a[0], thumb_b.shape[1] / size_b[0]
     theta = math.radians(-g.rotation)
     rot = g.scale * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
@@ -238,9 +290,48 @@ def appearance_distance(thumb_a: np.ndarray, thumb_b: np.ndarray, g: Geometry) -
     inside[y0:y1, x0:x1] = True
     inside &= cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
     if inside.sum() < 16:
+        return None
+    return warped, inside
+
+
+def _smooth(thumb: np.ndarray) -> np.ndarray:
+    """Blurred, as float: a pixel's JPEG and resampling noise damped before comparing."""
+    return cv2.GaussianBlur(thumb, (3, 3), 0).astype(np.float32)
+
+
+def appearance_distance(thumb_a: np.ndarray, thumb_b: np.ndarray, g: Geometry) -> float:
+    """Mean absolute difference (0..1) of a's thumbnail laid onto b's by the match's transform,
+    over the shared region: low for a parent and its direct copy, higher across a sibling's edit."""
+    laid = _laid_onto(thumb_a, thumb_b, g)
+    if laid is None:
         return -1.0
-    diff = np.abs(cv2.GaussianBlur(warped, (3, 3), 0).astype(np.float32) - cv2.GaussianBlur(thumb_b, (3, 3), 0))
+    warped, inside = laid
+    diff = np.abs(_smooth(warped) - _smooth(thumb_b))
     return float(diff[inside].mean() / 255.0)
+
+
+def inheritance(thumb_c: np.ndarray, thumb_p: np.ndarray, g_p: Geometry, thumb_up: np.ndarray,
+                g_up: Geometry) -> float | None:
+    """How far c carries p's own edit rather than looking like p's source ``up``: both laid onto c
+    (``g_p``: p -> c, ``g_up``: up -> c), on the tenth of the pixels they both cover where they differ
+    most (and by at least :data:`DIFFER_MIN`: where p's edit is), the share on which c is closer to p.
+    1: c shows p's edit (p's child), 0: c shows up's pixels there (up's child, p's sibling).
+    None where they cover no common pixels or nowhere differ."""
+    laid_p, laid_up = _laid_onto(thumb_p, thumb_c, g_p), _laid_onto(thumb_up, thumb_c, g_up)
+    if laid_p is None or laid_up is None:
+        return None
+    (warp_p, in_p), (warp_up, in_up) = laid_p, laid_up
+    both = in_p & in_up
+    if not both.any():
+        return None
+    sp, su, sc = _smooth(warp_p), _smooth(warp_up), _smooth(thumb_c)
+    apart = np.abs(sp - su).mean(axis=2) / 255.0
+    cut = max(float(np.quantile(apart[both], 1.0 - DIFFER_SHARE)), DIFFER_MIN)
+    where = both & (apart >= cut)
+    if not where.any():
+        return None
+    nearer_p = np.abs(sc - sp).mean(axis=2) < np.abs(sc - su).mean(axis=2)
+    return float(nearer_p[where].mean())
 
 
 def depth(tree: Mapping[int, Derivation]) -> int:

@@ -1,7 +1,9 @@
 """How derivation trees follow the clusters: :func:`update_trees` redoes the tree of every cluster
 a reclustering run touched (``ClusterRun.touched``) from the clusterer's state: members, their earliest observed posts (files
 indexed, platform "file", are not posts) and their matches' geometry; thumbnails, when a feature
-store is given, add the appearance distance (:func:`memetrace.clusterer.tree.appearance_distance`).
+store is given, add the appearance distance (:func:`memetrace.clusterer.tree.appearance_distance`)
+and, read only for a member whose parent and grandparent nearly tie, the inheritance cue
+(:func:`memetrace.clusterer.tree.inheritance`).
 A tree is replaced whole, keyed by cluster id, so a redelivered batch (which touches the same
 clusters with the same inputs) writes the same rows again: nothing changes.
 Given a :data:`PairVerifier` (the composition root builds it on the matcher's verifier), every pair
@@ -22,6 +24,7 @@ import io
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -140,7 +143,9 @@ def cluster_tree(state: GraphState, members: Collection[int], features: FeatureS
     inside = set(members)
     stored = tuple(m for m in state.edges_of(inside) if m.a in inside and m.b in inside)
     made = cluster_edges(inside, stored, features, cfg, verify, cache)
-    tree = forest(sorted(inside), first_posts(state, inside), made.edges, cfg, made.distances)
+    # thumbnails read lazily: the inheritance cue asks only for those of its near ties
+    looks = partial(thumbnail, features) if features is not None else None
+    tree = forest(sorted(inside), first_posts(state, inside), made.edges, cfg, made.distances, looks)
     return [tree[i] for i in sorted(tree)]
 
 

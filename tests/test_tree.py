@@ -101,6 +101,36 @@ def test_a_near_tie_goes_to_the_older_of_parent_and_grandparent() -> None:
     assert parents(200, 400) == {1: None, 2: 1, 3: 2}  # clearly closer to 2: its parent stays 2
 
 
+def test_a_near_tie_goes_to_the_candidate_whose_edit_the_member_carries() -> None:
+    """The inheritance cue: 2 is 1 with a sticker; 3 matches 1 and 2 about as well. On the pixels
+    where 1 and 2 differ (the sticker) 3's thumbnail tells which it was made from, whatever the
+    closest-ancestor rule alone would say."""
+    same = geo((800, 600), (0, 0, 800, 600), (800, 600), (0, 0, 800, 600))
+    rng = np.random.default_rng(3)
+    photo = np.repeat(rng.integers(0, 256, (60, 80, 1), dtype=np.uint8), 3, axis=2)
+    sticker = photo.copy()
+    sticker[10:30, 20:50] = 255
+    seen = {1: 0, 2: HOUR, 3: 5 * HOUR}
+
+    def parents(inliers_13: int, inliers_23: int, three: np.ndarray | None) -> dict[int, int | None]:
+        matches = [Match(1, 2, 500, "full", same), Match(1, 3, inliers_13, "full", same),
+                   Match(2, 3, inliers_23, "full", same)]
+        thumbs = {1: photo, 2: sticker, 3: three}
+        return {i: d.parent for i, d in forest([1, 2, 3], seen, matches, thumbnail=thumbs.get).items()}
+
+    # within ancestor_margin: without the thumbnails the older image; 3 shows the sticker: 2's child
+    assert parents(300, 303, None)[3] == 1
+    assert parents(300, 303, sticker) == {1: None, 2: 1, 3: 2}
+    # 2 explains 3 better by more than ancestor_margin, within inherit_margin; 3 lacks the sticker: 1's
+    assert parents(250, 300, None)[3] == 2
+    assert parents(250, 300, photo) == {1: None, 2: 1, 3: 1}
+    # beyond inherit_margin the keypoints decide and no thumbnail is read
+    asked: list[int] = []
+    matches = [Match(1, 2, 500, "full", same), Match(1, 3, 150, "full", same), Match(2, 3, 300, "full", same)]
+    forest([1, 2, 3], seen, matches, thumbnail=lambda i: asked.append(i))
+    assert asked == []
+
+
 def test_two_unrelated_images_are_two_roots() -> None:
     tree = forest([1, 2], {1: 0, 2: HOUR}, [])
     assert tree[1].parent is None and tree[2].parent is None
