@@ -32,8 +32,9 @@ system-deps: $(SYSTEM_STAMP)
 demo: install
 	$(BIN)/memetrace --data-dir memetrace-data/demo demo
 
+# --durations: the slowest tests named in every run's log (make test is kept under 30 minutes)
 test: install system-deps
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: install system-deps
 	$(BIN)/python -m pytest -q -ra -m "not slow and not milvus_server"
