@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import networkx as nx
@@ -165,26 +165,20 @@ def oriented(m: Match) -> tuple[Seen, Seen] | None:
 Thumbnails = Callable[[int], np.ndarray | None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Looks:
-    """The thumbnails and the matches' geometry the inheritance cue reads: a thumbnail is read
-    (``thumbnail``) when a near tie first asks for it, once (a cluster's others stay unread)."""
+    """The thumbnails and the matches' geometry the inheritance cue reads: a thumbnail is asked for
+    (``thumbnail``, which the caller may memoize) only when a near tie needs it."""
 
     thumbnail: Thumbnails
     geometry: Mapping[tuple[int, int], Geometry]  # (p, c) -> the match's geometry read p -> c
-    _read: dict[int, np.ndarray | None] = field(default_factory=dict, init=False, repr=False)
-
-    def of(self, image_id: int) -> np.ndarray | None:
-        if image_id not in self._read:
-            self._read[image_id] = self.thumbnail(image_id)
-        return self._read[image_id]
 
     def reading(self, c: int, p: int, up: int) -> float | None:
         """:func:`inheritance` of c from p rather than from up; None where a thumbnail or geometry is missing."""
         g_p, g_up = self.geometry.get((p, c)), self.geometry.get((up, c))
         if g_p is None or g_up is None:
             return None
-        t_c, t_p, t_up = self.of(c), self.of(p), self.of(up)
+        t_c, t_p, t_up = self.thumbnail(c), self.thumbnail(p), self.thumbnail(up)
         if t_c is None or t_p is None or t_up is None:
             return None
         return inheritance(t_c, t_p, g_p, t_up, g_up)
@@ -195,7 +189,8 @@ def forest(members: Sequence[int], first_seen: Mapping[int, int], matches: Itera
            thumbnail: Thumbnails | None = None) -> dict[int, Derivation]:
     """Each member's derivation; ``first_seen``: earliest observed post (unix s), absent = unknown;
     ``distance``: (a, b) -> :func:`appearance_distance` of a match, where known; ``thumbnail``: reads
-    a member's thumbnail for the inheritance cue (only those of near ties are read).
+    a member's thumbnail for the inheritance cue, asked only for near ties (memoize it: a member may
+    be in several).
     Matches without geometry count by similarity and time only; those leaving the members are ignored."""
     inside = set(members)
     g = nx.DiGraph()

@@ -24,7 +24,7 @@ import io
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache as cache_calls, partial
 
 import numpy as np
 from PIL import Image
@@ -32,7 +32,7 @@ from PIL import Image
 from memetrace.byte_lru import ByteLRU
 from memetrace.clusterer.state import GraphState
 from memetrace.clusterer.metrics import COPY_RANKS, TreeMetrics
-from memetrace.clusterer.tree import TreeConfig, appearance_distance, copy_delays, depth, forest
+from memetrace.clusterer.tree import Thumbnails, TreeConfig, appearance_distance, copy_delays, depth, forest
 from memetrace.feature_store import FeatureStore
 from memetrace.models import Derivation, Match
 from memetrace.tree_store import NOT_POSTS, TreeStore
@@ -53,17 +53,14 @@ def thumbnail(features: FeatureStore, image_id: int) -> np.ndarray | None:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def distances(matches: Iterable[Match], features: FeatureStore | None) -> dict[tuple[int, int], float]:
-    """Appearance distance of each match with geometry whose two thumbnails are stored."""
-    if features is None:
+def distances(matches: Iterable[Match], read: Thumbnails | None) -> dict[tuple[int, int], float]:
+    """Appearance distance of each match with geometry whose two thumbnails are stored (``read``:
+    memoized, each thumbnail is decoded once)."""
+    if read is None:
         return {}
-    thumbs: dict[int, np.ndarray | None] = {}
     out = {}
     for m in matches:
-        for i in (m.a, m.b):
-            if i not in thumbs:
-                thumbs[i] = thumbnail(features, i)
-        ta, tb = thumbs[m.a], thumbs[m.b]
+        ta, tb = read(m.a), read(m.b)
         if m.geometry is not None and ta is not None and tb is not None:
             out[m.a, m.b] = appearance_distance(ta, tb, m.geometry)
     return out
@@ -120,7 +117,7 @@ class TreeEdgeCache(ByteLRU[frozenset[int], ClusterEdges]):
         super().__init__(max_bytes, _nbytes)
 
 
-def cluster_edges(members: Collection[int], stored: tuple[Match, ...], features: FeatureStore | None,
+def cluster_edges(members: Collection[int], stored: tuple[Match, ...], read: Thumbnails | None,
                   cfg: TreeConfig, verify: PairVerifier | None, cache: TreeEdgeCache | None) -> ClusterEdges:
     """The edges of ``members``' tree (with ``verify``: :func:`verified_pairs`) and their distances;
     ``cache``'s where it holds them made from the same ``stored`` edges."""
@@ -129,7 +126,7 @@ def cluster_edges(members: Collection[int], stored: tuple[Match, ...], features:
     if hit and kept is not None and kept.stored == stored:
         return kept
     edges = tuple(verified_pairs(key, stored, verify, cfg.max_verified_pairs)) if verify is not None else stored
-    made = ClusterEdges(stored, edges, distances(edges, features))
+    made = ClusterEdges(stored, edges, distances(edges, read))
     if cache is not None:
         cache.put(key, made)
     return made
@@ -142,10 +139,11 @@ def cluster_tree(state: GraphState, members: Collection[int], features: FeatureS
     on the matches of :func:`verified_pairs`; with ``cache``: those kept where they still hold)."""
     inside = set(members)
     stored = tuple(m for m in state.edges_of(inside) if m.a in inside and m.b in inside)
-    made = cluster_edges(inside, stored, features, cfg, verify, cache)
-    # thumbnails read lazily: the inheritance cue asks only for those of its near ties
-    looks = partial(thumbnail, features) if features is not None else None
-    tree = forest(sorted(inside), first_posts(state, inside), made.edges, cfg, made.distances, looks)
+    # one decode per thumbnail for both the distances and the inheritance cue (which asks only for
+    # its near ties' thumbnails: with the distances cached, most are never read)
+    read = cache_calls(partial(thumbnail, features)) if features is not None else None
+    made = cluster_edges(inside, stored, read, cfg, verify, cache)
+    tree = forest(sorted(inside), first_posts(state, inside), made.edges, cfg, made.distances, read)
     return [tree[i] for i in sorted(tree)]
 
 
