@@ -158,7 +158,7 @@ def create_app(ctx: Components, registry: CollectorRegistry | None = None) -> Fa
             raise unknown_image(exc) from None
         except FeaturesMissing as exc:
             raise features_missing(exc) from None
-        data, e = png(*sides, explain_config)
+        data, e = png(*sides, explain_config, s.thumbnail_side)
         return Response(data, media_type="image/png",
                         headers={"X-Memetrace-Match": "true" if e.geometry else "false",
                                  "Cache-Control": "private, max-age=3600"})

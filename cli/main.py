@@ -287,7 +287,7 @@ def explain(ctx: click.Context, a: str, b: str, out: Path) -> None:
             raise click.ClickException(features_missing_hint(arg)) from None
         except BadImage as exc:
             raise click.ClickException(f"{arg}: not an image ({exc.reason}: {exc.detail})") from None
-    data, e = png(*sides, VerifyConfig.from_settings(c.settings))
+    data, e = png(*sides, VerifyConfig.from_settings(c.settings), c.settings.thumbnail_side)
     out.write_bytes(data)
     if e.geometry is None:
         click.echo(f"{a} and {b}: no verified match (MEMETRACE_MIN_INLIERS, MEMETRACE_MIN_COVERAGE decide); "

@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Protocol, Self
 
-import cv2
 import numpy as np
 
 from memetrace.decode_budget import DecodeBudget
 from memetrace.embedder import EmbedInput
 from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
-from memetrace.imageio import BadImage, DecodeLimits, decode
+from memetrace.imageio import BadImage, DecodeLimits, decode, make_thumbnail
 from memetrace.ingest.sources import InputItem
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.models import ImageRow
@@ -148,14 +147,6 @@ class IndexReport:
                 self.new_images += 1
             else:
                 self.duplicates += 1
-
-
-def make_thumbnail(rgb: np.ndarray, side: int) -> bytes:
-    h, w = rgb.shape[:2]
-    scale = min(1.0, side / max(h, w))
-    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
-    return buf.tobytes()
 
 
 def _chunks(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:

@@ -25,6 +25,7 @@ from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodeLimits, decode
 from memetrace.keypoints import KeypointExtractor, Keypoints
+from memetrace.matcher.overlay import gray_of_rgb, is_overlay
 from memetrace.matcher.stored import FeaturesMissing, NotStored, file_or_id
 from memetrace.matcher.verify import Prepared, Verifier, VerifyConfig, geometry
 from memetrace.models import Geometry
@@ -87,10 +88,12 @@ def side_of_argument(arg: str, ctx: Components, limits: DecodeLimits) -> Side:
     return side_of_stored(ctx, named, limits)
 
 
-def explain(a: Side, b: Side, config: VerifyConfig) -> Explanation:
-    """Verify a against b as the matcher does, and keep what the picture needs."""
+def explain(a: Side, b: Side, config: VerifyConfig, thumbnail_side: int) -> Explanation:
+    """Verify a against b as the matcher does, and keep what the picture needs; ``thumbnail_side``:
+    that of the stored thumbnails, at which the overlay check compares the two pictures."""
     pa, pb = Prepared(a.keypoints), Prepared(b.keypoints)
-    found = Verifier(config).verify_many(pa, [pb])
+    found = Verifier(config).verify_many(pa, [pb], lambda v: is_overlay(
+        pa, gray_of_rgb(a.rgb, thumbnail_side), pb, gray_of_rgb(b.rgb, thumbnail_side), v, config))
     if not found:
         return Explanation(None, None, np.zeros((0, 4), np.float32))
     v = found[0]
@@ -129,9 +132,9 @@ def draw(a: Side, b: Side, e: Explanation, height: int = HEIGHT) -> Image.Image:
     return canvas
 
 
-def png(a: Side, b: Side, config: VerifyConfig) -> tuple[bytes, Explanation]:
-    """The picture of the pair as PNG bytes, and what it shows."""
-    e = explain(a, b, config)
+def png(a: Side, b: Side, config: VerifyConfig, thumbnail_side: int) -> tuple[bytes, Explanation]:
+    """The picture of the pair as PNG bytes, and what it shows (``thumbnail_side``: as :func:`explain`)."""
+    e = explain(a, b, config, thumbnail_side)
     out = io.BytesIO()
     draw(a, b, e).save(out, format="PNG")
     return out.getvalue(), e

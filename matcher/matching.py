@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Self
 
 import faiss
@@ -24,7 +24,8 @@ from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
 from memetrace.matcher.low_texture import LowTextureConfig, decide, sketch_of_jpeg
-from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, geometry
+from memetrace.matcher.overlay import gray_of_jpeg, is_overlay
+from memetrace.matcher.verify import Overlay, Prepared, Verification, Verifier, VerifyConfig, geometry
 from memetrace.models import Candidate, Geometry, Match
 from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
@@ -86,12 +87,13 @@ class Matcher:
         return [c for c in cands if c.similarity >= self.config.candidate_min_similarity]
 
     def _verify(self, query: Prepared, cands: Sequence[Candidate], call: Call, vector: np.ndarray,
-                sketch: Callable[[], np.ndarray | None]) -> list[Verified]:
+                sketch: Callable[[], np.ndarray | None], gray: Callable[[], np.ndarray | None]) -> list[Verified]:
         """The candidates verified locally, then by the low-texture rule; ``vector``: the query's
-        global descriptor, ``sketch``: reads its thumbnail sketch when needed."""
+        global descriptor, ``sketch`` and ``gray``: read its thumbnail sketch and gray thumbnail when needed."""
         loaded = [(c, self.prepared(c.image_id, call)) for c in cands]
         loaded = [(c, p) for c, p in loaded if p is not None]
-        found = self.verifier.verify_many(query, [p for _, p in loaded])
+        found = self.verifier.verify_many(query, [p for _, p in loaded],
+                                          self._overlay(query, [(c.image_id, p) for c, p in loaded], gray, call))
         done = {v.candidate for v in found}
         lt = self.config.low_texture
         # the candidate's similarity is the best of its global and regional ones: >= the global one
@@ -113,6 +115,23 @@ class Matcher:
                            self.sketch(c.image_id, call)) if c.image_id in similarity else None
                     for i, (c, p) in zip(index, pairs))
         return [v for v in verdicts if v is not None]
+
+    def _overlay(self, query: Prepared, loaded: Sequence[tuple[int, Prepared]], gray: Callable[[], np.ndarray | None],
+                 call: Call) -> Overlay:
+        """The thumbnails' verdict on an unmoved pair the keypoints cannot decide
+        (:func:`memetrace.matcher.overlay.agreement`); ``loaded``: the candidates' (image id, keypoints)
+        in verification order, ``gray``: reads the query's gray thumbnail (once, when first needed)."""
+        query_gray = cache(gray)
+
+        def check(v: Verification) -> bool:
+            image_id, cand = loaded[v.candidate]
+            return is_overlay(query, query_gray(), cand, self.gray(image_id, call), v, self.config.verify)
+        return check
+
+    def gray(self, image_id: int, call: Call = call_once) -> np.ndarray | None:
+        """The stored thumbnail of ``image_id`` in gray, as the overlay check compares it (None: none stored)."""
+        data = call(lambda: self.features.get_thumbnail(image_id))
+        return None if data is None else gray_of_jpeg(data)
 
     def sketch(self, image_id: int, call: Call = call_once) -> np.ndarray | None:
         """The stored thumbnail of ``image_id`` as the low-texture rule compares it (None: none stored)."""
@@ -164,7 +183,7 @@ class Matcher:
                     query = self.prepared(qid, call) if todo else None
                     if query is not None:
                         jobs.append((qid, pool.submit(self._verify, query, todo, call, vector,
-                                                      partial(self.sketch, qid, call))))
+                                                      partial(self.sketch, qid, call), partial(self.gray, qid, call))))
                 found = [(qid, f) for qid, fut in jobs for f in fut.result()]
                 for (qid, f), geo in zip(found, self._geometries(found, {}, call)):
                     cid, v = f.candidate.image_id, f.verification
@@ -175,7 +194,7 @@ class Matcher:
 
     def verify_pairs(self, pairs: Sequence[tuple[int, int]], sizes: Mapping[int, tuple[int, int]] = {},
                      call: Call = call_once) -> list[Match]:
-        """The pairs (a, b) of stored images that verify locally (no low-texture rule), ``a`` as the
+        """The pairs (a, b) of stored images that verify locally (with the overlay check, no low-texture rule), ``a`` as the
         query whatever order they were met in, geometry a -> b; ``sizes``: file sizes already known
         (the others are read from the index). Derivation trees verify pairs the candidates missed."""
         others: dict[int, list[int]] = {}
@@ -187,7 +206,8 @@ class Matcher:
             loaded = [(b, p) for b in bs if (p := self.prepared(b, call)) is not None] if query else []
             if not loaded:
                 continue
-            for v in self.verifier.verify_many(query, [p for _, p in loaded]):
+            overlay = self._overlay(query, loaded, partial(self.gray, a, call), call)
+            for v in self.verifier.verify_many(query, [p for _, p in loaded], overlay):
                 b, p = loaded[v.candidate]
                 # not from a search: no similarity (only the id and the verification are read)
                 found.append((a, Verified(query, Candidate(b, float("nan")), p, v)))
@@ -196,16 +216,19 @@ class Matcher:
 
     def match_outside(self, vector: np.ndarray, regions: np.ndarray, keypoints: Keypoints, size: tuple[int, int],
                       exclude: int = -1, call: Call = call_once,
-                      sketch: Callable[[], np.ndarray | None] = lambda: None) -> list[tuple[Verified, Geometry | None]]:
+                      sketch: Callable[[], np.ndarray | None] = lambda: None,
+                      gray: Callable[[], np.ndarray | None] = lambda: None) -> list[tuple[Verified, Geometry | None]]:
         """Verified copies of an image that need not be stored (``memetrace query``, the API), with
         their geometry (query -> copy); ``size``: the query file's width and height; ``sketch``: reads
         its :func:`~memetrace.matcher.low_texture.sketch_of_rgb`, only when the low-texture rule is
-        tried (a None: no low-texture rule)."""
+        tried (a None: no low-texture rule); ``gray``: reads its gray thumbnail
+        (:func:`~memetrace.matcher.overlay.gray_of_rgb`), only when the overlay check needs it (a None:
+        no overlay check)."""
         # one query, not a batch: no search from the other side finds the pair, so it verifies more
         # candidates (20 instead of 8: about +45 % p50 latency, docs/benchmarks.md)
         k = self.config.query_candidates_k
         cands = self._keep(call(lambda: self.index.candidates(vector, regions, k, exclude)))
-        found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, sketch)]
+        found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, sketch, gray)]
         return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from memetrace.matcher.matching import MatchConfig, Matcher, Verified
 from memetrace.matcher.low_texture import sketch_of_rgb
+from memetrace.matcher.overlay import gray_of_rgb
 from memetrace.matcher.stored import FeaturesMissing, NotStored
 from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
@@ -51,7 +52,8 @@ class CopyFinder:
         keypoints = c.extractor.extract(image.rgb)
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
         found = Matcher(self.config, c.index, c.features).match_outside(
-            glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=lambda: sketch_of_rgb(image.rgb))
+            glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=lambda: sketch_of_rgb(image.rgb),
+            gray=lambda: gray_of_rgb(image.rgb, c.settings.thumbnail_side))
         return image, _copies(found, image.image_id)
 
     def find_stored(self, image_id: int) -> tuple[ImageRecord, list[Copy]]:
@@ -71,7 +73,8 @@ class CopyFinder:
             raise NotStored(image_id)
         matcher = Matcher(self.config, c.index, c.features)
         found = matcher.match_outside(glob[0], regions[0], keypoints, (record.width, record.height),
-                                      exclude=image_id, sketch=lambda: matcher.sketch(image_id))
+                                      exclude=image_id, sketch=lambda: matcher.sketch(image_id),
+                                      gray=lambda: matcher.gray(image_id))
         return record, _copies(found, -1)
 
 

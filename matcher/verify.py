@@ -15,7 +15,9 @@ re-encoded, recoloured or captioned copy matches all over. A caption or sticker 
 photo itself is the exception: its own points leave the copy under that share, so such a pair is
 still a copy when the other image is nearly all explained (``overlay_min_coverage``), no block of
 both images is left unmatched (:func:`unmatched_block` under :data:`FRAME_HOLE`) and the inliers
-spread over the picture (:func:`spread`, :data:`OVERLAY_SPREAD`). Two posts sharing a frame leave
+spread over the picture (:func:`spread`, :data:`OVERLAY_SPREAD`); where they do not (a smooth
+photo holds keypoints in one place only), the caller's ``overlay`` check decides from the
+thumbnails (:mod:`memetrace.matcher.overlay`). Two posts sharing a frame leave
 their photos unmatched, one such block; and when one photo is too smooth to hold keypoints (no
 block is then seen), the matched points still lie on the frame alone, a small part of the picture.
 
@@ -30,7 +32,7 @@ its inliers lie off those frame points: the copied photo, not the app around it,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -113,6 +115,14 @@ def same_frame(model: np.ndarray, a: Prepared, b: Prepared, tol: float = 0.03) -
             and abs(a.width - b.width) <= tol * a.width and abs(a.height - b.height) <= tol * a.height)
 
 
+Overlay = Callable[[Verification], bool]
+
+
+def never(v: Verification) -> bool:
+    """The :data:`Overlay` check without thumbnails: the keypoints alone do not make such a pair a copy."""
+    return False
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """What makes a pair a copy (the module docstring says how each threshold is used; the
@@ -124,13 +134,15 @@ class VerifyConfig:
     min_coverage: float
     same_frame_min_coverage: float
     overlay_min_coverage: float
+    overlay_min_agreement: float  # of the thumbnails (memetrace.matcher.overlay), where an Overlay check is given
     coverage_radius: float  # share of the longest side
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
         return cls(ratio_test=s.ratio_test, min_inliers=s.min_inliers, ransac_reproj_px=s.ransac_reproj_px,
                    min_coverage=s.min_coverage, same_frame_min_coverage=s.same_frame_min_coverage,
-                   overlay_min_coverage=s.overlay_min_coverage, coverage_radius=s.coverage_radius)
+                   overlay_min_coverage=s.overlay_min_coverage, overlay_min_agreement=s.overlay_min_agreement,
+                   coverage_radius=s.coverage_radius)
 
 
 class Verifier:
@@ -164,9 +176,11 @@ class Verifier:
         return (model, mask) if mask.sum() >= self.config.min_inliers else None
 
     def _check(self, query: Prepared, q_xy: np.ndarray, cand: Prepared, q_idx: np.ndarray, c_idx: np.ndarray,
-               index: int, mirrored: bool) -> tuple[Verification | None, np.ndarray | None]:
+               index: int, mirrored: bool, overlay: Overlay = never
+               ) -> tuple[Verification | None, np.ndarray | None]:
         """(the pair's verification when it is a copy; the K x 4 inlier pairs, as in
-        :attr:`Verification.pairs`, when only the same-frame rule turned it down: a shared frame)."""
+        :attr:`Verification.pairs`, when only the same-frame rule turned it down: a shared frame).
+        ``overlay`` decides the unmoved pairs whose inliers lie in a small part of the picture."""
         found = self._geometry(q_xy[q_idx], cand.xy[c_idx])
         if found is None:
             return None, None
@@ -179,9 +193,11 @@ class Verifier:
             if min(cov_q, cov_c) < self.config.same_frame_min_coverage:
                 unmatched = unmatched_block(q_xy @ model[:, :2].T + model[:, 2], cand, pairs[:, 2:],
                                             2 * radius * max(cand.width, cand.height))
-                if (max(cov_q, cov_c) < self.config.overlay_min_coverage or unmatched >= FRAME_HOLE
-                        or spread(pairs[:, 2:], cand, radius * max(cand.width, cand.height)) < OVERLAY_SPREAD):
+                if max(cov_q, cov_c) < self.config.overlay_min_coverage or unmatched >= FRAME_HOLE:
                     return None, pairs if unmatched >= FRAME_HOLE else None
+                if spread(pairs[:, 2:], cand, radius * max(cand.width, cand.height)) < OVERLAY_SPREAD:
+                    v = Verification(index, int(mask.sum()), cov_q, cov_c, mirrored, model, pairs)
+                    return (v if overlay(v) else None), None  # the keypoints cannot tell: the pixels may
         elif max(cov_q, cov_c) < self.config.min_coverage:
             return None, None
         return Verification(index, int(mask.sum()), cov_q, cov_c, mirrored, model, pairs), None
@@ -198,9 +214,13 @@ class Verifier:
             start += len(c)
         return out
 
-    def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
+    def verify_many(self, query: Prepared, candidates: Sequence[Prepared], overlay: Overlay = never
+                    ) -> list[Verification]:
         """The candidates that are copies of the query (tried as is, then mirrored), less those
-        matched only through a frame (:meth:`_frame_only`)."""
+        matched only through a frame (:meth:`_frame_only`). ``overlay``: whether an unmoved,
+        same-size pair nearly all explained on one side, whose inliers lie in a small part of the
+        picture, is a caption or sticker drawn over a smooth photo rather than two posts of one app
+        (:mod:`memetrace.matcher.overlay` compares their thumbnails); by default it is not."""
         if len(query) < self.config.min_inliers:
             return []
         found: list[Verification] = []
@@ -212,7 +232,7 @@ class Verifier:
             q_xy, q_desc = query.mirror() if mirrored else (query.xy, query.desc)
             failed = []
             for i, (q_idx, c_idx) in zip(pending, self._search(q_desc, [candidates[i] for i in pending])):
-                v, frame = self._check(query, q_xy, candidates[i], q_idx, c_idx, i, mirrored)
+                v, frame = self._check(query, q_xy, candidates[i], q_idx, c_idx, i, mirrored, overlay)
                 if v is None:
                     failed.append(i)
                     if frame is not None:

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
+import cv2
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
@@ -211,3 +212,12 @@ def decode(data: bytes, limits: DecodeLimits, budget: DecodeBudget | None = None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage("corrupt", str(exc)) from exc
     return DecodedImage(image_id=content_id(data), rgb=rgb, nbytes=len(data), width=w, height=h)
+
+
+def make_thumbnail(rgb: np.ndarray, side: int) -> bytes:
+    """The stored JPEG thumbnail of an image: longest side ``side`` (never enlarged), quality 80."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return buf.tobytes()

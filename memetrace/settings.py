@@ -209,6 +209,12 @@ class Settings(BaseSettings):
                                      "a copy below same_frame_min_coverage, when no block of both images is left "
                                      "unmatched (a caption or sticker drawn over the other): lower finds more "
                                      "captioned copies, raise it to link fewer screenshots of one app")
+    overlay_min_agreement: float = Field(
+        0.35, ge=0, le=1, description="for an unmoved, same-size pair whose inliers lie in a small part of the "
+                                     "picture: share of the pixels around the unmatched keypoints where the two "
+                                     "thumbnails agree that makes it a caption or sticker over a smooth photo (a "
+                                     "copy) and not two posts of one app: lower finds more captioned copies of "
+                                     "smooth photos, raise it to link fewer screenshots of one app")
     coverage_radius: float = Field(
         0.05, description="how near a matched point a keypoint counts as explained, share of the longest side: "
                           "higher makes both coverage tests easier to pass")

@@ -18,10 +18,12 @@ from memetrace.imageio import DecodeLimits, content_id
 from memetrace.keypoints import KeypointExtractor
 from memetrace.matcher.explain import BOX, CAPTION, HEIGHT, LINE, Side, caption, draw, explain, scaled_width, side_of_bytes
 from memetrace.matcher.verify import VerifyConfig
+from memetrace.settings import Settings
 from test_pipeline import invoke
 
 CROP = (120, 60, 420, 330)  # the region of the astronaut photo pasted into the collage
 AT = (380, 150)  # where its top-left corner lands in the 900 x 640 collage
+THUMBNAIL_SIDE = Settings.model_fields["thumbnail_side"].default
 
 
 def _png(im: Image.Image) -> bytes:
@@ -57,7 +59,7 @@ def test_the_boxes_are_where_the_crop_was_pasted_and_drawn_there(photos, tools) 
     side, config = tools
     crop = photos["astronaut"].crop(CROP)
     a, b = side(crop), side(_collage(photos))
-    e = explain(a, b, config)
+    e = explain(a, b, config, THUMBNAIL_SIDE)
     g = e.geometry
     assert g is not None and e.kind == "partial" and g.inliers >= 10 and not g.mirrored
     w, h = crop.size
@@ -85,9 +87,9 @@ def test_a_turned_mirrored_smaller_copy_and_the_reverse_view_agree(photos, tools
     copy = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).rotate(90, expand=True)  # PIL: counter-clockwise
     copy = copy.resize((copy.width // 2, copy.height // 2))
     a, b = side(photo), side(copy)
-    g = explain(a, b, config).geometry
+    g = explain(a, b, config, THUMBNAIL_SIDE).geometry
     assert g is not None and g.mirrored and abs(g.rotation - 90) < 2 and abs(g.scale - 0.5) < 0.02, g
-    back = explain(b, a, config).geometry
+    back = explain(b, a, config, THUMBNAIL_SIDE).geometry
     swapped = g.swapped()
     assert back is not None and back.mirrored and abs(back.rotation - swapped.rotation) < 2
     assert abs(back.scale - swapped.scale) < 0.05 and _near(back.box_a, swapped.box_a, 10), (back, swapped)
@@ -96,7 +98,7 @@ def test_a_turned_mirrored_smaller_copy_and_the_reverse_view_agree(photos, tools
 def test_a_pair_that_does_not_match_is_drawn_and_says_so(photos, tools) -> None:
     side, config = tools
     a, b = side(photos["coffee"]), side(photos["coins"])
-    e = explain(a, b, config)
+    e = explain(a, b, config, THUMBNAIL_SIDE)
     assert e.geometry is None and len(e.lines) == 0 and caption(e) == "no verified match"
     assert draw(a, b, e).size == (scaled_width(a.size) + scaled_width(b.size), HEIGHT + CAPTION)
 

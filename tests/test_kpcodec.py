@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import rgb
 from memetrace.cli.footprint import disk_bytes
 from memetrace.feature_store import LocalFeatureStore
-from memetrace.ingest.indexer import make_thumbnail
+from memetrace.imageio import make_thumbnail
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.keypoints import rootsift
 from memetrace.kpcodec import KeypointCodec, KeypointFormatError

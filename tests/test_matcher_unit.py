@@ -30,7 +30,7 @@ from memetrace.errors import DependencyDown
 from memetrace.feature_store import MemoryFeatureStore
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.matcher.matching import MatchConfig, Matcher
-from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig
+from memetrace.matcher.verify import Overlay, Prepared, Verification, Verifier, VerifyConfig, never
 from memetrace.models import ImageRow
 from memetrace.vector_index import Hits, MemoryVectorIndex, now_ms
 
@@ -88,10 +88,11 @@ class RecordingVerifier(Verifier):
         self.image_of = {Prepared(kp).desc.tobytes(): i for i, kp in keypoints.items()}
         self.pairs: Counter[frozenset[int]] = Counter()
 
-    def verify_many(self, query: Prepared, candidates: Sequence[Prepared]) -> list[Verification]:
+    def verify_many(self, query: Prepared, candidates: Sequence[Prepared], overlay: Overlay = never
+                    ) -> list[Verification]:
         q = self.image_of[query.desc.tobytes()]
         self.pairs.update(frozenset((q, self.image_of[c.desc.tobytes()])) for c in candidates)
-        return super().verify_many(query, candidates)
+        return super().verify_many(query, candidates, overlay)
 
 
 def _store(index: MemoryVectorIndex, features: MemoryFeatureStore, keypoints: dict[int, Keypoints],

@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MATCHING = ("decode_max_side", "regions", "store_grid_regions", "box_image_size", "sift_features", "sift_max_side", "sift_flat_max",
             "keypoint_coding", "vector_dims",
             "candidates_k", "query_candidates_k", "candidate_min_similarity", "ratio_test", "min_inliers", "ransac_reproj_px",
-            "min_coverage", "same_frame_min_coverage", "overlay_min_coverage", "coverage_radius", "low_texture_points",
+            "min_coverage", "same_frame_min_coverage", "overlay_min_coverage", "overlay_min_agreement", "coverage_radius", "low_texture_points",
             "low_texture_min_similarity", "low_texture_min_agreement")
 
 
