@@ -57,18 +57,14 @@ class LowTextureConfig:
 
 def sketch_of_rgb(rgb: np.ndarray) -> np.ndarray:
     """The gray picture compared, longest side :data:`SIDE`, float32."""
-    return _sketch(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    return sketch_of_gray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
 
 
-def sketch_of_jpeg(data: bytes) -> np.ndarray | None:
-    """:func:`sketch_of_rgb` of a stored JPEG thumbnail (None: not decodable)."""
-    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    return None if gray is None else _sketch(gray)
-
-
-def _sketch(gray: np.ndarray, side: float = SIDE) -> np.ndarray:
+def sketch_of_gray(gray: np.ndarray) -> np.ndarray:
+    """:func:`sketch_of_rgb` of a gray picture (a stored thumbnail,
+    :func:`memetrace.matcher.overlay.gray_of_jpeg`)."""
     h, w = gray.shape
-    f = side / max(h, w)
+    f = SIDE / max(h, w)
     size = (max(8, round(w * f)), max(8, round(h * f)))
     return cv2.resize(gray.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 

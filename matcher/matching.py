@@ -23,7 +23,7 @@ from memetrace.byte_lru import ByteLRU
 from memetrace.errors import Call, call_once
 from memetrace.feature_store import FeatureStore
 from memetrace.keypoints import Keypoints
-from memetrace.matcher.low_texture import LowTextureConfig, decide, sketch_of_jpeg
+from memetrace.matcher.low_texture import LowTextureConfig, decide, sketch_of_gray
 from memetrace.matcher.overlay import gray_of_jpeg, is_overlay
 from memetrace.matcher.verify import Overlay, Prepared, Verification, Verifier, VerifyConfig, geometry
 from memetrace.models import Candidate, Geometry, Match
@@ -122,10 +122,11 @@ class Matcher:
         (:func:`memetrace.matcher.overlay.agreement`); ``loaded``: the candidates' (image id, keypoints)
         in verification order, ``gray``: reads the query's gray thumbnail (once, when first needed)."""
         query_gray = cache(gray)
+        cand_gray = cache(partial(self.gray, call=call))  # a pair may be asked as is and mirrored
 
         def check(v: Verification) -> bool:
             image_id, cand = loaded[v.candidate]
-            return is_overlay(query, query_gray(), cand, self.gray(image_id, call), v, self.config.verify)
+            return is_overlay(query, query_gray(), cand, cand_gray(image_id), v, self.config.verify)
         return check
 
     def gray(self, image_id: int, call: Call = call_once) -> np.ndarray | None:
@@ -135,8 +136,8 @@ class Matcher:
 
     def sketch(self, image_id: int, call: Call = call_once) -> np.ndarray | None:
         """The stored thumbnail of ``image_id`` as the low-texture rule compares it (None: none stored)."""
-        data = call(lambda: self.features.get_thumbnail(image_id))
-        return None if data is None else sketch_of_jpeg(data)
+        gray = self.gray(image_id, call)
+        return None if gray is None else sketch_of_gray(gray)
 
     def _geometries(self, found: Sequence[tuple[int, Verified]], sizes: dict[int, tuple[int, int]],
                     call: Call) -> list[Geometry | None]:
@@ -194,8 +195,8 @@ class Matcher:
 
     def verify_pairs(self, pairs: Sequence[tuple[int, int]], sizes: Mapping[int, tuple[int, int]] = {},
                      call: Call = call_once) -> list[Match]:
-        """The pairs (a, b) of stored images that verify locally (with the overlay check, no low-texture rule), ``a`` as the
-        query whatever order they were met in, geometry a -> b; ``sizes``: file sizes already known
+        """The pairs (a, b) of stored images that verify locally (with the overlay check, no
+        low-texture rule), ``a`` as the query whatever order they were met in, geometry a -> b; ``sizes``: file sizes already known
         (the others are read from the index). Derivation trees verify pairs the candidates missed."""
         others: dict[int, list[int]] = {}
         for a, b in pairs:

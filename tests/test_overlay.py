@@ -16,7 +16,6 @@ import skimage
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from benchmarks.low_texture import distractors, smooth_photos
-from conftest import make_settings
 from memetrace.feature_store import MemoryFeatureStore
 from memetrace.imageio import make_thumbnail
 from memetrace.keypoints import KeypointExtractor, Keypoints
@@ -26,7 +25,7 @@ from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyCon
 from memetrace.models import ImageRow
 from memetrace.settings import Settings
 from memetrace.vector_index import MemoryVectorIndex
-from test_verify import _overlaid_caption
+from test_verify import _overlaid_caption, extractor, settings  # noqa: F401
 
 
 def _sample(name: str) -> Image.Image:
@@ -46,16 +45,6 @@ def _web_page(picture: Image.Image) -> Image.Image:
         draw.text((24, 420 + 40 * k), "Lorem ipsum dolor sit amet", fill=(40, 40, 40),
                   font=ImageFont.load_default(size=20))
     return page
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return make_settings(tmp_path_factory.mktemp("overlay"))
-
-
-@pytest.fixture(scope="module")
-def extractor(settings: Settings) -> KeypointExtractor:
-    return KeypointExtractor(settings.sift_features, settings.sift_max_side, settings.sift_flat_max)
 
 
 def _matches(settings: Settings, extractor: KeypointExtractor, a: Image.Image, b: Image.Image) -> int:
