@@ -17,6 +17,7 @@ from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodedImage, DecodeLimits, decode
 from memetrace.models import Geometry, ImageRecord
+from memetrace.parallel import concurrently
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class CopyFinder:
         searches with its grid windows (unless MEMETRACE_STORE_GRID_REGIONS): it may find a few more
         partial copies. Raises :class:`NotStored`, :class:`FeaturesMissing`."""
         c = self.ctx
-        record = c.index.get([image_id]).get(image_id)
-        if record is None:
+        # three independent reads, issued together
+        records, keypoints, (ids, glob, regions) = concurrently(
+            lambda: c.index.get([image_id]), lambda: c.features.get_keypoints(image_id),
+            lambda: c.index.vectors([image_id]))
+        if (record := records.get(image_id)) is None:
             raise NotStored(image_id)
-        if (keypoints := c.features.get_keypoints(image_id)) is None:
+        if keypoints is None:
             raise FeaturesMissing(image_id)
-        ids, glob, regions = c.index.vectors([image_id])
         if not ids:  # removed since
             raise NotStored(image_id)
         matcher = Matcher(self.config, c.index, c.features)
