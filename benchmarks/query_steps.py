@@ -27,8 +27,11 @@ from typing import Any
 
 import numpy as np
 
-#: (owner, attribute, step name) of every call timed
+#: (owner: module:class, or module, attribute, step name) of every call timed
 STEPS = [
+    ("memetrace.matcher.query", "decode", "decode (upload)"),  # a module's function: where the query path calls it
+    ("memetrace.embedder:Embedder", "embed", "embed (upload)"),
+    ("memetrace.keypoints:KeypointExtractor", "extract", "SIFT (upload)"),
     ("memetrace.milvus:MilvusVectorIndex", "search_images", "milvus.search_images"),
     ("memetrace.milvus:MilvusVectorIndex", "search_regions", "milvus.search_regions"),
     ("memetrace.milvus:MilvusVectorIndex", "get", "milvus.get"),
@@ -73,14 +76,15 @@ def _timed(fn: Callable[..., Any], name: str, kind: str | None) -> Callable[...,
 
 
 def install() -> None:
-    """Wrap every step of :data:`STEPS` (the class attributes: every instance is timed)."""
+    """Wrap every step of :data:`STEPS` (class attributes: every instance is timed)."""
     import importlib
 
     for owner, attr, name in STEPS:
-        module, cls = owner.split(":")
-        klass = getattr(importlib.import_module(module), cls)
+        module, _, cls = owner.partition(":")
+        holder = importlib.import_module(module)
+        holder = getattr(holder, cls) if cls else holder
         kind = {"find": "upload", "find_stored": "stored"}.get(attr) if cls == "CopyFinder" else None
-        setattr(klass, attr, _timed(getattr(klass, attr), name, kind))
+        setattr(holder, attr, _timed(getattr(holder, attr), name, kind))
 
 
 def summary() -> dict[str, dict[str, dict[str, float]]]:

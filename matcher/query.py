@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from memetrace.matcher.matching import MatchConfig, Matcher, Verified
 from memetrace.matcher.low_texture import sketch_of_rgb
 from memetrace.matcher.stored import FeaturesMissing, NotStored
@@ -47,9 +49,13 @@ class CopyFinder:
         """Decode ``data`` (raises :class:`memetrace.imageio.BadImage`) and find its copies, best first."""
         c = self.ctx
         image = decode(data, self.decode_limits, self.decode_budget)
-        with self._embed_lock:
-            glob, regions = c.embedder.embed([image.rgb])
-        keypoints = c.extractor.extract(image.rgb)
+
+        def embed() -> tuple[np.ndarray, list[np.ndarray]]:
+            with self._embed_lock:
+                return c.embedder.embed([image.rgb])
+
+        # independent, each on one core (torch's threads: MEMETRACE_EMBED_THREADS), as the ingest runs them
+        (glob, regions), keypoints = concurrently(embed, lambda: c.extractor.extract(image.rgb))
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
         found = Matcher(self.config, c.index, c.features).match_outside(
             glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=lambda: sketch_of_rgb(image.rgb))
