@@ -7,11 +7,12 @@
 Every read of the vector index (Milvus: one round trip each) and of the feature store, the
 keypoint decoding, the verification and the low-texture rule are wrapped by a timer, as they run
 inside :meth:`memetrace.matcher.query.CopyFinder.find` / ``find_stored``; per run of queries
-(query_scale: upload, then stored, at each size in turn), the median and 99th percentile over the queries of each step's total time in a query, and the mean
-number of calls a query makes (``steps.json`` in ``--out``, else here, and printed); every query's
-answers in ``answers.json`` (to check that a change of the query path answers the same). Steps nest
-(a keypoint read includes its decoding; a verification, nothing else): they do not sum to the end
-to end time, whose rest is the matcher's own Python.
+(query_scale: upload, then stored, at each size in turn), the median and 99th percentile over the
+queries of each step's total time in a query, and the mean number of calls a query makes
+(``steps.json`` in ``--out``, else here, and printed); every query's answers in ``answers.json``
+(to check that a change of the query path answers the same). Steps nest (a keypoint read includes
+its decoding) and overlap (reads issued together, :mod:`memetrace.parallel`): they do not sum to
+the end to end time.
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ class Matcher:
         if not pairs or stored is None:
             return []
         wanted = {c.image_id for c, _ in pairs}
-        rows = [k for k, i in enumerate(stored[0]) if i in wanted]  # in the order read, as one read of them gives
+        # their rows in the order read: the matrix a read of only them gives, so the same products
+        rows = [k for k, i in enumerate(stored[0]) if i in wanted]
         similarity = dict(zip([stored[0][k] for k in rows], (stored[1][rows] @ vector).tolist()))
         q_sketch = sketch()
         verdicts = (decide(self.config.low_texture, i, similarity[c.image_id], query, q_sketch, p,
