@@ -27,6 +27,7 @@ from memetrace.matcher.low_texture import LowTextureConfig, decide, sketch_of_gr
 from memetrace.matcher.overlay import gray_of_jpeg, is_overlay
 from memetrace.matcher.verify import Overlay, Prepared, Verification, Verifier, VerifyConfig, geometry
 from memetrace.models import Candidate, Geometry, Match
+from memetrace.parallel import concurrently
 from memetrace.settings import Settings
 from memetrace.vector_index import VectorIndex
 
@@ -92,24 +93,35 @@ class Matcher:
         global descriptor, ``sketch`` and ``gray``: read its thumbnail sketch and gray thumbnail when needed."""
         loaded = [(c, self.prepared(c.image_id, call)) for c in cands]
         loaded = [(c, p) for c, p in loaded if p is not None]
-        found = self.verifier.verify_many(query, [p for _, p in loaded],
-                                          self._overlay(query, [(c.image_id, p) for c, p in loaded], gray, call))
-        done = {v.candidate for v in found}
         lt = self.config.low_texture
         # the candidate's similarity is the best of its global and regional ones: >= the global one
-        smooth = [i for i, (c, p) in enumerate(loaded)
-                  if i not in done and lt.applies(query, p) and c.similarity >= lt.min_similarity]
-        found += self._low_texture(query, [loaded[i] for i in smooth], smooth, vector, sketch, call)
+        smooth = [i for i, (c, p) in enumerate(loaded) if lt.applies(query, p) and c.similarity >= lt.min_similarity]
+        # the low-texture rule judges those of them local verification turns down: their global
+        # vectors are read while it runs
+        ids = [loaded[i][0].image_id for i in smooth]
+
+        def verify() -> list[Verification]:
+            return self.verifier.verify_many(query, [p for _, p in loaded],
+                                             self._overlay(query, [(c.image_id, p) for c, p in loaded], gray, call))
+
+        found, stored = (concurrently(verify, lambda: call(lambda: self.index.vectors(ids, with_regions=False)))
+                         if ids else (verify(), None))
+        done = {v.candidate for v in found}
+        smooth = [i for i in smooth if i not in done]
+        found += self._low_texture(query, [loaded[i] for i in smooth], smooth, stored, vector, sketch, call)
         return [Verified(query, *loaded[v.candidate], v) for v in found]
 
     def _low_texture(self, query: Prepared, pairs: list[tuple[Candidate, Prepared]], index: list[int],
-                     vector: np.ndarray, sketch: Callable[[], np.ndarray | None], call: Call) -> list[Verification]:
+                     stored: tuple[list[int], np.ndarray, list[np.ndarray]] | None, vector: np.ndarray,
+                     sketch: Callable[[], np.ndarray | None], call: Call) -> list[Verification]:
         """Verdicts of :func:`memetrace.matcher.low_texture.decide` on ``pairs`` (``index``: their
-        places in the candidate list)."""
-        if not pairs:
+        places in the candidate list); ``stored``: :meth:`VectorIndex.vectors` of them and maybe more."""
+        if not pairs or stored is None:
             return []
-        ids, glob, _ = call(lambda: self.index.vectors([c.image_id for c, _ in pairs], with_regions=False))
-        similarity = dict(zip(ids, (glob @ vector).tolist()))
+        wanted = {c.image_id for c, _ in pairs}
+        # their rows in the order read: the matrix a read of only them gives, so the same products
+        rows = [k for k, i in enumerate(stored[0]) if i in wanted]
+        similarity = dict(zip([stored[0][k] for k in rows], (stored[1][rows] @ vector).tolist()))
         q_sketch = sketch()
         verdicts = (decide(self.config.low_texture, i, similarity[c.image_id], query, q_sketch, p,
                            self.sketch(c.image_id, call)) if c.image_id in similarity else None
@@ -229,8 +241,14 @@ class Matcher:
         # candidates (20 instead of 8: about +45 % p50 latency, docs/benchmarks.md)
         k = self.config.query_candidates_k
         cands = self._keep(call(lambda: self.index.candidates(vector, regions, k, exclude)))
-        found = [(exclude, f) for f in self._verify(Prepared(keypoints), cands, call, vector, sketch, gray)]
-        return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, {exclude: size}, call))]
+        if not cands:
+            return []
+        # the candidates' sizes (for the geometries of those verified) are read while they are verified
+        verified, records = concurrently(lambda: self._verify(Prepared(keypoints), cands, call, vector, sketch, gray),
+                                         lambda: call(lambda: self.index.get([c.image_id for c in cands])))
+        found = [(exclude, f) for f in verified]
+        sizes = {exclude: size, **{i: (r.width, r.height) for i, r in records.items()}}
+        return [(f, geo) for (_, f), geo in zip(found, self._geometries(found, sizes, call))]
 
 
 def _nbytes(p: Prepared | None) -> int:

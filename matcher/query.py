@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from memetrace.matcher.matching import MatchConfig, Matcher, Verified
 from memetrace.matcher.low_texture import sketch_of_rgb
 from memetrace.matcher.overlay import gray_of_rgb
@@ -18,6 +20,7 @@ from memetrace.components import Components
 from memetrace.decode_budget import DecodeBudget
 from memetrace.imageio import DecodedImage, DecodeLimits, decode
 from memetrace.models import Geometry, ImageRecord
+from memetrace.parallel import concurrently
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,13 @@ class CopyFinder:
         """Decode ``data`` (raises :class:`memetrace.imageio.BadImage`) and find its copies, best first."""
         c = self.ctx
         image = decode(data, self.decode_limits, self.decode_budget)
-        with self._embed_lock:
-            glob, regions = c.embedder.embed([image.rgb])
-        keypoints = c.extractor.extract(image.rgb)
+
+        def embed() -> tuple[np.ndarray, list[np.ndarray]]:
+            with self._embed_lock:
+                return c.embedder.embed([image.rgb])
+
+        # independent, each on one core (torch's threads: MEMETRACE_EMBED_THREADS), as the ingest runs them
+        (glob, regions), keypoints = concurrently(embed, lambda: c.extractor.extract(image.rgb))
         # a Matcher per query: its keypoint cache would otherwise grow with every image ever shown
         found = Matcher(self.config, c.index, c.features).match_outside(
             glob[0], regions[0], keypoints, (image.width, image.height), exclude=-1, sketch=lambda: sketch_of_rgb(image.rgb),
@@ -63,12 +70,14 @@ class CopyFinder:
         searches with its grid windows (unless MEMETRACE_STORE_GRID_REGIONS): it may find a few more
         partial copies. Raises :class:`NotStored`, :class:`FeaturesMissing`."""
         c = self.ctx
-        record = c.index.get([image_id]).get(image_id)
-        if record is None:
+        # three independent reads, issued together
+        records, keypoints, (ids, glob, regions) = concurrently(
+            lambda: c.index.get([image_id]), lambda: c.features.get_keypoints(image_id),
+            lambda: c.index.vectors([image_id]))
+        if (record := records.get(image_id)) is None:
             raise NotStored(image_id)
-        if (keypoints := c.features.get_keypoints(image_id)) is None:
+        if keypoints is None:
             raise FeaturesMissing(image_id)
-        ids, glob, regions = c.index.vectors([image_id])
         if not ids:  # removed since
             raise NotStored(image_id)
         matcher = Matcher(self.config, c.index, c.features)

@@ -37,6 +37,7 @@ from memetrace.errors import ConfigError, DependencyDown, Refused
 from memetrace.models import ClusterSummary, DeadLetterRow, ImageRecord, ImageRow, OccurrenceRow
 from memetrace.messages import META_BYTES
 from memetrace.occurrence_log import DEAD_LETTER_BYTES, OCCURRENCE_BYTES, OccurrenceLog, fitted_occurrence
+from memetrace.parallel import concurrently
 from memetrace.settings import Settings
 from memetrace.varchar import fitted, json_text
 from memetrace.vector_index import IMAGE_BYTES, Hits, VectorIndex, now_ms
@@ -373,14 +374,14 @@ class MilvusVectorIndex(_MilvusBackend, VectorIndex):
         ids = _ids(image_ids)
         if not ids:
             return [], np.zeros((0, self.dim), np.float32), []
-        rows = self.client.query(self.images, filter=f"id in {ids}", output_fields=["id", "vector"],
-                                 consistency_level=self._read)
+        images = functools.partial(self.client.query, self.images, filter=f"id in {ids}",
+                                   output_fields=["id", "vector"], consistency_level=self._read)
+        regions = functools.partial(self.client.query, self.regions, filter=f"image_id in {ids}",
+                                    output_fields=["id", "image_id", "vector"], consistency_level=self._read)
+        # both queries at once: one round trip's wait
+        rows, region_rows = concurrently(images, regions) if with_regions else (images(), [])
         glob = {k: v[0] for k, v in _vectors_by_id(rows, "id", self.dim).items()}
-        regs: dict[int, list[np.ndarray]] = {}
-        if with_regions:
-            rows = self.client.query(self.regions, filter=f"image_id in {ids}",
-                                     output_fields=["id", "image_id", "vector"], consistency_level=self._read)
-            regs = _vectors_by_id(rows, "image_id", self.dim)
+        regs = _vectors_by_id(region_rows, "image_id", self.dim)
         found = [i for i in ids if i in glob]
         g = np.stack([glob[i] for i in found]) if found else np.zeros((0, self.dim), np.float32)
         r = [np.stack(regs[i]) if regs.get(i) else np.zeros((0, self.dim), np.float32) for i in found]

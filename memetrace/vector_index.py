@@ -24,6 +24,7 @@ import numpy as np
 
 from memetrace.errors import ConfigError
 from memetrace.models import Candidate, ImageRecord, ImageRow
+from memetrace.parallel import concurrently
 from memetrace.varchar import fitted
 
 #: one search's answer per query vector: (image id, score) pairs, the nearest first
@@ -108,14 +109,23 @@ class VectorIndex(ABC):
                         best[q][image_id] = sim
 
         limit = k + 1
-        add(range(n), self.search_images(vectors, limit))
-        # the query whole vs stored regions: the query was cropped from, or pasted into, them
-        add(range(n), self.search_regions(vectors, limit * 3))
-        # query regions vs stored wholes: a stored image is a tile or a crop of the query
         owners = [i for i, r in enumerate(regions) for _ in range(len(r))]
         since = regions_vs_stored_before
-        if owners and (since is None or self.stored_before(since)):
-            add(owners, self.search_images(np.concatenate(list(regions)), limit, stored_before=since))
+        by_regions = bool(owners) and (since is None or self.stored_before(since))
+        # the searches are independent: issued together (Milvus: one round trip's wait for all); with
+        # no time bound the query regions go in the same search of the stored wholes as the query wholes
+        merged = by_regions and since is None
+        wholes = np.concatenate([vectors, *regions]) if merged else vectors
+        searches = [lambda: self.search_images(wholes, limit), lambda: self.search_regions(vectors, limit * 3)]
+        if by_regions and not merged:
+            searches.append(lambda: self.search_images(np.concatenate(list(regions)), limit, stored_before=since))
+        hits = concurrently(*searches)
+        add(range(n), hits[0][:n])
+        # the query whole vs stored regions: the query was cropped from, or pasted into, them
+        add(range(n), hits[1])
+        # query regions vs stored wholes: a stored image is a tile or a crop of the query
+        if by_regions:
+            add(owners, hits[0][n:] if merged else hits[2])
         return [sorted((Candidate(i, s) for i, s in b.items()), key=lambda c: -c.similarity)[:k] for b in best]
 
 
