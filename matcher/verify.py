@@ -7,7 +7,10 @@ Lifecycle of one query image::
 
 A pair is a copy when a similarity transform (scale, rotation, shift) explains at least
 ``min_inliers`` matches *and* the matched points lie near most keypoints of at least one of the
-two images (``min_coverage``): one image's content is found in the other. When the transform is
+two images (``min_coverage``): one image's content is found in the other. A picture shown smaller
+in the other (a collage tile, a screenshot of a post) keeps only its coarser detail, so the share
+is also taken over the keypoints large enough to be seen at the pair's scale
+(:func:`seen_coverage`); either share passing is enough. When the transform is
 the identity between two canvases of the same size, both images must be covered
 (``same_frame_min_coverage``): two different photos posted through the same app share its
 frame (text, icons, even an ad photo) at exactly the same place, but not their photos, while a
@@ -40,7 +43,7 @@ import cv2
 import numpy as np
 
 from memetrace.faiss_index import flat_l2_index
-from memetrace.keypoints import Keypoints, rootsift
+from memetrace.keypoints import SMALLEST_SIZE, Keypoints, rootsift
 from memetrace.models import Box, Geometry
 from memetrace.settings import Settings
 
@@ -54,6 +57,8 @@ class Prepared:
         self.xy = kp.xy
         self.desc = rootsift(kp.desc)
         self.width, self.height = kp.width, kp.height
+        # sizes not stored (an older store): every keypoint seen at any scale, as coverage was before sizes
+        self.size = kp.size if kp.size is not None else np.full(len(kp.xy), np.inf, np.float32)
 
     def mirror(self) -> tuple[np.ndarray, np.ndarray]:
         """xy and RootSIFT of the horizontally flipped image (:meth:`Keypoints.mirrored`), built
@@ -65,7 +70,7 @@ class Prepared:
     @property
     def nbytes(self) -> int:
         """Bytes of its arrays (what a cache of them holds)."""
-        return self.xy.nbytes + self.desc.nbytes
+        return self.xy.nbytes + self.desc.nbytes + self.size.nbytes
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
@@ -105,6 +110,17 @@ def coverage(xy: np.ndarray, inliers_xy: np.ndarray, radius: float) -> float:
     grid[hy, hx] = 1
     grid = cv2.dilate(grid, np.ones((3, 3), np.uint8))
     return float(grid[cells[:, 1] + 1, cells[:, 0] + 1].mean())
+
+
+def seen_coverage(p: Prepared, xy: np.ndarray, inliers_xy: np.ndarray, radius: float, shrink: float,
+                  min_points: int) -> float:
+    """:func:`coverage` (``radius``: share of the longest side) of the keypoints of ``p`` (at ``xy``:
+    its own, or their mirror) still as large as SIFT detects (:data:`SMALLEST_SIZE`) once the image
+    is shown ``shrink`` times smaller; 0 when fewer than ``min_points`` are, too few to tell."""
+    seen = p.size >= SMALLEST_SIZE * shrink
+    if int(seen.sum()) < min_points:
+        return 0.0
+    return coverage(xy[seen], inliers_xy, radius * max(p.width, p.height))
 
 
 def same_frame(model: np.ndarray, a: Prepared, b: Prepared, tol: float = 0.03) -> bool:
@@ -186,8 +202,9 @@ class Verifier:
             return None, None
         model, mask = found
         radius = self.config.coverage_radius
-        cov_q = coverage(q_xy, q_xy[q_idx[mask]], radius * max(query.width, query.height))
-        cov_c = coverage(cand.xy, cand.xy[c_idx[mask]], radius * max(cand.width, cand.height))
+        inliers_q, inliers_c = q_xy[q_idx[mask]], cand.xy[c_idx[mask]]
+        cov_q = coverage(q_xy, inliers_q, radius * max(query.width, query.height))
+        cov_c = coverage(cand.xy, inliers_c, radius * max(cand.width, cand.height))
         pairs = np.hstack([query.xy[q_idx[mask]], cand.xy[c_idx[mask]]]).astype(np.float32)
         if same_frame(model, query, cand):
             if min(cov_q, cov_c) < self.config.same_frame_min_coverage:
@@ -198,9 +215,20 @@ class Verifier:
                 if spread(pairs[:, 2:], cand, radius * max(cand.width, cand.height)) < OVERLAY_SPREAD:
                     v = Verification(index, int(mask.sum()), cov_q, cov_c, mirrored, model, pairs)
                     return (v if overlay(v) else None), None  # the keypoints cannot tell: the pixels may
-        elif max(cov_q, cov_c) < self.config.min_coverage:
+        elif max(cov_q, cov_c) < self.config.min_coverage and \
+                not self._covered_as_seen(query, q_xy, inliers_q, cand, inliers_c, model):
             return None, None
         return Verification(index, int(mask.sum()), cov_q, cov_c, mirrored, model, pairs), None
+
+    def _covered_as_seen(self, query: Prepared, q_xy: np.ndarray, inliers_q: np.ndarray, cand: Prepared,
+                         inliers_c: np.ndarray, model: np.ndarray) -> bool:
+        """Whether the match explains ``min_coverage`` of the keypoints one image could show at the
+        other's scale (:func:`seen_coverage`): a picture shown small (a collage tile, a screenshot
+        of a post) loses its fine detail, whose points no match can explain."""
+        scale = float(np.hypot(model[0, 0], model[1, 0]))  # 1 query px = scale candidate px
+        radius, floor = self.config.coverage_radius, self.config.min_inliers
+        return max(seen_coverage(query, q_xy, inliers_q, radius, 1.0 / scale, floor),
+                   seen_coverage(cand, cand.xy, inliers_c, radius, scale, floor)) >= self.config.min_coverage
 
     def _search(self, q_desc: np.ndarray, candidates: Sequence[Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each candidate's ratio-test matches (query idx, candidate idx) with the query's descriptors."""

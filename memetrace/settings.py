@@ -158,7 +158,7 @@ class Settings(BaseSettings):
                              "the collections are created, stored ones keep their size")
     keypoint_coding: Literal["pq16", "raw"] = Field(
         "pq16", description="how stored SIFT descriptors are coded (memetrace.kpcodec): pq16 = 16 bytes of "
-                           "product-quantized RootSIFT (20 B a keypoint with its x, y), raw = the 128 bytes as "
+                           "product-quantized RootSIFT (21 B a keypoint with its x, y and size), raw = the 128 bytes as "
                            "extracted (4.5x the storage, lossless); stored ones of either coding stay readable")
 
     # decoding guards (memetrace.imageio.DecodeLimits, memetrace.decode_budget.DecodeBudget)
@@ -232,7 +232,7 @@ class Settings(BaseSettings):
     prepare_threads: int = Field(2, ge=1, le=256, description="threads for decoding and SIFT")
     match_threads: int = Field(2, ge=1, le=256, description="threads verifying candidates (FAISS + RANSAC)")
     match_cache_mb: int = Field(
-        256, ge=0, description="MB of prepared keypoints (xy and RootSIFT, 520 B a keypoint: 0.12 MB an image on the "
+        256, ge=0, description="MB of prepared keypoints (xy, size and RootSIFT, 524 B a keypoint: 0.12 MB an image on the "
                                "benchmark, 0.3 at most) the matcher and the clusterer's tree verification each keep for "
                                "the images verified again and again: lower it when a pod nears its memory limit, at the "
                                "cost of reading them again; 0 = none kept")

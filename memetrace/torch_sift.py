@@ -358,4 +358,5 @@ class TorchSiftExtractor(KeypointExtractor):
         idx = torch.nonzero(keep)[:, 0]
         idx = idx[torch.argsort(-f.response[idx], stable=True)[: self.n_features]]
         xy = f.xy[idx].float().cpu().numpy()
-        return Keypoints(xy=np.ascontiguousarray(xy), desc=f.desc[idx].cpu().numpy(), width=w, height=h)
+        return Keypoints(xy=np.ascontiguousarray(xy), desc=f.desc[idx].cpu().numpy(), width=w, height=h,
+                         size=f.size[idx].float().cpu().numpy())

@@ -1,5 +1,5 @@
-"""The keypoint codec (memetrace.kpcodec): sizes, what pq16 keeps of real SIFT, refusals, and the
-bytes a packed local store takes per image for real photos."""
+"""The keypoint codec (memetrace.kpcodec): sizes, what pq16 keeps of real SIFT, keypoint sizes and
+format 1 (none stored), refusals, and the bytes a packed local store takes per image for real photos."""
 
 from __future__ import annotations
 
@@ -24,11 +24,34 @@ def sift(photos: dict[str, Image.Image]) -> dict[str, Keypoints]:
     return {name: extractor.extract(rgb(im)) for name, im in photos.items()}
 
 
-def test_a_keypoint_takes_20_bytes_in_pq16_and_132_raw(sift: dict[str, Keypoints]) -> None:
+def test_a_keypoint_takes_21_bytes_in_pq16_and_133_raw(sift: dict[str, Keypoints]) -> None:
     kp = next(iter(sift.values()))
     header = len(KeypointCodec("pq16").encode(Keypoints(kp.xy[:0], kp.desc[:0], kp.width, kp.height)))
-    assert len(KeypointCodec("pq16").encode(kp)) == header + 20 * len(kp)
-    assert len(KeypointCodec("raw").encode(kp)) == header + 132 * len(kp)
+    assert len(KeypointCodec("pq16").encode(kp)) == header + 21 * len(kp)
+    assert len(KeypointCodec("raw").encode(kp)) == header + 133 * len(kp)
+
+
+def test_sizes_come_back_within_a_step_and_unknown_ones_as_none(sift: dict[str, Keypoints]) -> None:
+    codec = KeypointCodec("pq16")
+    for name, kp in sift.items():
+        back = codec.decode(codec.encode(kp))
+        assert kp.size is not None and back.size is not None and kp.size.min() > 1.5, name
+        np.testing.assert_allclose(back.size, kp.size, rtol=2 ** (1 / 64) - 1 + 1e-6)
+    kp = next(iter(sift.values()))
+    assert codec.decode(codec.encode(Keypoints(kp.xy, kp.desc, kp.width, kp.height))).size is None
+
+
+def test_format_1_blobs_read_without_sizes(sift: dict[str, Keypoints]) -> None:
+    """A store written before sizes were kept: header version 1, then x, y and the descriptors."""
+    kp = next(iter(sift.values()))
+    blob = KeypointCodec("raw").encode(kp)
+    n, head = len(kp), 13
+    v1 = bytearray(blob[:head] + blob[head:head + 4 * n] + blob[head + 5 * n:])
+    struct.pack_into("<B", v1, 3, 1)
+    back = KeypointCodec().decode(bytes(v1))
+    assert back.size is None
+    np.testing.assert_array_equal(back.desc, kp.desc)
+    np.testing.assert_allclose(back.xy, kp.xy, atol=max(kp.width, kp.height) / 65535)
 
 
 def test_pq16_keeps_each_descriptor_nearest_to_itself(sift: dict[str, Keypoints]) -> None:
@@ -70,5 +93,5 @@ def test_packed_store_bytes_per_image_are_bounded(tmp_path, photos: dict[str, Im
     n = len(photos)
     points = sum(len(k) for k in sift.values()) / n
     kp_bytes = sum(disk_bytes(tmp_path / "f" / f"keypoints.db{s}") for s in ("", "-wal", "-shm")) / n
-    assert kp_bytes < 20 * points + 1024 + 256  # the codes, half a page of slack, the key
+    assert kp_bytes < 21 * points + 1024 + 256  # the codes, half a page of slack, the key
     assert sum(disk_bytes(tmp_path / "f" / f"thumbnails.db{s}") for s in ("", "-wal", "-shm")) / n < 8 * 1024

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from conftest import jpeg_roundtrip, make_settings, rgb
 from memetrace.keypoints import rootsift
-from memetrace.matcher.verify import Prepared, Verification, Verifier, VerifyConfig, coverage, same_frame, spread
+from memetrace.matcher.verify import (Prepared, Verification, Verifier, VerifyConfig, coverage, same_frame,
+                                     seen_coverage, spread)
 from memetrace.keypoints import KeypointExtractor, Keypoints
 from memetrace.settings import Settings
 
@@ -283,6 +284,46 @@ def test_coverage_handles_negative_coordinates() -> None:
     assert coverage(xy, xy[:1], 10.0) == pytest.approx(0.5)
 
 
+def test_seen_coverage_hand_computed() -> None:
+    xy = np.array([[5, 5], [15, 15], [35, 35], [45, 5]], np.float32)
+    p = Prepared(Keypoints(xy, np.ones((4, 128), np.uint8), 200, 100, np.array([2.0, 2.5, 9.0, 12.0], np.float32)))
+    inlier = np.array([[25.0, 25.0]])  # cells of 200 x 0.05 = 10 px: covers (15, 15) and (35, 35)
+    assert seen_coverage(p, xy, inlier, 0.05, 1.0, 1) == pytest.approx(0.5)
+    # shown 4x smaller: only sizes >= 8 are still seen, (35, 35) covered, (45, 5) not
+    assert seen_coverage(p, xy, inlier, 0.05, 4.0, 1) == pytest.approx(0.5)
+    assert seen_coverage(p, xy, inlier, 0.05, 4.0, 3) == 0.0  # 2 seen: too few to tell
+    assert seen_coverage(p, xy, inlier, 0.05, 5.5, 1) == 0.0  # (45, 5) alone is seen, not covered
+    blind = Prepared(Keypoints(xy, np.ones((4, 128), np.uint8), 200, 100))  # sizes not stored
+    assert seen_coverage(blind, xy, inlier, 0.05, 100.0, 4) == pytest.approx(0.5)
+
+
+def _shown_small(rng: np.random.Generator, sizes: bool) -> tuple[Prepared, Prepared]:
+    """A query whose fine detail (160 small keypoints all over it) is lost in a candidate that shows
+    it at 0.3 scale beside 300 keypoints of its own: only its 40 coarse keypoints, in one corner
+    of it, are in both."""
+    fine, coarse = rng.random((160, 2)) * 440 + 4, rng.random((40, 2)) * 200 + 20
+    q_xy = np.vstack([fine, coarse]).astype(np.float32)
+    q_size = np.concatenate([rng.uniform(2.0, 3.0, 160), rng.uniform(8.0, 14.0, 40)]).astype(np.float32)
+    q_desc = rng.integers(0, 256, (200, 128)).astype(np.uint8)
+    own = rng.random((300, 2)) * 440 + 4
+    c_xy = np.vstack([coarse * 0.3 + (300.0, 20.0), own]).astype(np.float32)
+    c_desc = np.vstack([q_desc[160:], rng.integers(0, 256, (300, 128))]).astype(np.uint8)
+    c_size = np.concatenate([q_size[160:] * 0.3, rng.uniform(2.0, 6.0, 300)]).astype(np.float32)
+    query = Keypoints(q_xy, q_desc, 448, 448, q_size if sizes else None)
+    cand = Keypoints(c_xy, c_desc, 448, 448, c_size if sizes else None)
+    return Prepared(query), Prepared(cand)
+
+
+def test_a_picture_shown_small_is_covered_by_the_keypoints_it_can_show(verifier: Verifier) -> None:
+    """Its fine detail is no evidence against the pair; without sizes (an older store) neither
+    share reaches min_coverage, as before sizes were kept."""
+    query, cand = _shown_small(np.random.default_rng(3), sizes=True)
+    (v,) = verifier.verify_many(query, [cand])
+    assert v.inliers == 40 and max(v.coverage_query, v.coverage_candidate) < verifier.config.min_coverage
+    blind_query, blind_cand = _shown_small(np.random.default_rng(3), sizes=False)
+    assert verifier.verify_many(blind_query, [blind_cand]) == []
+
+
 def test_verification_kind() -> None:
     assert Verification(0, 50, 0.9, 0.8, False).kind == "full"
     assert Verification(0, 50, 0.3, 0.95, False).kind == "partial"
@@ -355,4 +396,5 @@ def test_the_mirror_built_from_rootsift_is_that_of_the_mirrored_keypoints(extrac
         xy, desc = Prepared(kp).mirror()
         m = kp.mirrored()
         assert np.array_equal(xy, m.xy) and np.array_equal(desc, rootsift(m.desc)), name
-        assert Prepared(kp).nbytes == kp.xy.nbytes + 4 * kp.desc.size  # float32 RootSIFT and the xy, nothing more
+        # float32 RootSIFT, the xy and the sizes, nothing more
+        assert Prepared(kp).nbytes == kp.xy.nbytes + 4 * kp.desc.size + 4 * len(kp), name
