@@ -124,9 +124,9 @@ class KeypointCodec:
                                       "delete the feature store and run `memetrace index` again")
         magic, version, coding, n, w, h = _HEADER.unpack_from(data)
         if version not in READS or coding >= len(CODINGS):
-            raise KeypointFormatError(f"{name}: keypoint format {version}.{coding}, this memetrace reads "
-                                      f"{READS[0]}-{READS[-1]}.0-{len(CODINGS) - 1}; run the memetrace that "
-                                      "wrote it, or index again")
+            raise KeypointFormatError(f"{name}: keypoint format {version}.{coding}, this memetrace reads formats "
+                                      f"{READS[0]}-{READS[-1]}, codings 0-{len(CODINGS) - 1}; run the memetrace "
+                                      "that wrote it, or index again")
         side = max(w, h, 1)
         at = _HEADER.size
         xy = np.frombuffer(data, "<u2", 2 * n, at).reshape(n, 2).astype(np.float32) * np.float32(side / 65535.0)
