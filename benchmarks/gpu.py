@@ -34,6 +34,7 @@ def gpu_section(files: list[Path], limit: int = 2000) -> dict[str, Any]:
         return dict(SKIPPED)
     from memetrace.embedder import EmbedConfig, Embedder
     from memetrace.gpu import decode_rgb, embed_batch, gray, resize_longest
+    from memetrace.keypoints import SiftConfig
     from memetrace.settings import Settings
     from memetrace.torch_sift import TorchSiftExtractor
 
@@ -41,7 +42,7 @@ def gpu_section(files: list[Path], limit: int = 2000) -> dict[str, Any]:
     device = torch.device("cuda")
     data = [f.read_bytes() for f in files if f.suffix.lower() in (".jpg", ".jpeg")][:limit]
     embedder = Embedder(EmbedConfig.from_settings(s))
-    extractor = TorchSiftExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, device)
+    extractor = TorchSiftExtractor(SiftConfig.from_settings(s), device)
     steps: dict[str, float] = {}
 
     def batch(chunk: list[bytes]) -> None:

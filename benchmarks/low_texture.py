@@ -7,9 +7,11 @@ data; nothing downloaded, nothing stored in git), a set of smooth pictures the f
 leaves with few keypoints: photos blurred to skies and soft shading, a sky cut out of a rocket
 launch, gradients and flat graphics. Each smooth photo gets five near-exact copies (25 %
 rescale, JPEG quality 40, grayscale, mirrored, 6 % cropped off each side). The whole set goes through
-``memetrace index`` (:func:`memetrace.cli.batch.run_index`) twice, without and with the
-low-texture rule, and the report gives per run the copies clustered with their original and the
-false links (images of different sources in one cluster).
+``memetrace index`` (:func:`memetrace.cli.batch.run_index`) four times: with neither of the two ways
+smooth photos are verified, with the smooth images' keypoints only (``sift_smooth_points``), with the
+low-texture rule only (``low_texture_points``), and with both (the defaults); the report gives per
+run the copies clustered with their original and the false links (images of different sources in
+one cluster).
 """
 
 from __future__ import annotations
@@ -180,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         source = write_set(folder)
-        result = {name: score(run(folder, Path(tmp) / name, **overrides), source)
-                  for name, overrides in (("rule_off", {"low_texture_points": 0}), ("rule_on", {}))}
+        runs = (("neither", {"low_texture_points": 0, "sift_smooth_points": 0}),
+                ("smooth_keypoints_only", {"low_texture_points": 0}), ("rule_only", {"sift_smooth_points": 0}),
+                ("both", {}))
+        result = {name: score(run(folder, Path(tmp) / name, **overrides), source) for name, overrides in runs}
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

@@ -1,7 +1,9 @@
 """Copies of images too smooth for local verification: a stricter whole-image rule.
 
 The flat-patch filter (:mod:`memetrace.keypoints`) leaves a sky, a wall or a studio shot with a
-handful of keypoints, too few for RANSAC to verify even an exact rescale. When either side of a
+handful of keypoints; its smooth-image pass (SIFT again at a lower contrast threshold, the gently
+shaded points kept) gives most such photos enough, but the smoothest keep too few for RANSAC to
+verify even an exact rescale. When either side of a
 candidate pair has fewer than ``min_points`` keypoints and local verification said no, the pair is
 a copy only when both whole-image views agree strictly:
 

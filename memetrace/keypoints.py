@@ -2,16 +2,41 @@
 
 Keypoints on flat-coloured patches (caption fonts, app frames, emoji, borders) are what makes
 different memes look alike to a local matcher, so they are dropped at extraction: a keypoint is
-kept only if less than ``flat_max`` of its surroundings is flat. Coordinates and sizes are stored
-in the resized image's frame together with that frame's size, descriptors as uint8.
+kept only if less than ``flat_max`` of its surroundings is flat. A smooth photo (a sky, a soft
+or dark background) has few extrema and is nearly flat by that test too: an image keeping fewer
+than ``smooth_points`` is detected again at a quarter of the contrast threshold
+(:data:`SMOOTH_CONTRAST`), and if it still keeps fewer, it also keeps the points whose
+surroundings are not flat when only nearly constant pixels count as flat
+(:data:`SMOOTH_FLAT_STD`: a caption's or a frame's background is constant after JPEG, a sky's
+gentle shading is not) and hold no sharp edge (:data:`SHARP_STD`: a glyph's or a sticker's,
+whose JPEG ringing is not flat either). Textured images are untouched by either step.
+Coordinates and sizes are stored in the resized image's frame together with that frame's size,
+descriptors as uint8.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Generic, Self, TypeVar
 
 import cv2
 import numpy as np
+
+from memetrace.settings import Settings
+
+CONTRAST = 0.04  # SIFT's contrast threshold (OpenCV's default)
+# a smooth image's: a quarter, so that a dark or misty photo has extrema at all (a dark sky: 0 -> 67)
+SMOOTH_CONTRAST = 0.01
+# 3 x 3 std under which a pixel is flat: JPEG noise on a flat colour stays under it
+FLAT_STD = 2.0
+# the same for a smooth image: a flat colour's blocks come out of JPEG constant, a sky's shading
+# and grain move by about a grey level
+SMOOTH_FLAT_STD = 0.5
+# but JPEG rings around a caption's glyphs too: a smooth image's point with a pixel of this 3 x 3 std
+# near (a graphic's sharp edge; a sky's, a blur's soft ones stay under it) is judged as before
+SHARP_STD = 16.0
 
 
 @dataclass(frozen=True)
@@ -65,19 +90,21 @@ def resize_longest(gray: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
-def flat_fraction(gray: np.ndarray, xy: np.ndarray, sizes: np.ndarray, flat_std: float = 2.0,
-                  min_radius: float = 10.0) -> np.ndarray:
-    """Share of each keypoint's surroundings whose 3x3 neighbourhood is (nearly) constant.
+def local_variance(gray: np.ndarray) -> np.ndarray:
+    """Each pixel's grey-level variance over its 3 x 3 neighbourhood."""
+    g = gray.astype(np.float32)
+    mean = cv2.blur(g, (3, 3))
+    return cv2.blur(g * g, (3, 3)) - mean * mean
+
+
+def window_share(mask: np.ndarray, xy: np.ndarray, sizes: np.ndarray, min_radius: float = 10.0) -> np.ndarray:
+    """Share of the pixels set in ``mask`` around each keypoint.
 
     The window reaches past the keypoint's own patch (at least ``min_radius`` px) so that small
     text, whose glyphs are textured at this scale, still shows the flat background around it.
     """
-    g = gray.astype(np.float32)
-    mean = cv2.blur(g, (3, 3))
-    var = cv2.blur(g * g, (3, 3)) - mean * mean
-    flat = (var < flat_std * flat_std).astype(np.float64)
-    integral = cv2.integral(flat)  # (h+1) x (w+1)
-    h, w = gray.shape
+    integral = cv2.integral(mask.astype(np.float64))  # (h+1) x (w+1)
+    h, w = mask.shape
     r = np.maximum(min_radius, sizes * 1.5)
     x0 = np.clip(np.floor(xy[:, 0] - r), 0, w).astype(int)
     x1 = np.clip(np.ceil(xy[:, 0] + r) + 1, 0, w).astype(int)
@@ -88,7 +115,7 @@ def flat_fraction(gray: np.ndarray, xy: np.ndarray, sizes: np.ndarray, flat_std:
     return total / area
 
 
-HALF_CONTRAST = 0.015  # OpenCV's default is 0.04
+HALF_CONTRAST_SHARE = 0.375  # of the contrast threshold, used at half size (0.015 of OpenCV's 0.04)
 
 # The smallest patch SIFT reliably detects: OpenCV's first scale layer, 1.6 * 2^(1/3) on the image it
 # doubles, is 2.0 px of the input (sub-layer refinement reaches 1.8; a tenth of the keypoints of
@@ -104,6 +131,34 @@ def _octave_up(k: cv2.KeyPoint) -> cv2.KeyPoint:
                         (k.octave & ~255) | ((octave + 1) & 255), k.class_id)
 
 
+@dataclass(frozen=True)
+class SiftConfig:
+    """The settings ``sift_<field>`` describe each field (``sift_features`` for ``n_features``)."""
+
+    n_features: int
+    max_side: int
+    flat_max: float
+    smooth_points: int
+    detect_half: bool = False
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        return cls(s.sift_features, s.sift_max_side, s.sift_flat_max, s.sift_smooth_points, s.sift_detect_half)
+
+
+Array = TypeVar("Array")  # numpy here, torch in memetrace.torch_sift
+
+
+@dataclass(frozen=True)
+class Detected(Generic[Array]):
+    """SIFT's keypoints before the flat filter."""
+
+    xy: Array  # K x 2, the frame SIFT ran on
+    size: Array  # K
+    response: Array  # K
+    desc: Array  # K x 128 uint8
+
+
 class KeypointExtractor:
     """OpenCV SIFT on the longest side resized to ``max_side``, capped at ``n_features``.
 
@@ -116,38 +171,58 @@ class KeypointExtractor:
     another seed), see MEMETRACE_SIFT_DETECT_HALF.
     """
 
-    def __init__(self, n_features: int, max_side: int, flat_max: float, detect_half: bool = False) -> None:
-        self.n_features = n_features
-        self.max_side = max_side
-        self.flat_max = flat_max
-        self.detect_half = detect_half
+    def __init__(self, config: SiftConfig) -> None:
+        self.config = config
 
-    def _detect_and_compute(self, gray: np.ndarray) -> tuple[list[cv2.KeyPoint], np.ndarray | None]:
+    def select(self, var: Array, detect: Callable[[float], Detected[Array]],
+               share: Callable[[Array, Detected[Array]], Array]) -> tuple[Detected[Array], Array]:
+        """The keypoints found and which of them the flat filter keeps. ``var``: :func:`local_variance`
+        of the image; ``detect(contrast)``: SIFT at that contrast threshold; ``share(mask, found)``:
+        :func:`window_share` of a mask of ``var`` around each keypoint found."""
+        found = detect(CONTRAST)
+        keep = share(var < FLAT_STD * FLAT_STD, found) < self.config.flat_max
+        if self._textured(keep):
+            return found, keep
+        found = detect(SMOOTH_CONTRAST)  # a smooth image: its weaker extrema too
+        keep = share(var < FLAT_STD * FLAT_STD, found) < self.config.flat_max
+        if self._textured(keep):
+            return found, keep
+        # still smooth: its gently shaded points too, away from any sharp edge (measured: adding them
+        # to the images the weaker extrema make textured enough found fewer copies)
+        gentle = (share(var < SMOOTH_FLAT_STD * SMOOTH_FLAT_STD, found) < self.config.flat_max) & (
+            share(var > SHARP_STD * SHARP_STD, found) == 0)
+        return found, keep | gentle
+
+    def _textured(self, keep: Array) -> bool:
+        # at most n_features are kept: an image keeping them all is textured whatever the floor
+        return int(keep.sum()) >= min(self.config.smooth_points, self.config.n_features)
+
+    def _detect_and_compute(self, gray: np.ndarray, contrast: float) -> tuple[list[cv2.KeyPoint], np.ndarray | None]:
         # ask for more than we keep: the flat filter removes a share of them
-        sift = cv2.SIFT_create(nfeatures=int(self.n_features * 1.5))
+        sift = cv2.SIFT_create(nfeatures=int(self.config.n_features * 1.5), contrastThreshold=contrast)
         h, w = gray.shape
-        if not self.detect_half or min(h, w) < 32:
+        if not self.config.detect_half or min(h, w) < 32:
             return sift.detectAndCompute(gray, None)
         half = cv2.resize(gray, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
         # a quarter of the pixels holds fewer extrema: a lower contrast threshold finds about as
         # many keypoints as plain SIFT's (the strongest n_features * 1.5 are still the ones kept)
-        detector = cv2.SIFT_create(nfeatures=int(self.n_features * 1.5), contrastThreshold=HALF_CONTRAST)
+        detector = cv2.SIFT_create(nfeatures=int(self.config.n_features * 1.5), contrastThreshold=contrast * HALF_CONTRAST_SHARE)
         found = [_octave_up(k) for k in detector.detect(half, None)]
         if not found:
             return [], None
         return sift.compute(gray, found)
 
+    def _detect(self, gray: np.ndarray, contrast: float) -> Detected[np.ndarray]:
+        kps, desc = self._detect_and_compute(gray, contrast)
+        return Detected(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), np.array([k.size for k in kps], np.float32),
+                     np.array([k.response for k in kps], np.float32),
+                     np.clip(desc, 0, 255).astype(np.uint8) if kps else np.zeros((0, 128), np.uint8))
+
     def extract(self, rgb: np.ndarray) -> Keypoints:
-        gray = resize_longest(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.max_side)
-        kps, desc = self._detect_and_compute(gray)
+        gray = resize_longest(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.config.max_side)
         h, w = gray.shape
-        if not kps:
-            return Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), w, h, np.zeros(0, np.float32))
-        xy = np.array([k.pt for k in kps], dtype=np.float32)
-        sizes = np.array([k.size for k in kps], dtype=np.float32)
-        response = np.array([k.response for k in kps], dtype=np.float32)
-        keep = flat_fraction(gray, xy, sizes) < self.flat_max
-        order = np.argsort(-response[keep], kind="stable")[: self.n_features]
+        f, keep = self.select(local_variance(gray), partial(self._detect, gray),
+                              lambda mask, found: window_share(mask, found.xy, found.size))
+        order = np.argsort(-f.response[keep], kind="stable")[: self.config.n_features]
         idx = np.flatnonzero(keep)[order]
-        return Keypoints(xy=xy[idx], desc=np.clip(desc[idx], 0, 255).astype(np.uint8), width=w, height=h,
-                         size=sizes[idx])
+        return Keypoints(xy=f.xy[idx], desc=f.desc[idx], width=w, height=h, size=f.size[idx])

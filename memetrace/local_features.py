@@ -7,18 +7,14 @@ torch is imported only when it is chosen.
 
 from __future__ import annotations
 
-from memetrace.errors import ConfigError
-from memetrace.keypoints import KeypointExtractor
+from memetrace.keypoints import KeypointExtractor, SiftConfig
 from memetrace.settings import Settings
 
 
 def build_extractor(s: Settings) -> KeypointExtractor:
     if s.local_features == "opencv":
-        return KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, s.sift_detect_half)
-    if s.sift_detect_half:
-        raise ConfigError("MEMETRACE_SIFT_DETECT_HALF works with MEMETRACE_LOCAL_FEATURES=opencv only: "
-                         "unset one of them")
+        return KeypointExtractor(SiftConfig.from_settings(s))
     from memetrace.embedder import pick_device
     from memetrace.torch_sift import TorchSiftExtractor
 
-    return TorchSiftExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max, pick_device(s.device))
+    return TorchSiftExtractor(SiftConfig.from_settings(s), pick_device(s.device))

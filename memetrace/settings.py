@@ -147,8 +147,12 @@ class Settings(BaseSettings):
                               "slower than opencv on a CPU)")
     sift_flat_max: float = Field(
         0.35, gt=0, le=1, description="a keypoint is kept when less than this share of its surroundings is flat: "
-                                      "raise it (e.g. 0.7) to keep more points on smooth photos (skies, walls), "
+                                      "raise it to keep more points beside flat patches (0.7 lost collage copies), "
                                       "lower it to drop more caption and interface points")
+    sift_smooth_points: int = Field(
+        100, ge=0, description="an image keeping fewer keypoints than this is smooth (a sky, a soft or dark photo): "
+                               "SIFT runs again at a quarter of its contrast threshold and, still under, keeps gently "
+                               "shaded points away from sharp edges too; raise it to treat more images so, 0: off")
     thumbnail_side: int = Field(160, description='longest side of the stored JPEG thumbnail (gallery, API)')
     vector_dims: int = Field(
         0, ge=0, description="dimensions the vector index keeps of each global and regional descriptor, "

@@ -6,7 +6,7 @@ orientation peak, 4 x 4 x 8 descriptors clipped at 0.2 and scaled by 512 to uint
 tensor operations, so the whole extraction runs on the device that holds the image. Descriptors come
 in OpenCV's layout and sign conventions (angles counter-clockwise with y down), so
 ``keypoints.MIRROR_PERMUTATION`` holds for them and they match OpenCV's (tests/test_torch_sift.py).
-The flat-patch filter is ``keypoints.flat_fraction`` computed with box filters on the device.
+The flat-patch filter is ``KeypointExtractor.select`` over box filters computed on the device.
 
 kornia's SIFT was measured first and left out: 5-9 s per 448 px image on 2 CPU cores (dense 3-D
 refinement and NMS over the whole scale space), about 30x OpenCV, too slow for the CPU quality gate.
@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memetrace.keypoints import KeypointExtractor, Keypoints
+from memetrace.errors import ConfigError
+from memetrace.keypoints import Detected, KeypointExtractor, Keypoints, SiftConfig
 
 LAYERS = 3  # OpenCV's nOctaveLayers
 SIGMA = 1.6
-CONTRAST = 0.04
 EDGE = 10.0
 BORDER = 5  # SIFT_IMG_BORDER
 INTERP_STEPS = 5
@@ -63,15 +64,17 @@ def _box_mean(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(_pad(x, 1), 3, stride=1)
 
 
-def flat_fraction(gray: torch.Tensor, xy: torch.Tensor, sizes: torch.Tensor, flat_std: float = 2.0,
-                  min_radius: float = 10.0) -> torch.Tensor:
-    """:func:`memetrace.keypoints.flat_fraction` on the device; gray: H x W in 0..255."""
+def local_variance(gray: torch.Tensor) -> torch.Tensor:
+    """:func:`memetrace.keypoints.local_variance` on the device; gray: H x W in 0..255."""
     g = gray[None, None].float()
     mean = _box_mean(g)
-    var = _box_mean(g * g) - mean * mean
-    flat = (var[0, 0] < flat_std * flat_std).double()
-    h, w = flat.shape
-    integral = F.pad(flat.cumsum(0).cumsum(1), (1, 0, 1, 0))
+    return (_box_mean(g * g) - mean * mean)[0, 0]
+
+
+def window_share(mask: torch.Tensor, xy: torch.Tensor, sizes: torch.Tensor, min_radius: float = 10.0) -> torch.Tensor:
+    """:func:`memetrace.keypoints.window_share` on the device."""
+    h, w = mask.shape
+    integral = F.pad(mask.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
     r = torch.clamp(sizes.double() * 1.5, min=min_radius)
     x, y = xy[:, 0].double(), xy[:, 1].double()
     x0 = torch.clamp(torch.floor(x - r), 0, w).long()
@@ -145,10 +148,10 @@ class _Found:
     response: torch.Tensor
 
 
-def _extrema(dog: torch.Tensor) -> _Found:
+def _extrema(dog: torch.Tensor, contrast_threshold: float) -> _Found:
     """OpenCV's findScaleSpaceExtrema + adjustLocalExtrema, batched over the candidates."""
     _, h, w = dog.shape
-    threshold = math.floor(0.5 * CONTRAST / LAYERS * 255)
+    threshold = math.floor(0.5 * contrast_threshold / LAYERS * 255)
     # 3 x 3 x 3 extrema by separable maxima over shifted views (max_pool3d is several times slower
     # on a CPU); pixels within BORDER are never candidates, so the views skip the image's edge
     mid = dog[1:-1, 1:-1, 1:-1]
@@ -183,7 +186,7 @@ def _extrema(dog: torch.Tensor) -> _Found:
     contrast = dog[s, r, c] / 255 + 0.5 * (grad * offset).sum(1)
     trace = hess[:, 0, 0] + hess[:, 1, 1]
     det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
-    ok = (contrast.abs() * LAYERS >= CONTRAST) & (det > 0) & (trace * trace * EDGE < (EDGE + 1) ** 2 * det)
+    ok = (contrast.abs() * LAYERS >= contrast_threshold) & (det > 0) & (trace * trace * EDGE < (EDGE + 1) ** 2 * det)
     return _Found(s[ok], r[ok], c[ok], offset[ok], contrast[ok].abs())
 
 
@@ -281,22 +284,15 @@ def _descriptors(mag: torch.Tensor, ang: torch.Tensor, xy: torch.Tensor, angle: 
 # ---------------------------------------------------------------- the extractor
 
 
-@dataclass
-class _Features:
-    xy: torch.Tensor  # K x 2, the input image's frame
-    size: torch.Tensor
-    response: torch.Tensor
-    desc: torch.Tensor  # K x 128 uint8
-
-
-def sift(gray: torch.Tensor, n_best: int) -> _Features:
+def sift(gray: torch.Tensor, n_best: int, contrast: float) -> Detected[torch.Tensor]:
     """The ``n_best`` keypoints of strongest DoG response (in no order) and their descriptors, of a gray image
-    (H x W float in 0..255, any device), as ``cv2.SIFT_create(nfeatures=n_best).detectAndCompute``."""
+    (H x W float in 0..255, any device), as ``cv2.SIFT_create(nfeatures=n_best,
+    contrastThreshold=contrast).detectAndCompute``."""
     octaves = _pyramid(gray.float())
     gradients: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     per_octave = []
     for o, gauss in enumerate(octaves):
-        found = _extrema(gauss[1:] - gauss[:-1])
+        found = _extrema(gauss[1:] - gauss[:-1], contrast)
         if not len(found.r):
             continue
         layer = found.layer
@@ -310,7 +306,7 @@ def sift(gray: torch.Tensor, n_best: int) -> _Features:
             per_octave.append((o, lay, xy_oct[idx], sigma_oct[idx], found.response[idx], angle))
     if not per_octave:
         empty = torch.zeros((0,), device=gray.device)
-        return _Features(empty.view(0, 2), empty, empty, torch.zeros((0, 128), dtype=torch.uint8, device=gray.device))
+        return Detected(empty.view(0, 2), empty, empty, torch.zeros((0, 128), dtype=torch.uint8, device=gray.device))
     response = torch.cat([p[4] for p in per_octave])
     best = torch.argsort(-response, stable=True)[:n_best]
     group = torch.cat([torch.full_like(p[4], k, dtype=torch.long) for k, p in enumerate(per_octave)])
@@ -330,15 +326,18 @@ def sift(gray: torch.Tensor, n_best: int) -> _Features:
         xy.append(xy_oct[pick] * 2.0 ** (o - 1))
         size.append(sigma_oct[pick] * 2.0 ** o)
         order.append(pick + int(offsets[k]))
-    return _Features(torch.cat(xy), torch.cat(size), response[torch.cat(order)], torch.cat(desc))
+    return Detected(torch.cat(xy), torch.cat(size), response[torch.cat(order)], torch.cat(desc))
 
 
 class TorchSiftExtractor(KeypointExtractor):
     """:class:`KeypointExtractor`'s contract (resize, 1.5x requested, flat filter, strongest kept) with
     :func:`sift` on ``device``; ``extract_gray`` takes an image already on the device (GPU decode)."""
 
-    def __init__(self, n_features: int, max_side: int, flat_max: float, device: torch.device) -> None:
-        super().__init__(n_features, max_side, flat_max)
+    def __init__(self, config: SiftConfig, device: torch.device) -> None:
+        if config.detect_half:
+            raise ConfigError("MEMETRACE_SIFT_DETECT_HALF works with MEMETRACE_LOCAL_FEATURES=opencv only: "
+                              "unset one of them")
+        super().__init__(config)
         self.device = device
 
     def extract(self, rgb: np.ndarray) -> Keypoints:
@@ -346,17 +345,17 @@ class TorchSiftExtractor(KeypointExtractor):
 
         from memetrace.keypoints import resize_longest
 
-        gray = resize_longest(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.max_side)
+        gray = resize_longest(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.config.max_side)
         return self.extract_gray(torch.from_numpy(gray).to(self.device))
 
     @torch.inference_mode()
     def extract_gray(self, gray: torch.Tensor) -> Keypoints:
         """gray: H x W (uint8 or float in 0..255), already resized to ``max_side``, on any device."""
         h, w = gray.shape
-        f = sift(gray.float(), int(self.n_features * 1.5))
-        keep = flat_fraction(gray, f.xy, f.size) < self.flat_max
+        f, keep = self.select(local_variance(gray), partial(sift, gray.float(), int(self.config.n_features * 1.5)),
+                              lambda mask, found: window_share(mask, found.xy, found.size))
         idx = torch.nonzero(keep)[:, 0]
-        idx = idx[torch.argsort(-f.response[idx], stable=True)[: self.n_features]]
+        idx = idx[torch.argsort(-f.response[idx], stable=True)[: self.config.n_features]]
         xy = f.xy[idx].float().cpu().numpy()
         return Keypoints(xy=np.ascontiguousarray(xy), desc=f.desc[idx].cpu().numpy(), width=w, height=h,
                          size=f.size[idx].float().cpu().numpy())

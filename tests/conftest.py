@@ -4,6 +4,7 @@ standalone server for the session (~3 s to start; ~6 s the first time, unpacking
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import tempfile
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from memetrace.cli.demo import DISTRACTOR_PHOTOS, GROUP_PHOTOS, photo_dir
+from memetrace.keypoints import SiftConfig
 from memetrace.settings import Settings
 
 PHOTO_SIDE = 480  # the demo corpus' working size: fast, and far above min_side
@@ -28,6 +30,11 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
             if key.upper().startswith("MEMETRACE_"):
                 mp.delenv(key)
         return Settings(_env_file=None, data_dir=data_dir, **overrides)
+
+
+def sift_config(**changes: Any) -> SiftConfig:
+    """The SIFT settings' defaults, with ``changes``."""
+    return dataclasses.replace(SiftConfig.from_settings(Settings.model_construct()), **changes)
 
 
 def load_photo(name: str) -> Image.Image:

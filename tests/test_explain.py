@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import make_settings
 from memetrace.imageio import DecodeLimits, content_id
-from memetrace.keypoints import KeypointExtractor
+from memetrace.keypoints import KeypointExtractor, SiftConfig
 from memetrace.matcher.explain import BOX, CAPTION, HEIGHT, LINE, Side, caption, draw, explain, scaled_width, side_of_bytes
 from memetrace.matcher.verify import VerifyConfig
 from memetrace.settings import Settings
@@ -43,7 +43,7 @@ def _collage(photos: dict[str, Image.Image], other_tile: bool = True) -> Image.I
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory: pytest.TempPathFactory):
     s = make_settings(tmp_path_factory.mktemp("explain"))
-    extractor = KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max)
+    extractor = KeypointExtractor(SiftConfig.from_settings(s))
 
     def side(im: Image.Image, label: str = "") -> Side:
         return side_of_bytes(_png(im), label, extractor, DecodeLimits.from_settings(s))

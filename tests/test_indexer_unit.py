@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import sift_config
 from memetrace.embedder import EmbedInput
 from memetrace.errors import DependencyDown
 from memetrace.feature_store import LocalFeatureStore, MemoryFeatureStore
@@ -122,7 +123,7 @@ def recording(embedder) -> RecordingEmbedder:
 
 @pytest.fixture()
 def extractor() -> KeypointExtractor:
-    return KeypointExtractor(600, 448, 0.35)
+    return KeypointExtractor(sift_config())
 
 
 def test_one_outcome_per_input_in_input_order_same_bytes_stored_once_refusals_with_reasons(

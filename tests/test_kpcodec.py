@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import rgb
+from conftest import rgb, sift_config
 from memetrace.cli.footprint import disk_bytes
 from memetrace.feature_store import LocalFeatureStore
 from memetrace.imageio import make_thumbnail
@@ -20,7 +20,7 @@ from memetrace.kpcodec import KeypointCodec, KeypointFormatError
 
 @pytest.fixture(scope="module")
 def sift(photos: dict[str, Image.Image]) -> dict[str, Keypoints]:
-    extractor = KeypointExtractor(600, 448, 0.35)
+    extractor = KeypointExtractor(sift_config())
     return {name: extractor.extract(rgb(im)) for name, im in photos.items()}
 
 

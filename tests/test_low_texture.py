@@ -1,5 +1,6 @@
 """Smooth photos (too few keypoints for RANSAC) on real packaged images, through ``memetrace index``:
-linked to their near-exact copies by the low-texture rule, never to other smooth pictures.
+linked to their near-exact copies by their gently shaded keypoints and the low-texture rule, never
+to other smooth pictures.
 
 The set comes from :mod:`benchmarks.low_texture` (scikit-image samples blurred into smooth
 photos, a sky cut from the rocket launch, gradients, flat graphics), a few of each to stay lean.
@@ -22,7 +23,7 @@ from memetrace.cli.tables import cluster_table, few_keypoint_paths, stored_count
 from memetrace.matcher.query import CopyFinder
 from memetrace.matcher.low_texture import SIDE, agreement, sketch_of_rgb
 from memetrace.matcher.verify import Prepared
-from memetrace.keypoints import KeypointExtractor
+from memetrace.keypoints import KeypointExtractor, SiftConfig
 
 PHOTOS = ("rocket_sky", "coffee", "camera")
 DISTRACTORS = ("gradient0", "gradient1", "gradient3", "graphic0", "graphic1", "moon_soft", "retina_soft")
@@ -43,7 +44,7 @@ def _clusters(folder: Path, data: Path, embedder, **overrides) -> tuple[dict[str
 
 def test_the_photos_are_too_smooth_for_local_verification(folder, tmp_path: Path) -> None:
     s = make_settings(tmp_path)
-    extractor = KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max)
+    extractor = KeypointExtractor(SiftConfig.from_settings(s))
     root, _ = folder
     counts = {name: len(extractor.extract(rgb(Image.open(root / f"{name}__{ORIGINAL}.png")))) for name in PHOTOS}
     assert all(n < s.low_texture_points for n in counts.values()), counts
@@ -51,11 +52,18 @@ def test_the_photos_are_too_smooth_for_local_verification(folder, tmp_path: Path
 
 def test_smooth_photos_find_their_copies_and_nothing_else(folder, tmp_path: Path, embedder) -> None:
     root, source = folder
-    off = score(_clusters(root, tmp_path / "off", embedder, low_texture_points=0)[0], source)
+    every_copy = {kind: len(PHOTOS) for kind in COPIES}
+    # the two ways such a photo is verified: its gently shaded keypoints (sift_smooth_points), and
+    # the whole-image rule when even those are too few (low_texture_points)
+    neither = score(_clusters(root, tmp_path / "neither", embedder, low_texture_points=0, sift_smooth_points=0)[0],
+                    source)
+    points = score(_clusters(root, tmp_path / "points", embedder, low_texture_points=0)[0], source)
+    _, _, whole_image = _clusters(root, tmp_path / "whole", embedder, sift_smooth_points=0)
     clusters, summary, c = _clusters(root, tmp_path / "on", embedder)
     on = score(clusters, source)
-    assert sum(off["copies_found"].values()) < len(PHOTOS)  # without the rule the copies are lost
-    assert on["copies_found"] == {kind: len(PHOTOS) for kind in COPIES}, on
+    assert sum(neither["copies_found"].values()) == 0  # without either the copies are lost
+    assert sum(points["copies_found"].values()) >= 2 * len(PHOTOS) and points["false_links"] == 0, points
+    assert on["copies_found"] == every_copy, on
     assert on["false_links"] == 0, clusters
     # index and stats name the smooth images
     smooth = {f for f in source if f.startswith(PHOTOS)}
@@ -70,8 +78,12 @@ def test_smooth_photos_find_their_copies_and_nothing_else(folder, tmp_path: Path
     buf = io.BytesIO()
     COPIES["grayscale"](COPIES["rescaled"](smooth_photos()["coffee"])).save(buf, format="JPEG", quality=70)
     _, found = CopyFinder(c).find(buf.getvalue())
+    assert original[str(root / f"coffee__{ORIGINAL}.png")] in {f.image_id for f in found}
+    # without the smooth photos' keypoints, the whole-image rule alone finds it (0 inliers)
+    stored = {p: i for i, ps in whole_image.catalog.paths_by_image().items() for p in ps}
+    _, found = CopyFinder(whole_image).find(buf.getvalue())
     inliers = {f.image_id: f.inliers for f in found}
-    assert inliers.get(original[str(root / f"coffee__{ORIGINAL}.png")]) == 0  # only the low-texture rule decides
+    assert inliers.get(stored[str(root / f"coffee__{ORIGINAL}.png")]) == 0
 
 
 def test_distinct_smooth_pictures_do_not_agree() -> None:

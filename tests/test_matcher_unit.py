@@ -28,7 +28,7 @@ from conftest import make_settings, rgb
 from memetrace.byte_lru import ENTRY_BYTES
 from memetrace.errors import DependencyDown
 from memetrace.feature_store import MemoryFeatureStore
-from memetrace.keypoints import KeypointExtractor, Keypoints
+from memetrace.keypoints import KeypointExtractor, Keypoints, SiftConfig
 from memetrace.matcher.matching import MatchConfig, Matcher
 from memetrace.matcher.verify import Overlay, Prepared, Verification, Verifier, VerifyConfig, never
 from memetrace.models import ImageRow
@@ -55,7 +55,7 @@ def _centre_crop(im: Image.Image, share: float = 0.5) -> Image.Image:
 @pytest.fixture(scope="module")
 def keypoints(photos: dict[str, Image.Image], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Keypoints]:
     s = make_settings(tmp_path_factory.mktemp("matcher"))
-    extractor = KeypointExtractor(s.sift_features, s.sift_max_side, s.sift_flat_max)
+    extractor = KeypointExtractor(SiftConfig.from_settings(s))
     images = {CAT: photos["cat"], CAT_CROP: _centre_crop(photos["cat"]), COFFEE: photos["coffee"],
               COFFEE_CROP: _centre_crop(photos["coffee"]), ASTRONAUT: photos["astronaut"],
               ASTRONAUT_CROP: _centre_crop(photos["astronaut"]), COINS: photos["coins"]}

@@ -11,7 +11,7 @@ from memetrace.settings import Settings
 README = Path(__file__).resolve().parents[1] / "README.md"
 # the settings that change what is matched (what is decoded, embedded, kept as keypoints, verified)
 MATCHING = ("decode_max_side", "regions", "store_grid_regions", "box_image_size", "sift_features", "sift_max_side", "sift_flat_max",
-            "keypoint_coding", "vector_dims",
+            "sift_smooth_points", "keypoint_coding", "vector_dims",
             "candidates_k", "query_candidates_k", "candidate_min_similarity", "ratio_test", "min_inliers", "ransac_reproj_px",
             "min_coverage", "same_frame_min_coverage", "overlay_min_coverage", "overlay_min_agreement", "coverage_radius", "low_texture_points",
             "low_texture_min_similarity", "low_texture_min_agreement")

@@ -13,22 +13,22 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
-from conftest import make_settings, rgb
+from conftest import make_settings, rgb, sift_config
 from memetrace.embedder import Embedder
 from memetrace.errors import ConfigError
 from memetrace.faiss_index import flat_l2_index
 from memetrace import gpu
 from memetrace.gpu import decode_rgb, embed_batch
-from memetrace.keypoints import KeypointExtractor, flat_fraction, resize_longest
+from memetrace.keypoints import CONTRAST, FLAT_STD, KeypointExtractor, local_variance, resize_longest, window_share
 from memetrace.local_features import build_extractor
-from memetrace.settings import Settings
 from memetrace.torch_sift import TorchSiftExtractor, sift
-from memetrace.torch_sift import flat_fraction as torch_flat_fraction
+from memetrace.torch_sift import local_variance as torch_local_variance
+from memetrace.torch_sift import window_share as torch_window_share
 
-DEFAULTS = Settings.model_fields
-N, SIDE, FLAT = (DEFAULTS[k].default for k in ("sift_features", "sift_max_side", "sift_flat_max"))
+SIFT = sift_config()
+N, SIDE = SIFT.n_features, SIFT.max_side
 CPU = torch.device("cpu")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -61,8 +61,8 @@ def _gray(im: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["astronaut", "coins"])
 def test_torch_and_opencv_keypoints_agree_on_a_photo(photos: dict[str, Image.Image], name: str) -> None:
-    ours = TorchSiftExtractor(N, SIDE, FLAT, CPU).extract(rgb(photos[name]))
-    theirs = KeypointExtractor(N, SIDE, FLAT).extract(rgb(photos[name]))
+    ours = TorchSiftExtractor(SIFT, CPU).extract(rgb(photos[name]))
+    theirs = KeypointExtractor(SIFT).extract(rgb(photos[name]))
     assert (ours.width, ours.height) == (theirs.width, theirs.height)
     assert ours.xy.dtype == np.float32 and ours.desc.dtype == np.uint8 and ours.desc.shape == (len(ours), 128)
     assert 0.9 * len(theirs) <= len(ours) <= N
@@ -73,10 +73,18 @@ def test_torch_and_opencv_keypoints_agree_on_a_photo(photos: dict[str, Image.Ima
     np.testing.assert_allclose(h, np.eye(3), atol=0.01)  # the same frame: no shift, no scale
 
 
+def test_a_smooth_photo_keeps_as_many_points_as_with_opencv(photos: dict[str, Image.Image]) -> None:
+    smooth = rgb(Image.open(io.BytesIO(_jpeg(photos["astronaut"].filter(ImageFilter.GaussianBlur(8))))))
+    ours = TorchSiftExtractor(SIFT, CPU).extract(smooth)
+    theirs = KeypointExtractor(SIFT).extract(smooth)
+    assert len(theirs) >= 50  # the smooth rule's points (the flat test alone keeps 9)
+    assert 0.8 * len(theirs) <= len(ours) <= 1.2 * len(theirs)  # 85 and 83
+
+
 def test_same_points_get_the_same_descriptors_as_opencv(photos: dict[str, Image.Image]) -> None:
     gray = _gray(photos["cat"])
-    kps, desc = cv2.SIFT_create(nfeatures=900).detectAndCompute(gray, None)
-    f = sift(torch.from_numpy(gray).float(), 900)
+    kps, desc = cv2.SIFT_create(nfeatures=900, contrastThreshold=CONTRAST).detectAndCompute(gray, None)
+    f = sift(torch.from_numpy(gray).float(), 900, CONTRAST)
     cv_xy = np.array([k.pt for k in kps], np.float32)
     dist = np.linalg.norm(cv_xy[:, None] - f.xy.numpy()[None], axis=2)
     nearest, close = dist.argmin(1), dist.min(1) < 0.1
@@ -88,7 +96,7 @@ def test_same_points_get_the_same_descriptors_as_opencv(photos: dict[str, Image.
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
 def test_mirror_permutation_holds_for_torch_descriptors(photos: dict[str, Image.Image], name: str) -> None:
-    ex = TorchSiftExtractor(N, SIDE, FLAT, CPU)
+    ex = TorchSiftExtractor(SIFT, CPU)
     mirrored = ex.extract(rgb(photos[name])).mirrored()
     flipped = ex.extract(rgb(ImageOps.mirror(photos[name])))
     fi, mi = _ratio_matches(flipped.desc, mirrored.desc)
@@ -96,27 +104,29 @@ def test_mirror_permutation_holds_for_torch_descriptors(photos: dict[str, Image.
     assert near.sum() >= 0.7 * len(flipped), (near.sum(), len(flipped))
 
 
-def test_flat_fraction_on_the_device_equals_opencvs(photos: dict[str, Image.Image]) -> None:
+def test_flat_shares_on_the_device_equal_the_cpus(photos: dict[str, Image.Image]) -> None:
     gray = _gray(photos["astronaut"])
     gray[:120, :200] = 255  # a flat caption box, so that fractions span 0..1
     rng = np.random.default_rng(0)
     xy = (rng.random((300, 2)) * [gray.shape[1], gray.shape[0]]).astype(np.float32)
     sizes = (rng.random(300) * 20).astype(np.float32)
-    expected = flat_fraction(gray, xy, sizes)
-    got = torch_flat_fraction(torch.from_numpy(gray), torch.from_numpy(xy), torch.from_numpy(sizes)).numpy()
+    var, torch_var = local_variance(gray), torch_local_variance(torch.from_numpy(gray))
+    np.testing.assert_allclose(torch_var.numpy(), var, atol=0.05)  # what the 0.5, 2 and 16 std tests read
+    expected = window_share(var < FLAT_STD ** 2, xy, sizes)
+    got = torch_window_share(torch_var < FLAT_STD ** 2, torch.from_numpy(xy), torch.from_numpy(sizes)).numpy()
     assert expected.min() == 0.0 and expected.max() > 0.9
     np.testing.assert_allclose(got, expected, atol=0.01)
 
 
 def test_blank_image_gives_no_keypoints() -> None:
-    kp = TorchSiftExtractor(N, SIDE, FLAT, CPU).extract(np.full((100, 120, 3), 128, np.uint8))
+    kp = TorchSiftExtractor(SIFT, CPU).extract(np.full((100, 120, 3), 128, np.uint8))
     assert len(kp) == 0 and kp.desc.shape == (0, 128) and (kp.width, kp.height) == (120, 100)
 
 
 def test_the_setting_selects_the_extractor(tmp_path) -> None:
     assert type(build_extractor(make_settings(tmp_path))) is KeypointExtractor  # the default stays OpenCV
     ex = build_extractor(make_settings(tmp_path, local_features="torch", device="cpu", sift_features=150))
-    assert isinstance(ex, TorchSiftExtractor) and ex.device == CPU and ex.n_features == 150
+    assert isinstance(ex, TorchSiftExtractor) and ex.device == CPU and ex.config.n_features == 150
     with pytest.raises(ConfigError, match="MEMETRACE_SIFT_DETECT_HALF"):
         build_extractor(make_settings(tmp_path, local_features="torch", sift_detect_half=True))
 
@@ -150,8 +160,8 @@ def test_flat_index_is_exact_l2_on_the_cpu() -> None:
 def test_cuda_extraction_matches_the_cpu_one(photos: dict[str, Image.Image]) -> None:
     on_device = gpu.resize_longest(gpu.gray(decode_rgb([_jpeg(photos["astronaut"])], torch.device("cuda"))[0]), SIDE)
     assert on_device.is_cuda and max(on_device.shape) == SIDE
-    on_gpu = TorchSiftExtractor(N, SIDE, FLAT, torch.device("cuda")).extract_gray(on_device)
-    on_cpu = TorchSiftExtractor(N, SIDE, FLAT, CPU).extract_gray(on_device.cpu())
+    on_gpu = TorchSiftExtractor(SIFT, torch.device("cuda")).extract_gray(on_device)
+    on_cpu = TorchSiftExtractor(SIFT, CPU).extract_gray(on_device.cpu())
     assert len(on_gpu) >= 0.9 * len(on_cpu)
     qi, ti = _ratio_matches(on_gpu.desc, on_cpu.desc)
     assert len(qi) >= 0.9 * len(on_gpu)
